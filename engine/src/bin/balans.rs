@@ -1,0 +1,385 @@
+//! `balans`: batch correction of Cell Painting profiles from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
+use balans_engine::session::{SessionSettings, build_session, parse_bytes};
+use balans_engine::source::{FeatureSelection, SourceOptions, inspect, register_profiles};
+use balans_engine::{BalansError, CorrectRequest, Result, run_correct};
+use balans_operators::config::{Metric, PcaSetting};
+use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "balans", version, about = "Out-of-core batch correction of Cell Painting profiles")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Batch-correct a profile table and write corrected profiles as Parquet.
+    Correct(CorrectArgs),
+    /// Print the detected schema, batches and data problems of a profile table.
+    Inspect(InspectArgs),
+    /// Generate the synthetic Cell Painting-like benchmark data set.
+    Synth(SynthArgs),
+    /// Run the synthetic scalability benchmark and print a Markdown table.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Workloads: N (with --d features) or NxD, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000,5000000,100000x300")]
+    sizes: Vec<String>,
+    /// Features for workloads given as N.
+    #[arg(long, default_value_t = 10)]
+    d: usize,
+    /// Directory for the generated data (kept between runs; default: a temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Extra options passed to `balans correct`.
+    #[arg(last = true)]
+    extra: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct InputArgs {
+    /// Input: a Parquet / Arrow IPC / CSV(.gz) file, a directory, a glob, or a file://,
+    /// s3:// or https:// URL.
+    #[arg(long, short)]
+    input: String,
+    /// Feature columns to use (names or regexes; default: every numeric non-Metadata_ column).
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
+    /// Feature columns to leave out (names or regexes).
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// S3 endpoint override (e.g. http://127.0.0.1:8333); also AWS_ENDPOINT_URL.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+}
+
+impl InputArgs {
+    fn selection(&self) -> FeatureSelection {
+        FeatureSelection { include: self.features.clone(), exclude: self.exclude.clone() }
+    }
+
+    fn source(&self) -> SourceOptions {
+        SourceOptions { s3_endpoint: self.s3_endpoint.clone(), ..SourceOptions::default() }
+    }
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Method {
+    /// BALANS (batch-dependent local-scale affinities, adaptive landmarks).
+    Balans,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ElbowArg {
+    Kneedle,
+    KneedleSorted,
+    MaxGap,
+    MaxLogGap,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum EstimatorArg {
+    Smooth,
+    Nystrom,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum SpaceArg {
+    Features,
+    Pca,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum MetricArg {
+    Euclidean,
+    Cosine,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum NanArg {
+    Error,
+    DropRows,
+    Zero,
+}
+
+#[derive(Args, Debug)]
+struct CorrectArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Batch key column(s), comma-separated; several are combined into one key.
+    #[arg(long, short, value_delimiter = ',', required = true)]
+    batch: Vec<String>,
+    /// Output Parquet file (written atomically; never over the input).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Correction method.
+    #[arg(long, value_enum, default_value = "balans")]
+    method: Method,
+    /// Neighbour rank of the per-batch local scale.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Stop after this many consecutive landmarks that cover no new point.
+    #[arg(long, default_value_t = 50)]
+    tau: usize,
+    /// Block length J of the sampling weights.
+    #[arg(long, default_value_t = 20)]
+    block: usize,
+    /// PCA components before distances: auto (50 when > 50 features), off, or a number.
+    #[arg(long, default_value = "auto")]
+    pca: String,
+    /// Sparsification rule of each landmark row.
+    #[arg(long, value_enum, default_value = "kneedle")]
+    elbow: ElbowArg,
+    /// Estimator of the corrected values.
+    #[arg(long, value_enum, default_value = "smooth")]
+    estimator: EstimatorArg,
+    /// Output space: corrected features, or corrected PCA coordinates (PC1..PCp).
+    #[arg(long, value_enum, default_value = "features")]
+    output_space: SpaceArg,
+    /// Distance of the affinities.
+    #[arg(long, value_enum, default_value = "euclidean")]
+    metric: MetricArg,
+    /// Seed of the landmark sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Cap on the number of landmarks.
+    #[arg(long)]
+    max_landmarks: Option<usize>,
+    /// What to do with NaN / infinite / null features.
+    #[arg(long, value_enum, default_value = "error")]
+    nan: NanArg,
+    /// Memory limit, e.g. 2GB (DataFusion pool and the operators' reservations).
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// Directory for temporary working files.
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+    /// Also write the run summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Batch key column(s) whose sizes to report.
+    #[arg(long, short, value_delimiter = ',')]
+    batch: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    /// Rows.
+    #[arg(long, default_value_t = 3000)]
+    n: usize,
+    /// Features.
+    #[arg(long, default_value_t = 20)]
+    d: usize,
+    /// Compounds.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Batches.
+    #[arg(long, default_value_t = 5)]
+    batches: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Output Parquet file.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
+    let pca = match a.pca.as_str() {
+        "auto" => PcaSetting::Auto,
+        "off" | "none" | "0" => PcaSetting::Off,
+        n => PcaSetting::Components(
+            n.parse().map_err(|_| BalansError::InvalidArgument(format!("--pca takes auto, off or a number, not '{n}'")))?,
+        ),
+    };
+    Ok(BalansConfig {
+        k: a.k,
+        tau: a.tau,
+        block: a.block,
+        pca,
+        elbow: match a.elbow {
+            ElbowArg::Kneedle => ElbowRule::Kneedle,
+            ElbowArg::KneedleSorted => ElbowRule::KneedleSorted,
+            ElbowArg::MaxGap => ElbowRule::MaxGap,
+            ElbowArg::MaxLogGap => ElbowRule::MaxLogGap,
+        },
+        estimator: match a.estimator {
+            EstimatorArg::Smooth => Estimator::Smooth,
+            EstimatorArg::Nystrom => Estimator::Nystrom,
+        },
+        output_space: match a.output_space {
+            SpaceArg::Features => OutputSpace::Features,
+            SpaceArg::Pca => OutputSpace::Pca,
+        },
+        metric: match a.metric {
+            MetricArg::Euclidean => Metric::Euclidean,
+            MetricArg::Cosine => Metric::Cosine,
+        },
+        seed: a.seed,
+        max_landmarks: a.max_landmarks,
+        nan: match a.nan {
+            NanArg::Error => NanPolicy::Error,
+            NanArg::DropRows => NanPolicy::DropRows,
+            NanArg::Zero => NanPolicy::Zero,
+        },
+        ..BalansConfig::default()
+    })
+}
+
+async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
+    let Method::Balans = a.method;
+    let started = Instant::now();
+    let config = correct_config(&a)?;
+    let settings = SessionSettings {
+        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
+        temp_dir: a.temp_dir.clone(),
+        ..SessionSettings::default()
+    };
+    let ctx = build_session(&settings)?;
+    let progress = Arc::new(TerminalProgress::new(quiet));
+    let request = CorrectRequest {
+        input: a.input.input.clone(),
+        output: a.output.clone(),
+        batch: a.batch.clone(),
+        selection: a.input.selection(),
+        config,
+        overwrite: a.overwrite,
+        source: a.input.source(),
+    };
+    let outcome = run_correct(&ctx, &request, progress.clone()).await?;
+    let total = started.elapsed().as_secs_f64();
+    let peak = peak_rss_bytes();
+    let summary = progress.summary().unwrap_or_default();
+    eprintln!(
+        "balans: wrote {} rows x {} features to {}",
+        outcome.written.rows,
+        outcome.roles.features.len(),
+        a.output.display()
+    );
+    eprint!("{}", format_summary(&summary, total, peak));
+    if let Some(path) = &a.summary_json {
+        let mut value = serde_json::to_value(&summary).map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+        value["total_seconds"] = serde_json::json!(total);
+        value["peak_rss_bytes"] = serde_json::json!(peak);
+        std::fs::write(path, serde_json::to_string_pretty(&value).expect("json"))?;
+    }
+    Ok(())
+}
+
+async fn run_inspect(a: InspectArgs) -> Result<()> {
+    let ctx = build_session(&SessionSettings::default())?;
+    let table = register_profiles(&ctx, &a.input.input, "profiles", &a.input.source()).await?;
+    let report = inspect(&ctx, &table, &a.input.selection(), &a.batch).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn run_synth(a: SynthArgs) -> Result<()> {
+    let params = balans_engine::synth::SynthParams {
+        n: a.n,
+        d: a.d,
+        k: a.k,
+        batches: a.batches,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let summary = balans_engine::synth::write_parquet(&params, &a.output, 65_536)?;
+    eprintln!("balans: wrote {} rows x {} features to {} ({:.2} s)", summary.n, summary.d, a.output.display(), summary.seconds);
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
+    use balans_engine::bench::{Workload, markdown_table, run_bench};
+    let workloads: Vec<Workload> = a.sizes.iter().map(|s| Workload::parse(s, a.d)).collect::<Result<_>>()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = a.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let rows = run_bench(&exe, &workloads, threads, &dir, &a.extra)?;
+    println!("{}", markdown_table(&rows));
+    if let Some(path) = a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        eprintln!("balans: cannot start {threads} threads: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("balans: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let quiet = cli.quiet;
+    let result = runtime.block_on(async move {
+        let job = async move {
+            match cli.command {
+                Command::Correct(a) => correct(a, quiet).await,
+                Command::Inspect(a) => run_inspect(a).await,
+                Command::Synth(a) => run_synth(a),
+                Command::Bench(a) => run_bench(a, threads),
+            }
+        };
+        tokio::select! {
+            r = job => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    // Waits for blocking workers to notice cancellation and delete their working files.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
+        Some(Ok(())) => ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("balans: error: {e}");
+            ExitCode::from(1)
+        }
+        None => {
+            eprintln!("balans: interrupted; no output written, temporary files removed");
+            ExitCode::from(130)
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The engine's error type.
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use datafusion::parquet::errors::ParquetError;
+
+/// Errors raised by the Balans engine (I/O, planning, bad input).
+#[derive(Debug, thiserror::Error)]
+pub enum BalansError {
+    /// The input table is unusable (missing columns, no rows, non-finite values, ...).
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// A command-line or API argument is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The input location could not be read (unreachable store, missing or corrupt file).
+    #[error("cannot read {location}: {message}")]
+    Source {
+        /// The location the user gave.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The output could not be written.
+    #[error("cannot write {path}: {message}")]
+    Output {
+        /// The output path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An error from DataFusion (planning or execution).
+    #[error(transparent)]
+    DataFusion(#[from] DataFusionError),
+    /// An error from Arrow.
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
+    /// An error from the Parquet reader or writer.
+    #[error(transparent)]
+    Parquet(#[from] ParquetError),
+    /// An operating-system I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result type of the engine.
+pub type Result<T, E = BalansError> = std::result::Result<T, E>;

@@ -1,0 +1,102 @@
+//! Session setup: memory pool, temporary directory, threads and the Balans query planner.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use balans_planner::BalansQueryPlanner;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::error::{BalansError, Result};
+
+/// Settings of a Balans session.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Memory limit in bytes for DataFusion's pool and the operators' reservations
+    /// (`None` = unbounded).
+    pub memory_limit: Option<usize>,
+    /// Directory for working files (default: the system temporary directory).
+    pub temp_dir: Option<PathBuf>,
+    /// Rows per record batch.
+    pub batch_size: usize,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self { memory_limit: None, temp_dir: None, batch_size: 8192 }
+    }
+}
+
+/// Builds a session with the Balans planner and SQL functions, a bounded memory pool and a
+/// disk manager.
+///
+/// Scans run as one partition so row order is the input's (files sorted by path, rows in file
+/// order); parallelism comes from the operators' own kernels.
+pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
+    let config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_repartition_file_scans(false)
+        .with_batch_size(settings.batch_size)
+        .with_information_schema(true);
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = settings.memory_limit {
+        let pool = TrackConsumersPool::new(FairSpillPool::new(limit), NonZeroUsize::new(5).expect("5 > 0"));
+        runtime = runtime.with_memory_pool(Arc::new(pool));
+    }
+    if let Some(dir) = &settings.temp_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            BalansError::InvalidArgument(format!("cannot create temporary directory {}: {e}", dir.display()))
+        })?;
+        runtime = runtime.with_temp_file_path(dir);
+    }
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime.build_arc()?)
+        .with_default_features()
+        .with_query_planner(Arc::new(BalansQueryPlanner))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    balans_udfs::register_all(&ctx);
+    Ok(ctx)
+}
+
+/// Parses a byte size such as `2GB`, `512MiB`, `1.5G` or `1000000`.
+pub fn parse_bytes(text: &str) -> Result<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| BalansError::InvalidArgument(format!("'{text}' is not a size (e.g. 2GB, 512MiB)")))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        other => return Err(BalansError::InvalidArgument(format!("unknown size unit '{other}' in '{text}'"))),
+    };
+    Ok((value * mult) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5k").unwrap(), 1500);
+        assert_eq!(parse_bytes("42").unwrap(), 42);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+}

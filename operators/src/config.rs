@@ -1,0 +1,291 @@
+//! Parameters of a BALANS run (see `shared/specs/balans.md` for every default).
+
+use std::fmt;
+
+use crate::error::{OperatorError, Result};
+
+/// How the sparsification threshold of one affinity row is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum ElbowRule {
+    /// Kneedle on a fine histogram of scaled distances (the default; what the reference uses).
+    Kneedle,
+    /// Kneedle on the fully sorted candidate affinities (exact form of the histogram rule).
+    KneedleSorted,
+    /// Largest drop between consecutive sorted affinities.
+    MaxGap,
+    /// Largest drop between consecutive sorted log-affinities.
+    MaxLogGap,
+}
+
+impl ElbowRule {
+    /// Parses a rule name as used on the command line.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "kneedle" => Self::Kneedle,
+            "kneedle-sorted" => Self::KneedleSorted,
+            "max-gap" => Self::MaxGap,
+            "max-log-gap" => Self::MaxLogGap,
+            other => {
+                return Err(OperatorError::InvalidParameter(format!(
+                    "unknown elbow rule '{other}' (kneedle, kneedle-sorted, max-gap, max-log-gap)"
+                )));
+            }
+        })
+    }
+}
+
+impl fmt::Display for ElbowRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kneedle => "kneedle",
+            Self::KneedleSorted => "kneedle-sorted",
+            Self::MaxGap => "max-gap",
+            Self::MaxLogGap => "max-log-gap",
+        })
+    }
+}
+
+/// Which estimator turns the landmark rows into corrected values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum Estimator {
+    /// `X_hat = Q^T (P X)` with row-normalised `P` and column-normalised `Q` (default).
+    Smooth,
+    /// `X_hat = A_S^T pinv(A_SS) A_S X`.
+    Nystrom,
+}
+
+impl fmt::Display for Estimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Smooth => "smooth",
+            Self::Nystrom => "nystrom",
+        })
+    }
+}
+
+/// Which matrix is smoothed and written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum OutputSpace {
+    /// The input features, under their input names (default).
+    Features,
+    /// The PCA coordinates, as columns `PC1..PCp`.
+    Pca,
+}
+
+impl fmt::Display for OutputSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Features => "features",
+            Self::Pca => "pca",
+        })
+    }
+}
+
+/// Distance used for the affinities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum Metric {
+    /// Squared Euclidean distance (default).
+    Euclidean,
+    /// Squared Euclidean distance between L2-normalised rows.
+    Cosine,
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Euclidean => "euclidean",
+            Self::Cosine => "cosine",
+        })
+    }
+}
+
+/// What to do with NaN or infinite feature values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum NanPolicy {
+    /// Fail, naming the affected columns (default).
+    Error,
+    /// Drop every row with a non-finite feature (the row is absent from the output).
+    DropRows,
+    /// Replace non-finite values by zero.
+    Zero,
+}
+
+impl fmt::Display for NanPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Error => "error",
+            Self::DropRows => "drop-rows",
+            Self::Zero => "zero",
+        })
+    }
+}
+
+/// Whether and how far to reduce the features with PCA before computing distances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum PcaSetting {
+    /// 50 components when there are more than 50 features, none otherwise.
+    Auto,
+    /// No PCA: distances on the (centred) features.
+    Off,
+    /// This many components (clipped to the number of features).
+    Components(usize),
+}
+
+impl PcaSetting {
+    /// Number of components used for `d` features, or `None` for no PCA.
+    pub fn components(&self, d: usize) -> Option<usize> {
+        match *self {
+            Self::Auto if d > 50 => Some(50),
+            Self::Auto | Self::Off => None,
+            Self::Components(0) => None,
+            Self::Components(p) => Some(p.min(d)),
+        }
+    }
+}
+
+impl fmt::Display for PcaSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Off => f.write_str("off"),
+            Self::Components(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+/// All parameters of one BALANS run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalansConfig {
+    /// Neighbour rank for the per-batch local scale (default 10).
+    pub k: usize,
+    /// Stop after this many consecutive landmarks that cover no new point (default 50).
+    pub tau: usize,
+    /// Block length `J` of the sampling weights (default 20).
+    pub block: usize,
+    /// PCA before distances.
+    pub pca: PcaSetting,
+    /// Sparsification rule.
+    pub elbow: ElbowRule,
+    /// Estimator of the corrected values.
+    pub estimator: Estimator,
+    /// Output space.
+    pub output_space: OutputSpace,
+    /// Distance.
+    pub metric: Metric,
+    /// Seed of the landmark sampler.
+    pub seed: u64,
+    /// Cap on the number of landmarks.
+    pub max_landmarks: Option<usize>,
+    /// Handling of non-finite features.
+    pub nan: NanPolicy,
+    /// Smallest affinity that is a candidate for a kept entry (default 1e-8).
+    pub a_min: f64,
+    /// Histogram bins of the kneedle rule (default 4096).
+    pub bins: usize,
+    /// Rows per chunk in the streaming passes and working files.
+    pub chunk_rows: usize,
+}
+
+impl Default for BalansConfig {
+    fn default() -> Self {
+        Self {
+            k: 10,
+            tau: 50,
+            block: 20,
+            pca: PcaSetting::Auto,
+            elbow: ElbowRule::Kneedle,
+            estimator: Estimator::Smooth,
+            output_space: OutputSpace::Features,
+            metric: Metric::Euclidean,
+            seed: 0,
+            max_landmarks: None,
+            nan: NanPolicy::Error,
+            a_min: 1e-8,
+            bins: 4096,
+            chunk_rows: 8192,
+        }
+    }
+}
+
+impl Eq for BalansConfig {}
+
+impl std::hash::Hash for BalansConfig {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.k.hash(state);
+        self.tau.hash(state);
+        self.block.hash(state);
+        self.pca.hash(state);
+        self.elbow.hash(state);
+        self.estimator.hash(state);
+        self.output_space.hash(state);
+        self.metric.hash(state);
+        self.seed.hash(state);
+        self.max_landmarks.hash(state);
+        self.nan.hash(state);
+        self.a_min.to_bits().hash(state);
+        self.bins.hash(state);
+        self.chunk_rows.hash(state);
+    }
+}
+
+impl PartialOrd for BalansConfig {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        self.describe().partial_cmp(&other.describe())
+    }
+}
+
+impl BalansConfig {
+    /// Checks parameter ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(OperatorError::InvalidParameter(m.to_string()));
+        if self.k == 0 {
+            return bad("k must be at least 1");
+        }
+        if self.tau == 0 {
+            return bad("tau must be at least 1");
+        }
+        if self.block == 0 {
+            return bad("block (J) must be at least 1");
+        }
+        if !(self.a_min > 0.0 && self.a_min < 1.0) {
+            return bad("a_min must lie in (0, 1)");
+        }
+        if self.bins < 2 {
+            return bad("bins must be at least 2");
+        }
+        if self.chunk_rows == 0 {
+            return bad("chunk_rows must be at least 1");
+        }
+        if self.max_landmarks == Some(0) {
+            return bad("max-landmarks must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Minimum number of kept entries per landmark row (self included): `k + 1`.
+    pub fn r_min(&self) -> usize {
+        self.k + 1
+    }
+
+    /// One-line description (used in EXPLAIN and the output's key-value metadata).
+    pub fn describe(&self) -> String {
+        format!(
+            "k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            self.k,
+            self.tau,
+            self.block,
+            self.pca,
+            self.elbow,
+            self.estimator,
+            self.output_space,
+            self.metric,
+            self.seed,
+            self.max_landmarks
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "none".into()),
+            self.nan,
+            self.a_min,
+            self.bins
+        )
+    }
+}

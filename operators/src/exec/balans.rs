@@ -1,0 +1,743 @@
+//! `BalansExec`: the BALANS correction as one multi-pass physical operator.
+//!
+//! Input: one partition of profile rows (metadata columns plus numeric feature columns).
+//! Output: the same rows in the same order, features replaced by their corrected values.
+//!
+//! ```text
+//! input stream ──► ingest: features → features.arrow (input order, f32, mmap later)
+//!                           metadata → meta.arrow; batch codes; NaN/constant checks; PCA Gram
+//!              ──► reduce: (x - mean) V^T → reduced.arrow, gathered by batch → grouped.arrow
+//!              ──► sample: adaptive landmark loop over the mapped grouped matrix
+//!              ──► smooth pass 1: Y = A_S X streamed over features.arrow (m x d in RAM)
+//!              ──► smooth pass 2: X_hat rows, joined with meta.arrow, emitted in input order
+//! ```
+//!
+//! Only O(n) scalars per point (batch codes, permutation, sampling weights), the PCA state,
+//! the landmark descriptors and `Y` (m x d) live on the heap, reserved in the session's memory
+//! pool; the feature matrix lives in memory-mapped working files that are deleted when the
+//! stream ends, fails or is dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::StreamExt;
+use rayon::prelude::*;
+
+use crate::config::{BalansConfig, Metric, NanPolicy, OutputSpace};
+use crate::error::{OperatorError, Result};
+use crate::io::mmap_ipc::{BatchWriter, MappedIpcFile, MatrixWriter};
+use crate::kernels::distance::l2_normalize_rows;
+use crate::kernels::elbow::ElbowParams;
+use crate::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
+use crate::kernels::pca::{GramAccumulator, PcaModel};
+use crate::kernels::smooth::{PointRef, SmoothAccumulator};
+use crate::progress::{ProgressSink, RunSummary, StageTiming};
+
+/// Name of the column that marks points no landmark covers (present when a cap can stop
+/// sampling before full coverage).
+pub const COVERED_COLUMN: &str = "Metadata_balans_covered";
+
+/// What to correct and how.
+#[derive(Debug, Clone)]
+pub struct BalansSpec {
+    /// Feature columns, in input order.
+    pub features: Vec<String>,
+    /// Batch key columns (combined into one key).
+    pub batch: Vec<String>,
+    /// Parameters.
+    pub config: BalansConfig,
+    /// Progress and summary receiver.
+    pub progress: Arc<dyn ProgressSink>,
+}
+
+impl BalansSpec {
+    fn emits_covered_column(&self) -> bool {
+        self.config.max_landmarks.is_some() || self.config.tau < self.config.block
+    }
+}
+
+/// The output schema of a BALANS correction over `input`.
+pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaRef> {
+    for name in spec.features.iter().chain(&spec.batch) {
+        if input.index_of(name).is_err() {
+            return Err(OperatorError::BadInput(format!("column '{name}' is not in the input")));
+        }
+    }
+    let is_feature = |f: &Field| spec.features.iter().any(|n| n == f.name());
+    let mut fields: Vec<Field> = Vec::new();
+    match spec.config.output_space {
+        OutputSpace::Features => {
+            for f in input.fields() {
+                if is_feature(f) {
+                    fields.push(Field::new(f.name(), DataType::Float32, false));
+                } else {
+                    fields.push(f.as_ref().clone());
+                }
+            }
+        }
+        OutputSpace::Pca => {
+            let p = spec.config.pca.components(spec.features.len()).ok_or_else(|| {
+                OperatorError::InvalidParameter("--output-space pca needs PCA (set --pca N)".into())
+            })?;
+            fields.extend(input.fields().iter().filter(|f| !is_feature(f)).map(|f| f.as_ref().clone()));
+            fields.extend((1..=p).map(|c| Field::new(format!("PC{c}"), DataType::Float32, false)));
+        }
+    }
+    if spec.emits_covered_column() {
+        fields.push(Field::new(COVERED_COLUMN, DataType::Boolean, false));
+    }
+    Ok(Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())))
+}
+
+/// The BALANS correction operator (single input partition, single output partition).
+#[derive(Debug)]
+pub struct BalansExec {
+    input: Arc<dyn ExecutionPlan>,
+    spec: BalansSpec,
+    schema: SchemaRef,
+    cache: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl BalansExec {
+    /// Creates the operator over `input`.
+    pub fn try_new(input: Arc<dyn ExecutionPlan>, spec: BalansSpec) -> Result<Self> {
+        spec.config.validate()?;
+        if spec.features.is_empty() {
+            return Err(OperatorError::BadInput("no feature columns".into()));
+        }
+        if spec.batch.is_empty() {
+            return Err(OperatorError::BadInput("no batch column".into()));
+        }
+        let schema = balans_output_schema(&input.schema(), &spec)?;
+        let cache = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(Self { input, spec, schema, cache, metrics: ExecutionPlanMetricsSet::new() })
+    }
+
+    /// The correction request.
+    pub fn spec(&self) -> &BalansSpec {
+        &self.spec
+    }
+
+    /// The input plan.
+    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.input
+    }
+}
+
+impl DisplayAs for BalansExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        match t {
+            DisplayFormatType::TreeRender => write!(f, "features={}\nbatch={}", self.spec.features.len(), self.spec.batch.join(",")),
+            _ => write!(
+                f,
+                "BalansExec: features={}, batch=[{}], {}",
+                self.spec.features.len(),
+                self.spec.batch.join(", "),
+                self.spec.config.describe()
+            ),
+        }
+    }
+}
+
+impl ExecutionPlan for BalansExec {
+    fn name(&self) -> &str {
+        "BalansExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.cache
+    }
+
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::SinglePartition]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
+    ) -> DFResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> DFResult<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal("BalansExec takes one child".into()));
+        }
+        Ok(Arc::new(BalansExec::try_new(children.swap_remove(0), self.spec.clone())?))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!("BalansExec has one partition, got {partition}")));
+        }
+        let input = self.input.execute(0, context.clone())?;
+        let mut builder = RecordBatchReceiverStream::builder(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let spec = self.spec.clone();
+        let schema = self.schema.clone();
+        let handle = tokio::runtime::Handle::current();
+        builder.spawn_blocking(move || {
+            let run = Run::new(spec, schema, context, tx.clone(), handle);
+            match run.and_then(|r| r.execute(input)) {
+                Ok(()) | Err(OperatorError::Cancelled) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        });
+        Ok(builder.build())
+    }
+}
+
+/// State of one execution.
+struct Run {
+    spec: BalansSpec,
+    schema: SchemaRef,
+    context: Arc<TaskContext>,
+    tx: tokio::sync::mpsc::Sender<DFResult<RecordBatch>>,
+    handle: tokio::runtime::Handle,
+    reservation: MemoryReservation,
+    summary: RunSummary,
+    stage_start: Instant,
+}
+
+/// A working file kept alive (and deleted on drop) by DataFusion's disk manager.
+struct WorkFile {
+    _guard: Arc<dyn datafusion::execution::SpillFile>,
+    path: PathBuf,
+}
+
+/// What the ingest pass produced.
+struct Ingested {
+    features: WorkFile,
+    meta: WorkFile,
+    batch_codes: Vec<u32>,
+    batch_keys: Vec<String>,
+    gram: Option<GramAccumulator>,
+}
+
+impl Run {
+    fn new(
+        spec: BalansSpec,
+        schema: SchemaRef,
+        context: Arc<TaskContext>,
+        tx: tokio::sync::mpsc::Sender<DFResult<RecordBatch>>,
+        handle: tokio::runtime::Handle,
+    ) -> Result<Self> {
+        let reservation = MemoryConsumer::new("BalansExec").register(context.memory_pool());
+        Ok(Self { spec, schema, context, tx, handle, reservation, summary: RunSummary::default(), stage_start: Instant::now() })
+    }
+
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancelled() { Err(OperatorError::Cancelled) } else { Ok(()) }
+    }
+
+    fn start_stage(&mut self, name: &str, total: Option<u64>) {
+        self.stage_start = Instant::now();
+        self.spec.progress.stage_started(name, total);
+    }
+
+    fn end_stage(&mut self, name: &str) {
+        self.summary.stages.push(StageTiming { stage: name.to_string(), seconds: self.stage_start.elapsed().as_secs_f64() });
+        self.spec.progress.stage_finished(name);
+    }
+
+    fn warn(&mut self, message: String) {
+        self.spec.progress.warn(&message);
+        self.summary.warnings.push(message);
+    }
+
+    fn reserve(&mut self, bytes: usize, what: &str) -> Result<()> {
+        let pool = self.context.memory_pool().clone();
+        self.reservation.try_grow(bytes).map_err(|_| {
+            let free = match pool.memory_limit() {
+                MemoryLimit::Finite(limit) => human_bytes(limit.saturating_sub(pool.reserved())),
+                _ => "less".to_string(),
+            };
+            OperatorError::MemoryLimit(format!(
+                "{what} needs {} more but only {free} of the memory limit is free (raise --memory-limit)",
+                human_bytes(bytes),
+            ))
+        })
+    }
+
+    fn work_file(&self, what: &str) -> Result<WorkFile> {
+        let guard = self.context.runtime_env().disk_manager.create_tmp_file(what)?;
+        let path = guard
+            .path()
+            .ok_or_else(|| OperatorError::InvalidParameter("BALANS needs a local temporary directory".into()))?
+            .to_path_buf();
+        Ok(WorkFile { _guard: guard, path })
+    }
+
+    fn execute(mut self, input: SendableRecordBatchStream) -> Result<()> {
+        let d = self.spec.features.len();
+        let pca_p = self.spec.config.pca.components(d);
+        let ing = self.ingest(input, pca_p)?;
+        let n = ing.batch_codes.len();
+
+        // Batches sorted by key; offsets of the batch-grouped order.
+        let mut order: Vec<usize> = (0..ing.batch_keys.len()).collect();
+        order.sort_by(|&a, &b| ing.batch_keys[a].cmp(&ing.batch_keys[b]));
+        let mut remap = vec![0u32; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            remap[old] = new as u32;
+        }
+        let codes: Vec<u32> = ing.batch_codes.iter().map(|&c| remap[c as usize]).collect();
+        drop(ing.batch_codes);
+        let keys: Vec<String> = order.iter().map(|&o| ing.batch_keys[o].clone()).collect();
+        let mut sizes = vec![0usize; keys.len()];
+        codes.iter().for_each(|&c| sizes[c as usize] += 1);
+        self.summary.batches = keys.iter().cloned().zip(sizes.iter().copied()).collect();
+        let k = self.spec.config.k;
+        for (key, &size) in keys.iter().zip(&sizes) {
+            if size <= k {
+                self.warn(format!(
+                    "batch '{key}' has {size} rows, fewer than k + 1 = {}: k is clipped to {} for it",
+                    k + 1,
+                    size.saturating_sub(1)
+                ));
+            }
+        }
+        let mut offsets = vec![0usize];
+        for &s in &sizes {
+            offsets.push(offsets.last().unwrap() + s);
+        }
+        // grouped position -> input row, and input row -> grouped position.
+        let mut grouped: Vec<u32> = (0..n as u32).collect();
+        grouped.sort_by_key(|&i| codes[i as usize]);
+        let mut position = vec![0u32; n];
+        for (g, &i) in grouped.iter().enumerate() {
+            position[i as usize] = g as u32;
+        }
+
+        // PCA fit and reduced matrices.
+        self.start_stage("pca", None);
+        let model = match (pca_p, &ing.gram) {
+            (Some(p), Some(g)) => Some(g.finish(p)),
+            _ => None,
+        };
+        self.summary.pca_components = model.as_ref().map_or(0, |m| m.p);
+        self.end_stage("pca");
+        self.check_cancel()?;
+
+        self.start_stage("reduce", Some(n as u64));
+        let features = MappedIpcFile::open(&ing.features.path)?;
+        let feature_blocks = features.row_blocks()?;
+        let needs_reduced_input = model.is_some() || self.spec.config.metric == Metric::Cosine;
+        let reduced_input = if needs_reduced_input {
+            let file = self.work_file("BALANS reduced rows")?;
+            self.write_reduced(&feature_blocks, model.as_ref(), &file)?;
+            Some((MappedIpcFile::open(&file.path)?, file))
+        } else {
+            None
+        };
+        let reduced_blocks = match &reduced_input {
+            Some((f, _)) => f.row_blocks()?,
+            None => feature_blocks.clone(),
+        };
+        let p = reduced_blocks.p();
+        self.summary.distance_dims = p;
+        let grouped_file = self.work_file("BALANS batch-grouped rows")?;
+        {
+            let mut w = MatrixWriter::create(&grouped_file.path, p)?;
+            let chunk = self.spec.config.chunk_rows;
+            for (c, idx) in grouped.chunks(chunk).enumerate() {
+                self.check_cancel()?;
+                let mut rows = Vec::with_capacity(idx.len() * p);
+                for &i in idx {
+                    rows.extend_from_slice(reduced_blocks.row(i as usize));
+                }
+                w.append(rows)?;
+                self.spec.progress.stage_progress(((c + 1) * chunk).min(n) as u64, None);
+            }
+            w.finish()?;
+        }
+        let grouped_map = MappedIpcFile::open(&grouped_file.path)?;
+        let z = grouped_map.row_blocks()?;
+        self.end_stage("reduce");
+
+        // Sampling loop.
+        let cfg = self.spec.config.clone();
+        self.reserve(n * 8 * 3 + n + 64 * 1024, "the landmark sampler (3 x f64 + 1 byte per row)")?;
+        let max_landmarks = cfg.max_landmarks.unwrap_or(usize::MAX);
+        self.start_stage("sample", Some(n as u64));
+        let params = SamplingParams {
+            k: cfg.k,
+            block: cfg.block,
+            tau: cfg.tau,
+            max_landmarks,
+            seed: cfg.seed,
+            elbow: ElbowParams { rule: cfg.elbow, a_min: cfg.a_min, bins: cfg.bins, r_min: cfg.r_min() },
+        };
+        let progress = self.spec.progress.clone();
+        let tx = self.tx.clone();
+        let sampling = sample_landmarks(&z, &offsets, &params, None, &|| tx.is_closed(), &mut |m, covered| {
+            progress.stage_progress(covered as u64, Some(format!("{m} landmarks")));
+        })?;
+        let m = sampling.landmarks.len();
+        self.summary.landmarks = m;
+        self.summary.distinct_landmarks = {
+            let mut idx: Vec<usize> = sampling.landmarks.iter().map(|l| l.index).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            idx.len()
+        };
+        self.summary.nnz = sampling.nnz();
+        self.summary.mean_kept_per_row = sampling.nnz() as f64 / m.max(1) as f64;
+        self.summary.stop_reason = sampling.stop.to_string();
+        self.summary.steps_to_full_coverage = sampling.steps_to_full_coverage;
+        self.end_stage("sample");
+
+        // Smoothing pass 1: Y = A_S X over the output-space matrix, streamed in input order.
+        let x_blocks = match cfg.output_space {
+            OutputSpace::Features => feature_blocks.clone(),
+            OutputSpace::Pca => match &reduced_input {
+                Some((f, _)) => f.row_blocks()?,
+                None => return Err(OperatorError::InvalidParameter("--output-space pca needs PCA".into())),
+            },
+        };
+        let dx = x_blocks.p();
+        self.reserve(SmoothAccumulator::size_bytes(m, dx) * 2 + m * m * 8 * (cfg.estimator == crate::config::Estimator::Nystrom) as usize, "Y = A_S X (landmarks x output columns)")?;
+        self.start_stage("smooth", Some(n as u64));
+        let landmarks = sampling.landmarks;
+        drop(sampling.covered);
+        let point = |i: usize| -> PointRef<'_> { (z.row(position[i] as usize), codes[i] as usize) };
+        let mut acc = SmoothAccumulator::new(m, dx);
+        let chunk = cfg.chunk_rows;
+        let mut done = 0usize;
+        while done < n {
+            self.check_cancel()?;
+            let end = (done + chunk).min(n);
+            let points: Vec<PointRef<'_>> = (done..end).map(point).collect();
+            let x = gather_rows(&x_blocks, done, end);
+            acc.add_chunk(&landmarks, &points, &x);
+            done = end;
+            self.spec.progress.stage_progress(done as u64, None);
+        }
+        let grouped_ref = &grouped;
+        let fitted = acc.finish(cfg.estimator, &landmarks, |g| codes[grouped_ref[g] as usize] as usize);
+        self.end_stage("smooth");
+
+        // Smoothing pass 2: corrected rows joined with the metadata, in input order.
+        self.start_stage("write", Some(n as u64));
+        let meta = MappedIpcFile::open(&ing.meta.path)?;
+        let mut row = 0usize;
+        let mut uncovered = 0usize;
+        for mb in meta.batches() {
+            let end = row + mb.num_rows();
+            let mut start = row;
+            while start < end {
+                self.check_cancel()?;
+                let stop = (start + chunk).min(end);
+                let points: Vec<PointRef<'_>> = (start..stop).map(point).collect();
+                let x = gather_rows(&x_blocks, start, stop);
+                let mut out = vec![0.0f32; x.len()];
+                let mut covered = vec![false; stop - start];
+                let (unc, _) = fitted.apply_chunk(&landmarks, &points, &x, &mut out, &mut covered);
+                uncovered += unc;
+                let meta_slice = mb.slice(start - row, stop - start);
+                let batch = self.assemble(&meta_slice, &out, dx, covered)?;
+                if self.tx.blocking_send(Ok(batch)).is_err() {
+                    return Err(OperatorError::Cancelled);
+                }
+                start = stop;
+                self.spec.progress.stage_progress(start as u64, None);
+            }
+            row = end;
+        }
+        self.summary.uncovered = uncovered;
+        self.summary.coverage = (n - uncovered) as f64 / n as f64;
+        self.summary.rows = n;
+        self.end_stage("write");
+        if uncovered > 0 {
+            self.warn(format!("{uncovered} rows are covered by no landmark and keep their input values (see {COVERED_COLUMN})"));
+        }
+        self.spec.progress.finished(&self.summary);
+        Ok(())
+    }
+
+    /// Streams the input once: writes the working files and collects batch codes, PCA state
+    /// and data checks.
+    fn ingest(&mut self, mut input: SendableRecordBatchStream, pca_p: Option<usize>) -> Result<Ingested> {
+        self.start_stage("ingest", None);
+        let in_schema = input.schema();
+        let d = self.spec.features.len();
+        let feature_idx: Vec<usize> = self.spec.features.iter().map(|f| in_schema.index_of(f)).collect::<std::result::Result<_, _>>()?;
+        let batch_idx: Vec<usize> = self.spec.batch.iter().map(|f| in_schema.index_of(f)).collect::<std::result::Result<_, _>>()?;
+        let meta_idx: Vec<usize> = (0..in_schema.fields().len()).filter(|i| !feature_idx.contains(i)).collect();
+        let meta_schema = Arc::new(in_schema.project(&meta_idx)?);
+        let features = self.work_file("BALANS features")?;
+        let meta = self.work_file("BALANS metadata")?;
+        let mut fw = MatrixWriter::create(&features.path, d)?;
+        let mut mw = BatchWriter::create(&meta.path, &meta_schema)?;
+        let mut codes: Vec<u32> = Vec::new();
+        let mut key_index: HashMap<String, u32> = HashMap::new();
+        let mut keys: Vec<String> = Vec::new();
+        let mut non_finite = vec![0usize; d];
+        let mut min = vec![f32::INFINITY; d];
+        let mut max = vec![f32::NEG_INFINITY; d];
+        let mut gram: Option<GramAccumulator> = None;
+        if pca_p.is_some() {
+            self.reserve(GramAccumulator::size_bytes(d), "the PCA state (features x features)")?;
+        }
+        let policy = self.spec.config.nan;
+        let mut dropped = 0usize;
+        let mut rows_seen = 0usize;
+        while let Some(batch) = self.handle.block_on(input.next()) {
+            self.check_cancel()?;
+            let batch = batch?;
+            let r = batch.num_rows();
+            if r == 0 {
+                continue;
+            }
+            // Row-major f32 features, non-finite bookkeeping.
+            let mut rows = vec![0.0f32; r * d];
+            let mut bad_row = vec![false; r];
+            for (f, &ci) in feature_idx.iter().enumerate() {
+                let col = cast(batch.column(ci), &DataType::Float32)?;
+                let col = col.as_primitive::<Float32Type>();
+                for (i, v) in col.iter().enumerate() {
+                    let v = v.unwrap_or(f32::NAN);
+                    if !v.is_finite() {
+                        non_finite[f] += 1;
+                        bad_row[i] = true;
+                    }
+                    rows[i * d + f] = v;
+                }
+            }
+            let (batch, rows) = match policy {
+                NanPolicy::DropRows if bad_row.iter().any(|&b| b) => {
+                    let keep: BooleanArray = bad_row.iter().map(|&b| Some(!b)).collect();
+                    dropped += bad_row.iter().filter(|&&b| b).count();
+                    let kept_rows: Vec<f32> = rows.chunks_exact(d).zip(&bad_row).filter(|(_, b)| !**b).flat_map(|(r, _)| r.iter().copied()).collect();
+                    (filter_record_batch(&batch, &keep)?, kept_rows)
+                }
+                NanPolicy::Zero => {
+                    let mut rows = rows;
+                    rows.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = 0.0);
+                    (batch, rows)
+                }
+                _ => (batch, rows),
+            };
+            let r = batch.num_rows();
+            if r == 0 {
+                continue;
+            }
+            for row in rows.chunks_exact(d) {
+                for (f, &v) in row.iter().enumerate() {
+                    if v.is_finite() {
+                        min[f] = min[f].min(v);
+                        max[f] = max[f].max(v);
+                    }
+                }
+            }
+            // Batch keys.
+            let key_cols: Vec<ArrayRef> = batch_idx.iter().map(|&i| cast(batch.column(i), &DataType::Utf8)).collect::<std::result::Result<_, _>>()?;
+            let mut key = String::new();
+            for i in 0..r {
+                key.clear();
+                for (c, col) in key_cols.iter().enumerate() {
+                    if c > 0 {
+                        key.push('/');
+                    }
+                    let s = col.as_string::<i32>();
+                    if s.is_null(i) { key.push_str("NULL") } else { key.push_str(s.value(i)) }
+                }
+                let code = match key_index.get(&key) {
+                    Some(&c) => c,
+                    None => {
+                        let c = keys.len() as u32;
+                        key_index.insert(key.clone(), c);
+                        keys.push(key.clone());
+                        c
+                    }
+                };
+                codes.push(code);
+            }
+            if pca_p.is_some() {
+                let g = gram.get_or_insert_with(|| GramAccumulator::new(rows[..d].iter().map(|&v| v as f64).collect()));
+                for part in rows.chunks(1024 * d) {
+                    g.update(part);
+                }
+            }
+            self.reserve(r * 4, "batch codes")?;
+            fw.append(rows)?;
+            mw.write(&batch.project(&meta_idx)?)?;
+            rows_seen += r;
+            self.spec.progress.stage_progress(rows_seen as u64, None);
+        }
+        fw.finish()?;
+        mw.finish()?;
+        self.summary.dropped_rows = dropped;
+        self.summary.features = d;
+        let bad: Vec<(String, usize)> = self.spec.features.iter().cloned().zip(non_finite.iter().copied()).filter(|(_, c)| *c > 0).collect();
+        if policy == NanPolicy::Error && !bad.is_empty() {
+            let shown: Vec<String> = bad.iter().take(10).map(|(n, c)| format!("{n} ({c})")).collect();
+            return Err(OperatorError::BadInput(format!(
+                "{} feature column(s) hold NaN, infinite or null values: {}{}; choose --nan drop-rows or --nan zero, or exclude the columns",
+                bad.len(),
+                shown.join(", "),
+                if bad.len() > 10 { ", ..." } else { "" }
+            )));
+        }
+        if rows_seen == 0 {
+            return Err(OperatorError::BadInput(if dropped > 0 {
+                format!("every row ({dropped}) has a non-finite feature; nothing left to correct")
+            } else {
+                "the input has no rows".to_string()
+            }));
+        }
+        if keys.len() < 2 {
+            return Err(OperatorError::BadInput(format!(
+                "only one batch ('{}') in column(s) {}: batch correction needs at least two batches",
+                keys[0],
+                self.spec.batch.join(", ")
+            )));
+        }
+        let constant: Vec<String> = self.spec.features.iter().enumerate().filter(|&(f, _)| min[f] >= max[f]).map(|(_, n)| n.clone()).collect();
+        if constant.len() == d {
+            return Err(OperatorError::BadInput("every feature column is constant: there is nothing to correct".into()));
+        }
+        if !constant.is_empty() {
+            let shown: Vec<&str> = constant.iter().take(5).map(|s| s.as_str()).collect();
+            self.warn(format!(
+                "{} constant feature column(s) pass through unchanged: {}{}",
+                constant.len(),
+                shown.join(", "),
+                if constant.len() > 5 { ", ..." } else { "" }
+            ));
+        }
+        self.summary.constant_features = constant;
+        self.end_stage("ingest");
+        Ok(Ingested { features, meta, batch_codes: codes, batch_keys: keys, gram })
+    }
+
+    /// Writes the reduced rows (PCA projection and/or L2 normalisation) in input order.
+    fn write_reduced(&mut self, features: &RowBlocks<'_>, model: Option<&PcaModel>, file: &WorkFile) -> Result<()> {
+        let d = features.p();
+        let p = model.map_or(d, |m| m.p);
+        let cosine = self.spec.config.metric == Metric::Cosine;
+        let mut w = MatrixWriter::create(&file.path, p)?;
+        let n = features.n();
+        let chunk = self.spec.config.chunk_rows;
+        let mut start = 0;
+        while start < n {
+            self.check_cancel()?;
+            let end = (start + chunk).min(n);
+            let x = gather_rows(features, start, end);
+            let mut z = match model {
+                Some(model) => {
+                    let mut z = vec![0.0f32; (end - start) * p];
+                    z.par_chunks_mut(p * 256).zip(x.par_chunks(d * 256)).for_each(|(zo, xi)| model.project(xi, zo));
+                    z
+                }
+                None => x,
+            };
+            if cosine {
+                l2_normalize_rows(&mut z, p);
+            }
+            w.append(z)?;
+            start = end;
+        }
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Builds one output batch from metadata rows and corrected values.
+    fn assemble(&self, meta: &RecordBatch, values: &[f32], d: usize, covered: Vec<bool>) -> Result<RecordBatch> {
+        let r = meta.num_rows();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        let mut next_value_col = 0usize;
+        let feature_pos: HashMap<&str, usize> = self.spec.features.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        for field in self.schema.fields() {
+            if field.name() == COVERED_COLUMN && self.spec.emits_covered_column() {
+                columns.push(Arc::new(BooleanArray::from(covered.clone())));
+                continue;
+            }
+            let col_of_values = match self.spec.config.output_space {
+                OutputSpace::Features => feature_pos.get(field.name().as_str()).copied(),
+                OutputSpace::Pca => {
+                    if meta.schema().index_of(field.name()).is_ok() {
+                        None
+                    } else {
+                        next_value_col += 1;
+                        Some(next_value_col - 1)
+                    }
+                }
+            };
+            match col_of_values {
+                Some(f) => {
+                    let v: Float32Array = (0..r).map(|i| values[i * d + f]).collect::<Vec<f32>>().into();
+                    columns.push(Arc::new(v));
+                }
+                None => columns.push(meta.column(meta.schema().index_of(field.name())?).clone()),
+            }
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// Copies rows `start..end` of a blocked matrix into one row-major vector.
+fn gather_rows(blocks: &RowBlocks<'_>, start: usize, end: usize) -> Vec<f32> {
+    let p = blocks.p();
+    let mut out = Vec::with_capacity((end - start) * p);
+    for i in start..end {
+        out.extend_from_slice(blocks.row(i));
+    }
+    out
+}
+
+fn human_bytes(b: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}

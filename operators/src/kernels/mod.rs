@@ -1,0 +1,11 @@
+//! Numeric kernels of BALANS: free functions and small state machines over slices, with no
+//! DataFusion types. Each is tested against a dense brute-force reference.
+
+pub mod distance;
+pub mod elbow;
+pub mod landmark;
+pub mod pca;
+pub mod quality;
+pub mod sampling;
+pub mod scale;
+pub mod smooth;

@@ -1,0 +1,224 @@
+//! Streaming PCA: a mergeable Gram-matrix state per partition, then an eigendecomposition.
+//!
+//! Rows are shifted by a fixed reference row before accumulation (so `X^T X - n mu mu^T` does
+//! not cancel catastrophically when the mean is large). Accumulation runs in `f64` with a
+//! sequential GEMM per chunk, so the result does not depend on the thread count.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par, Side};
+
+/// Mergeable state of the PCA fit: count, shifted sums and shifted Gram matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GramAccumulator {
+    d: usize,
+    shift: Vec<f64>,
+    n: u64,
+    sum: Vec<f64>,
+    gram: Mat<f64>,
+}
+
+impl GramAccumulator {
+    /// An empty state for `d` features, shifted by `shift` (e.g. the first input row).
+    pub fn new(shift: Vec<f64>) -> Self {
+        let d = shift.len();
+        Self { d, shift, n: 0, sum: vec![0.0; d], gram: Mat::zeros(d, d) }
+    }
+
+    /// Bytes held (for memory accounting).
+    pub fn size_bytes(d: usize) -> usize {
+        (d * d + 2 * d) * 8
+    }
+
+    /// Adds the rows of a row-major `f32` chunk.
+    pub fn update(&mut self, rows: &[f32]) {
+        let d = self.d;
+        if d == 0 || rows.is_empty() {
+            return;
+        }
+        let r = rows.len() / d;
+        let centred: Vec<f64> = rows
+            .chunks_exact(d)
+            .flat_map(|row| row.iter().zip(&self.shift).map(|(&v, &s)| v as f64 - s))
+            .collect();
+        for row in centred.chunks_exact(d) {
+            for (acc, &v) in self.sum.iter_mut().zip(row) {
+                *acc += v;
+            }
+        }
+        let b = MatRef::from_row_major_slice(&centred, r, d);
+        matmul(self.gram.as_mut(), Accum::Add, b.transpose(), b, 1.0, Par::Seq);
+        self.n += r as u64;
+    }
+
+    /// Merges another partition's state (same shift).
+    pub fn merge(&mut self, other: &GramAccumulator) {
+        assert_eq!(self.shift, other.shift, "merged PCA states must share the shift");
+        self.n += other.n;
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        for j in 0..self.d {
+            for i in 0..self.d {
+                self.gram[(i, j)] += other.gram[(i, j)];
+            }
+        }
+    }
+
+    /// Number of rows seen.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    /// Sample covariance (`n - 1` denominator) and mean.
+    pub fn covariance(&self) -> (Mat<f64>, Vec<f64>) {
+        let n = self.n.max(1) as f64;
+        let mu_shifted: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let denom = (self.n.max(2) - 1) as f64;
+        let cov = Mat::from_fn(self.d, self.d, |i, j| {
+            (self.gram[(i, j)] - n * mu_shifted[i] * mu_shifted[j]) / denom
+        });
+        let mean = mu_shifted.iter().zip(&self.shift).map(|(m, s)| m + s).collect();
+        (cov, mean)
+    }
+
+    /// Fits the top `p` principal axes.
+    pub fn finish(&self, p: usize) -> PcaModel {
+        let (cov, mean) = self.covariance();
+        let d = self.d;
+        let p = p.min(d);
+        let eig = cov.self_adjoint_eigen(Side::Lower).expect("eigendecomposition of the covariance");
+        let (vals, vecs) = (eig.S().column_vector(), eig.U());
+        let mut components = vec![0.0; p * d];
+        let mut explained_variance = Vec::with_capacity(p);
+        for c in 0..p {
+            let col = d - 1 - c; // eigenvalues ascending
+            explained_variance.push(vals[col].max(0.0));
+            // Deterministic sign: the largest-magnitude loading is positive.
+            let mut best = 0;
+            for i in 0..d {
+                if vecs[(i, col)].abs() > vecs[(best, col)].abs() {
+                    best = i;
+                }
+            }
+            let sign = if vecs[(best, col)] < 0.0 { -1.0 } else { 1.0 };
+            for i in 0..d {
+                components[c * d + i] = sign * vecs[(i, col)];
+            }
+        }
+        PcaModel { d, p, mean, components, explained_variance }
+    }
+}
+
+/// A fitted PCA: mean and the top `p` axes (row-major `p x d`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PcaModel {
+    /// Number of input features.
+    pub d: usize,
+    /// Number of components.
+    pub p: usize,
+    /// Feature means.
+    pub mean: Vec<f64>,
+    /// Principal axes, one per row.
+    pub components: Vec<f64>,
+    /// Variance along each axis.
+    pub explained_variance: Vec<f64>,
+}
+
+impl PcaModel {
+    /// Projects row-major rows (`r x d`) into `out` (`r x p`): `(x - mean) V^T`.
+    pub fn project(&self, rows: &[f32], out: &mut [f32]) {
+        let (d, p) = (self.d, self.p);
+        for (x, o) in rows.chunks_exact(d).zip(out.chunks_exact_mut(p)) {
+            for (c, dst) in o.iter_mut().enumerate() {
+                let axis = &self.components[c * d..(c + 1) * d];
+                let mut acc = 0.0f64;
+                for ((&v, &m), &w) in x.iter().zip(&self.mean).zip(axis) {
+                    acc += (v as f64 - m) * w;
+                }
+                *dst = acc as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn data(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .flat_map(|_| {
+                let t: f32 = rng.random::<f32>() * 10.0;
+                let u: f32 = rng.random::<f32>();
+                (0..d).map(move |f| 100.0 + t * (f as f32 + 1.0) + u * if f % 2 == 0 { 1.0 } else { -1.0 }).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn covariance_matches_dense_reference_and_merges() {
+        let (n, d) = (500, 6);
+        let x = data(n, d, 1);
+        let shift: Vec<f64> = x[..d].iter().map(|&v| v as f64).collect();
+        let mut a = GramAccumulator::new(shift.clone());
+        let mut b = GramAccumulator::new(shift.clone());
+        a.update(&x[..d * 123]);
+        b.update(&x[d * 123..]);
+        a.merge(&b);
+        let (cov, mean) = a.covariance();
+        let mu: Vec<f64> = (0..d).map(|f| (0..n).map(|i| x[i * d + f] as f64).sum::<f64>() / n as f64).collect();
+        for f in 0..d {
+            assert!((mean[f] - mu[f]).abs() < 1e-9 * mu[f].abs());
+            for g in 0..d {
+                let want: f64 = (0..n)
+                    .map(|i| (x[i * d + f] as f64 - mu[f]) * (x[i * d + g] as f64 - mu[g]))
+                    .sum::<f64>()
+                    / (n - 1) as f64;
+                assert!((cov[(f, g)] - want).abs() <= 1e-8 * want.abs().max(1.0), "{f},{g}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_axis_and_projection() {
+        let (n, d) = (400, 5);
+        let x = data(n, d, 2);
+        let mut acc = GramAccumulator::new(vec![0.0; d]);
+        acc.update(&x);
+        let model = acc.finish(2);
+        // The dominant direction is proportional to (1, 2, 3, 4, 5).
+        let norm = (1..=5).map(|v| (v * v) as f64).sum::<f64>().sqrt();
+        for f in 0..d {
+            assert!((model.components[f] - (f + 1) as f64 / norm).abs() < 1e-3);
+        }
+        assert!(model.explained_variance[0] > 100.0 * model.explained_variance[1]);
+        // Projection equals the dense formula, and projected data has zero mean.
+        let mut z = vec![0.0f32; n * 2];
+        model.project(&x, &mut z);
+        let mean0: f64 = (0..n).map(|i| z[i * 2] as f64).sum::<f64>() / n as f64;
+        assert!(mean0.abs() < 1e-3);
+        let want: f64 = (0..d).map(|f| (x[f] as f64 - model.mean[f]) * model.components[f]).sum();
+        assert!((z[0] as f64 - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn chunking_does_not_change_the_state() {
+        let x = data(300, 4, 3);
+        let mut a = GramAccumulator::new(vec![1.0; 4]);
+        a.update(&x);
+        let mut b = GramAccumulator::new(vec![1.0; 4]);
+        for c in x.chunks(4 * 64) {
+            b.update(c);
+        }
+        let (ca, _) = a.covariance();
+        let (cb, _) = b.covariance();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!((ca[(i, j)] - cb[(i, j)]).abs() < 1e-9 * ca[(i, j)].abs().max(1.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The two streaming passes that turn landmark rows into corrected values.
+//!
+//! Pass 1 accumulates `Y = A_S X` chunk by chunk (each landmark's sum runs over points in
+//! input order, so the result does not depend on the thread count). The fit then forms either
+//! the smooth estimator's `Y_l / rowsum_l` (`P X`) or the Nyström `pinv(A_SS) A_S X`. Pass 2
+//! emits `X_hat_j = sum_l A_lj Y_l / sum_l A_lj` (smooth, `Q^T Y`) or `sum_l A_lj W_l`
+//! (Nyström); a point no landmark keeps keeps its input value.
+
+use crate::config::Estimator;
+use crate::kernels::landmark::{Landmark, column_entries};
+use rayon::prelude::*;
+
+/// One point of a chunk: its reduced coordinates and batch.
+pub type PointRef<'a> = (&'a [f32], usize);
+
+/// Accumulates `A_S X` and the row sums of `A_S` over chunks of points.
+#[derive(Debug, Clone)]
+pub struct SmoothAccumulator {
+    m: usize,
+    d: usize,
+    y: Vec<f64>,
+    row_sum: Vec<f64>,
+    rows_seen: usize,
+}
+
+impl SmoothAccumulator {
+    /// An empty accumulator for `m` landmarks and `d` output columns.
+    pub fn new(m: usize, d: usize) -> Self {
+        Self { m, d, y: vec![0.0; m * d], row_sum: vec![0.0; m], rows_seen: 0 }
+    }
+
+    /// Bytes held (for memory accounting).
+    pub fn size_bytes(m: usize, d: usize) -> usize {
+        (m * d + m) * 8
+    }
+
+    /// Adds a chunk of points: `points[r]` are the coordinates and batch of row `r`, `x` the
+    /// chunk's output-space values (row-major, `points.len() x d`).
+    pub fn add_chunk(&mut self, landmarks: &[Landmark], points: &[PointRef<'_>], x: &[f32]) {
+        assert_eq!(landmarks.len(), self.m);
+        assert_eq!(x.len(), points.len() * self.d);
+        let entries: Vec<Vec<(u32, f64)>> = points
+            .par_iter()
+            .map(|&(z, b)| {
+                let mut e = Vec::new();
+                column_entries(landmarks, z, b, &mut e);
+                e
+            })
+            .collect();
+        let mut by_landmark: Vec<Vec<(u32, f64)>> = vec![Vec::new(); self.m];
+        for (r, e) in entries.iter().enumerate() {
+            for &(l, a) in e {
+                by_landmark[l as usize].push((r as u32, a));
+            }
+        }
+        let d = self.d;
+        self.y
+            .par_chunks_mut(d.max(1))
+            .zip(self.row_sum.par_iter_mut())
+            .zip(by_landmark.par_iter())
+            .for_each(|((yl, rs), list)| {
+                for &(r, a) in list {
+                    *rs += a;
+                    let xr = &x[r as usize * d..(r as usize + 1) * d];
+                    for (acc, &v) in yl.iter_mut().zip(xr) {
+                        *acc += a * v as f64;
+                    }
+                }
+            });
+        self.rows_seen += points.len();
+    }
+
+    /// Finishes pass 1 into the per-landmark values used by pass 2.
+    pub fn finish(self, estimator: Estimator, landmarks: &[Landmark], batch_of: impl Fn(usize) -> usize + Sync) -> FittedSmoother {
+        let d = self.d;
+        let values = match estimator {
+            Estimator::Smooth => {
+                let mut y = self.y;
+                for (yl, &rs) in y.chunks_mut(d.max(1)).zip(&self.row_sum) {
+                    if rs > 0.0 {
+                        yl.iter_mut().for_each(|v| *v /= rs);
+                    }
+                }
+                y
+            }
+            Estimator::Nystrom => {
+                let a_ss = crate::kernels::landmark::landmark_block(landmarks, batch_of);
+                let pinv = pseudo_inverse(&a_ss, self.m);
+                let mut w = vec![0.0; self.m * d];
+                w.par_chunks_mut(d.max(1)).enumerate().for_each(|(l, wl)| {
+                    for (c, &coef) in pinv[l * self.m..(l + 1) * self.m].iter().enumerate() {
+                        if coef != 0.0 {
+                            let yc = &self.y[c * d..(c + 1) * d];
+                            for (acc, &v) in wl.iter_mut().zip(yc) {
+                                *acc += coef * v;
+                            }
+                        }
+                    }
+                });
+                w
+            }
+        };
+        FittedSmoother { estimator, d, values, row_sum: self.row_sum }
+    }
+}
+
+/// The per-landmark values of pass 2 (`Y = P X`, or `W = pinv(A_SS) A_S X`).
+#[derive(Debug, Clone)]
+pub struct FittedSmoother {
+    estimator: Estimator,
+    d: usize,
+    values: Vec<f64>,
+    row_sum: Vec<f64>,
+}
+
+impl FittedSmoother {
+    /// The `m x d` per-landmark values, row-major.
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// Row sums of `A_S`.
+    pub fn row_sums(&self) -> &[f64] {
+        &self.row_sum
+    }
+
+    /// Writes the corrected rows of a chunk into `out` (`points.len() x d`); `x` holds the
+    /// input values used for uncovered points. Returns the number of uncovered points and
+    /// the total number of nonzero entries seen, and marks coverage in `covered`.
+    pub fn apply_chunk(
+        &self,
+        landmarks: &[Landmark],
+        points: &[PointRef<'_>],
+        x: &[f32],
+        out: &mut [f32],
+        covered: &mut [bool],
+    ) -> (usize, usize) {
+        let d = self.d;
+        assert_eq!(out.len(), points.len() * d);
+        let stats: (usize, usize) = out
+            .par_chunks_mut(d.max(1))
+            .zip(points.par_iter())
+            .zip(x.par_chunks(d.max(1)))
+            .zip(covered.par_iter_mut())
+            .map_init(Vec::new, |entries, (((o, &(z, b)), xr), cov)| {
+                column_entries(landmarks, z, b, entries);
+                if entries.is_empty() {
+                    o.copy_from_slice(xr);
+                    *cov = false;
+                    return (1, 0);
+                }
+                *cov = true;
+                let mut acc = vec![0.0f64; d];
+                let mut col_sum = 0.0;
+                for &(l, a) in entries.iter() {
+                    col_sum += a;
+                    let v = &self.values[l as usize * d..(l as usize + 1) * d];
+                    for (s, &y) in acc.iter_mut().zip(v) {
+                        *s += a * y;
+                    }
+                }
+                let scale = match self.estimator {
+                    Estimator::Smooth => 1.0 / col_sum,
+                    Estimator::Nystrom => 1.0,
+                };
+                for (dst, s) in o.iter_mut().zip(&acc) {
+                    *dst = (s * scale) as f32;
+                }
+                (0, entries.len())
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        stats
+    }
+}
+
+/// Moore–Penrose pseudo-inverse of a square row-major `m x m` matrix (singular values below
+/// `1e-8 * s_max` are treated as zero), row-major.
+pub fn pseudo_inverse(a: &[f64], m: usize) -> Vec<f64> {
+    if m == 0 {
+        return Vec::new();
+    }
+    let mat = faer::Mat::<f64>::from_fn(m, m, |i, j| a[i * m + j]);
+    let svd = mat.thin_svd().expect("SVD of A_SS");
+    let (u, s, v) = (svd.U(), svd.S(), svd.V());
+    let s: Vec<f64> = (0..m).map(|i| s.column_vector()[i]).collect();
+    let s_max = s.iter().copied().fold(0.0, f64::max);
+    let cut = 1e-8 * s_max;
+    let mut out = vec![0.0; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            let mut acc = 0.0;
+            for (r, &sr) in s.iter().enumerate() {
+                if sr > cut {
+                    acc += v[(i, r)] * u[(j, r)] / sr;
+                }
+            }
+            out[i * m + j] = acc;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ElbowRule;
+    use crate::kernels::elbow::ElbowParams;
+    use crate::kernels::landmark::{RowBlocks, RowBuffers, landmark_row};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    struct Setup {
+        z: Vec<f32>,
+        x: Vec<f32>,
+        offsets: Vec<usize>,
+        landmarks: Vec<Landmark>,
+        n: usize,
+        p: usize,
+        d: usize,
+    }
+
+    fn setup(seed: u64, picks: &[usize]) -> Setup {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (n, p, d) = (90, 3, 4);
+        let z: Vec<f32> = (0..n * p).map(|i| ((i / p) % 3) as f32 * 3.0 + rng.random::<f32>()).collect();
+        let x: Vec<f32> = (0..n * d).map(|_| rng.random::<f32>() * 10.0).collect();
+        let offsets = vec![0, 30, 60, 90];
+        let view = RowBlocks::new(vec![&z], p);
+        let elbow = ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 4 };
+        let mut buf = RowBuffers::default();
+        let landmarks = picks.iter().map(|&i| landmark_row(&view, &offsets, i, 3, &elbow, &mut buf)).collect();
+        Setup { z, x, offsets, landmarks, n, p, d }
+    }
+
+    fn dense_a(s: &Setup) -> Vec<Vec<f64>> {
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        s.landmarks
+            .iter()
+            .map(|l| (0..s.n).map(|j| l.affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j))).collect())
+            .collect()
+    }
+
+    fn run(s: &Setup, est: Estimator, chunk: usize) -> (Vec<f32>, usize) {
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        let points: Vec<PointRef> = (0..s.n).map(|j| (&s.z[j * s.p..(j + 1) * s.p], batch(j))).collect();
+        let mut acc = SmoothAccumulator::new(s.landmarks.len(), s.d);
+        for c0 in (0..s.n).step_by(chunk) {
+            let c1 = (c0 + chunk).min(s.n);
+            acc.add_chunk(&s.landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
+        }
+        let lm_batch = |i: usize| batch(i);
+        let fit = acc.finish(est, &s.landmarks, lm_batch);
+        let mut out = vec![0.0; s.n * s.d];
+        let mut cov = vec![false; s.n];
+        let (unc, _) = fit.apply_chunk(&s.landmarks, &points, &s.x, &mut out, &mut cov);
+        (out, unc)
+    }
+
+    #[test]
+    fn smooth_matches_dense_p_and_q() {
+        let s = setup(1, &[0, 31, 62, 5]);
+        let a = dense_a(&s);
+        let m = a.len();
+        // P: rows normalised; Y = P X.
+        let y: Vec<Vec<f64>> = (0..m)
+            .map(|l| {
+                let rs: f64 = a[l].iter().sum();
+                (0..s.d).map(|f| (0..s.n).map(|j| a[l][j] / rs * s.x[j * s.d + f] as f64).sum()).collect()
+            })
+            .collect();
+        let (out, uncovered) = run(&s, Estimator::Smooth, 7);
+        let mut n_unc = 0;
+        for j in 0..s.n {
+            let cs: f64 = (0..m).map(|l| a[l][j]).sum();
+            for f in 0..s.d {
+                let want = if cs == 0.0 {
+                    s.x[j * s.d + f] as f64
+                } else {
+                    (0..m).map(|l| a[l][j] / cs * y[l][f]).sum::<f64>()
+                };
+                assert!((out[j * s.d + f] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0));
+            }
+            n_unc += (cs == 0.0) as usize;
+        }
+        assert_eq!(uncovered, n_unc);
+        // Both P and Q are row-stochastic: a constant feature stays constant.
+        let mut c = setup(1, &[0, 31, 62, 5]);
+        c.x.iter_mut().enumerate().for_each(|(i, v)| if i % c.d == 0 { *v = 2.5 });
+        let (out, _) = run(&c, Estimator::Smooth, 90);
+        assert!((0..c.n).all(|j| (out[j * c.d] - 2.5).abs() < 1e-5));
+    }
+
+    #[test]
+    fn chunking_does_not_change_bytes() {
+        let s = setup(2, &[3, 40, 77, 40]);
+        assert_eq!(run(&s, Estimator::Smooth, 1).0, run(&s, Estimator::Smooth, 90).0);
+        assert_eq!(run(&s, Estimator::Nystrom, 4).0, run(&s, Estimator::Nystrom, 90).0);
+    }
+
+    #[test]
+    fn nystrom_matches_dense_formula() {
+        let s = setup(3, &[1, 33, 65]);
+        let a = dense_a(&s);
+        let m = a.len();
+        let idx: Vec<usize> = s.landmarks.iter().map(|l| l.index).collect();
+        let a_ss: Vec<f64> = (0..m).flat_map(|r| idx.iter().map(move |&c| (r, c))).map(|(r, c)| a[r][c]).collect();
+        let pinv = pseudo_inverse(&a_ss, m);
+        let ax: Vec<Vec<f64>> = (0..m)
+            .map(|l| (0..s.d).map(|f| (0..s.n).map(|j| a[l][j] * s.x[j * s.d + f] as f64).sum()).collect())
+            .collect();
+        let w: Vec<Vec<f64>> = (0..m)
+            .map(|l| (0..s.d).map(|f| (0..m).map(|c| pinv[l * m + c] * ax[c][f]).sum()).collect())
+            .collect();
+        let (out, _) = run(&s, Estimator::Nystrom, 11);
+        for j in 0..s.n {
+            let cs: f64 = (0..m).map(|l| a[l][j]).sum();
+            for f in 0..s.d {
+                let want = if cs == 0.0 { s.x[j * s.d + f] as f64 } else { (0..m).map(|l| a[l][j] * w[l][f]).sum() };
+                assert!((out[j * s.d + f] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0), "{j} {f}");
+            }
+        }
+    }
+
+    #[test]
+    fn pseudo_inverse_properties() {
+        // Rank-deficient: duplicate rows (a landmark drawn twice).
+        let a = vec![1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0];
+        let p = pseudo_inverse(&a, 3);
+        let mul = |x: &[f64], y: &[f64]| -> Vec<f64> {
+            (0..9).map(|k| (0..3).map(|i| x[(k / 3) * 3 + i] * y[i * 3 + k % 3]).sum()).collect()
+        };
+        let apa = mul(&mul(&a, &p), &a);
+        for (u, v) in apa.iter().zip(&a) {
+            assert!((u - v).abs() < 1e-9);
+        }
+        let pap = mul(&mul(&p, &a), &p);
+        for (u, v) in pap.iter().zip(&p) {
+            assert!((u - v).abs() < 1e-9);
+        }
+    }
+}

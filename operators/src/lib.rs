@@ -1,0 +1,18 @@
+//! # balans-operators
+//!
+//! The BALANS correction as plain numeric kernels ([`kernels`]) over slices, the memory-mapped
+//! Arrow IPC working files they stream over ([`io`]), and the DataFusion physical operator that
+//! runs the passes ([`exec::BalansExec`]). Kernels take no DataFusion types so they can be
+//! tested and benchmarked without a session.
+
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod io;
+pub mod kernels;
+pub mod progress;
+
+pub use config::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
+pub use error::{OperatorError, Result};
+pub use exec::{BalansExec, BalansSpec};
+pub use progress::{NoProgress, ProgressSink, RunSummary, StageTiming};

@@ -1,0 +1,12 @@
+//! # balans-planner
+//!
+//! Turns a correction request into a DataFusion plan: [`BalansNode`] is the logical extension
+//! node (it shows in `EXPLAIN`), [`BalansExtensionPlanner`] lowers it to
+//! [`balans_operators::BalansExec`], and [`BalansQueryPlanner`] is the session's query planner
+//! with that extension registered.
+
+pub mod node;
+pub mod physical;
+
+pub use node::{BalansNode, balans_plan};
+pub use physical::{BalansExtensionPlanner, BalansQueryPlanner};

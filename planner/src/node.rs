@@ -1,0 +1,98 @@
+//! The logical node of a BALANS correction.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use balans_operators::{BalansSpec, exec::balans_output_schema};
+use datafusion::common::{DFSchema, DFSchemaRef};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Expr, Extension, LogicalPlan, UserDefinedLogicalNodeCore};
+
+/// `Balans: features=…, batch=…, k=…` over one input relation.
+#[derive(Debug, Clone)]
+pub struct BalansNode {
+    input: LogicalPlan,
+    spec: BalansSpec,
+    schema: DFSchemaRef,
+}
+
+impl BalansNode {
+    /// Creates the node; fails when a named column is missing from `input`.
+    pub fn try_new(input: LogicalPlan, spec: BalansSpec) -> Result<Self> {
+        let arrow_schema = balans_output_schema(input.schema().as_arrow(), &spec)?;
+        let schema = Arc::new(DFSchema::try_from(arrow_schema.as_ref().clone())?);
+        Ok(Self { input, spec, schema })
+    }
+
+    /// The correction request.
+    pub fn spec(&self) -> &BalansSpec {
+        &self.spec
+    }
+
+    fn key(&self) -> (&[String], &[String], String) {
+        (&self.spec.features, &self.spec.batch, self.spec.config.describe())
+    }
+}
+
+impl PartialEq for BalansNode {
+    fn eq(&self, other: &Self) -> bool {
+        self.input == other.input && self.key() == other.key()
+    }
+}
+
+impl Eq for BalansNode {}
+
+impl Hash for BalansNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.input.hash(state);
+        self.key().hash(state);
+    }
+}
+
+impl PartialOrd for BalansNode {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        self.key().partial_cmp(&other.key())
+    }
+}
+
+impl UserDefinedLogicalNodeCore for BalansNode {
+    fn name(&self) -> &str {
+        "Balans"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        vec![]
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "Balans: features={}, batch=[{}], {}",
+            self.spec.features.len(),
+            self.spec.batch.join(", "),
+            self.spec.config.describe()
+        )
+    }
+
+    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+        if !exprs.is_empty() || inputs.len() != 1 {
+            return Err(DataFusionError::Internal("Balans takes one input and no expressions".into()));
+        }
+        Self::try_new(inputs.swap_remove(0), self.spec.clone())
+    }
+}
+
+/// Wraps `input` in a BALANS correction.
+pub fn balans_plan(input: LogicalPlan, spec: BalansSpec) -> Result<LogicalPlan> {
+    Ok(LogicalPlan::Extension(Extension { node: Arc::new(BalansNode::try_new(input, spec)?) }))
+}

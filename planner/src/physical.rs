@@ -1,0 +1,53 @@
+//! Lowering of [`BalansNode`] to [`BalansExec`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use balans_operators::BalansExec;
+use datafusion::catalog::Session;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::context::QueryPlanner;
+use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+
+use crate::node::BalansNode;
+
+/// Plans [`BalansNode`] as [`BalansExec`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BalansExtensionPlanner;
+
+#[async_trait]
+impl ExtensionPlanner for BalansExtensionPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn Session,
+        _planning_ctx: &PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(balans) = node.as_any().downcast_ref::<BalansNode>() else {
+            return Ok(None);
+        };
+        let input = physical_inputs
+            .first()
+            .ok_or_else(|| DataFusionError::Internal("Balans without input".into()))?;
+        Ok(Some(Arc::new(BalansExec::try_new(input.clone(), balans.spec().clone())?)))
+    }
+}
+
+/// The session's query planner: DataFusion's default planner plus the Balans extensions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BalansQueryPlanner;
+
+#[async_trait]
+impl QueryPlanner for BalansQueryPlanner {
+    async fn create_physical_plan(&self, logical_plan: &LogicalPlan, session: &dyn Session) -> Result<Arc<dyn ExecutionPlan>> {
+        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BalansExtensionPlanner)])
+            .create_physical_plan(logical_plan, session)
+            .await
+    }
+}
