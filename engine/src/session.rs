@@ -40,7 +40,9 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .with_target_partitions(1)
         .with_repartition_file_scans(false)
         .with_batch_size(settings.batch_size)
-        .with_information_schema(true);
+        .with_information_schema(true)
+        // Keep string columns as plain Utf8 so outputs have the input's column types.
+        .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = settings.memory_limit {
         let pool = TrackConsumersPool::new(FairSpillPool::new(limit), NonZeroUsize::new(5).expect("5 > 0"));

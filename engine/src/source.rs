@@ -17,18 +17,21 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type, Schema, SchemaRef};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{Column, TableReference};
+use datafusion::datasource::TableType;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::DataFusionError;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::logical_expr::{Expr, Partitioning};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning as PhysicalPartitioning};
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
@@ -100,8 +103,7 @@ impl TableFormat {
         let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
         if name.ends_with(".parquet") {
             Some(Self::Parquet)
-        } else if name.ends_with(".arrow") || name.ends_with(".ipc") || name.ends_with(".feather")
-        {
+        } else if name.ends_with(".arrow") || name.ends_with(".ipc") || name.ends_with(".feather") {
             Some(Self::ArrowIpc)
         } else if name.ends_with(".csv") {
             Some(Self::Csv { gzip: false })
@@ -135,7 +137,8 @@ impl TableFormat {
     /// The DataFusion reader for this format (CSV: header row, schema inference).
     fn file_format(&self) -> Arc<dyn FileFormat> {
         match self {
-            Self::Parquet => Arc::new(ParquetFormat::default()),
+            // Plain Utf8 strings (not views), so outputs keep the input's column types.
+            Self::Parquet => Arc::new(ParquetFormat::default().with_force_view_types(false)),
             Self::ArrowIpc => Arc::new(ArrowFormat),
             Self::Csv { gzip } => {
                 let compression = if *gzip {
@@ -179,6 +182,59 @@ pub struct ProfileTable {
     pub files: Vec<String>,
     /// The table schema (merged over all files).
     pub schema: SchemaRef,
+}
+
+/// A table over a fixed, path-sorted list of files, scanned as one partition.
+///
+/// Unlike DataFusion's `ListingTable` it does not list the files again for every scan (a file
+/// removed after registration is a read error, not silently skipped) and attaches no file
+/// statistics: DataFusion 55 turns a Parquet column whose statistics have `min == max` into a
+/// constant, but Parquet statistics ignore NaN, so a column like `[NaN, 1.0]` would read as
+/// `[1.0, 1.0]`.
+#[derive(Debug)]
+struct FileListTable {
+    schema: SchemaRef,
+    format: Arc<dyn FileFormat>,
+    store_url: ObjectStoreUrl,
+    files: Vec<ObjectMeta>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for FileListTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let source = self
+            .format
+            .file_source(TableSchema::from(Arc::clone(&self.schema)));
+        let files: Vec<PartitionedFile> = self
+            .files
+            .iter()
+            .cloned()
+            .map(PartitionedFile::from)
+            .collect();
+        // A declared partitioning keeps the optimizer from splitting the single file group
+        // into byte ranges (`repartition_file_scans`), which would break the row order.
+        let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
+            .with_file_group(FileGroup::new(files))
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(1)))
+            .build();
+        self.format.create_physical_plan(state, config).await
+    }
 }
 
 /// Where a location lives: the object store, the base path to list and an optional glob.
@@ -232,6 +288,9 @@ pub async fn register_profiles(
     metas.sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
     let format = common_format(location, &metas)?;
 
+    if format == TableFormat::Parquet {
+        check_parquet_footers(location, &resolved, &metas).await?;
+    }
     let state = ctx.state();
     let file_format = format.file_format();
     let schema = match file_format
@@ -251,32 +310,17 @@ pub async fn register_profiles(
             .await);
         }
     };
-    let Some(first_field) = schema.fields().first() else {
+    if schema.fields().is_empty() {
         return Err(BalansError::BadInput(format!(
             "the files at {location} have no columns"
         )));
+    }
+    let provider = FileListTable {
+        schema: Arc::clone(&schema),
+        format: file_format,
+        store_url: ObjectStoreUrl::parse(resolved.store_url.as_str())?,
+        files: metas.clone(),
     };
-
-    let urls = metas
-        .iter()
-        .map(|meta| {
-            let url = object_url(&resolved.store_url, &meta.location);
-            ListingTableUrl::try_new(url, None).map_err(BalansError::from)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // One declared partition: ListingTable then builds a single file group in path order and
-    // the optimizer does not split files into byte ranges.
-    let single_partition = Partitioning::Hash(
-        vec![Expr::Column(Column::new_unqualified(first_field.name()))],
-        1,
-    );
-    let options = ListingOptions::new(file_format)
-        .with_file_extension("")
-        .with_output_partitioning(Some(single_partition));
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(Arc::clone(&schema));
-    let provider = ListingTable::try_new(config)?;
 
     let table_ref = TableReference::bare(table_name);
     ctx.deregister_table(table_ref.clone())?;
@@ -293,6 +337,36 @@ pub async fn register_profiles(
         files,
         schema,
     })
+}
+
+/// Checks each Parquet file's trailer (size, magic, footer length) before any reader sees it,
+/// so a truncated or foreign file gets an error naming it (the Parquet reader can panic on a
+/// footer length larger than the file).
+async fn check_parquet_footers(location: &str, resolved: &ResolvedLocation, metas: &[ObjectMeta]) -> Result<()> {
+    for meta in metas {
+        let size = meta.size;
+        let name = display_path(resolved, &meta.location);
+        let bad = |m: String| BalansError::Source {
+            location: location.to_string(),
+            message: format!("corrupt Parquet file {name}: {m}"),
+        };
+        if size < 12 {
+            return Err(bad(format!("{size} bytes is too small for a Parquet file (empty or truncated)")));
+        }
+        let tail = resolved
+            .store
+            .get_range(&meta.location, (size - 8)..size)
+            .await
+            .map_err(|e| read_failure(location, "could not read", e))?;
+        if &tail[4..8] != b"PAR1" {
+            return Err(bad("no Parquet magic bytes at the end (not Parquet, or truncated)".into()));
+        }
+        let footer = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
+        if footer + 12 > size {
+            return Err(bad(format!("footer length {footer} exceeds the file size {size} (truncated or corrupt)")));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `location`, builds (and registers, for remote stores) the object store it needs.
@@ -463,9 +537,8 @@ fn resolve_http(
             .map_err(|e| source_error(location, e))?,
     );
     ctx.register_object_store(&store_url, Arc::clone(&store));
-    let base = ObjectPath::from_url_path(url.path()).map_err(|e| {
-        BalansError::InvalidArgument(format!("invalid path in '{location}': {e}"))
-    })?;
+    let base = ObjectPath::from_url_path(url.path())
+        .map_err(|e| BalansError::InvalidArgument(format!("invalid path in '{location}': {e}")))?;
     Ok(ResolvedLocation {
         store_url,
         store,
@@ -690,7 +763,10 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         }
         current = source.source();
     }
-    message
+    // DataFusion repeats the wrapped error's own prefix ("Parquet error: Parquet error: ...").
+    let mut parts: Vec<&str> = message.split(": ").collect();
+    parts.dedup();
+    parts.join(": ")
 }
 
 /// Maps an error raised while scanning a table: reader failures become `Source` errors.
@@ -716,16 +792,6 @@ fn relative_path<'a>(base: &ObjectPath, path: &'a ObjectPath) -> Option<&'a str>
         return Some(path);
     }
     path.strip_prefix(base)?.strip_prefix('/')
-}
-
-/// Full URL of an object, as DataFusion's listing table expects it.
-fn object_url(store_url: &Url, path: &ObjectPath) -> Url {
-    let mut url = store_url.clone();
-    if let Ok(mut segments) = url.path_segments_mut() {
-        segments.clear();
-        segments.extend(path.parts().map(|part| part.as_ref().to_string()));
-    }
-    url
 }
 
 /// How a file is shown to the user: a filesystem path or a full URL.
@@ -888,7 +954,11 @@ pub fn resolve_columns(
             return Err(BalansError::BadInput(format!(
                 "no numeric feature columns: every numeric column starts with \
                  '{METADATA_PREFIX}' or is a batch column (columns: {})",
-                preview(fields.iter().map(|f| format!("{} ({})", f.name(), f.data_type())))
+                preview(
+                    fields
+                        .iter()
+                        .map(|f| format!("{} ({})", f.name(), f.data_type()))
+                )
             )));
         }
     } else {
@@ -905,7 +975,9 @@ pub fn resolve_columns(
                 Matcher::Pattern(re) => {
                     let mut matched = false;
                     for index in 0..fields.len() {
-                        if !is_metadata(index) && !is_batch(index) && re.is_match(fields[index].name())
+                        if !is_metadata(index)
+                            && !is_batch(index)
+                            && re.is_match(fields[index].name())
                         {
                             selected[index] = true;
                             matched = true;
@@ -969,8 +1041,14 @@ pub fn resolve_columns(
         .enumerate()
         .partition(|(index, _)| selected[*index]);
     Ok(ColumnRoles {
-        metadata: metadata.into_iter().map(|(_, f)| f.name().clone()).collect(),
-        features: features.into_iter().map(|(_, f)| f.name().clone()).collect(),
+        metadata: metadata
+            .into_iter()
+            .map(|(_, f)| f.name().clone())
+            .collect(),
+        features: features
+            .into_iter()
+            .map(|(_, f)| f.name().clone())
+            .collect(),
         batch: batch_columns,
     })
 }
@@ -985,7 +1063,8 @@ fn missing_batch_column(schema: &Schema, name: &str) -> BalansError {
         .filter_map(|candidate| {
             let lower = candidate.to_lowercase();
             let distance = edit_distance(&wanted, &lower);
-            let contains = wanted.len() >= 3 && (lower.contains(&wanted) || wanted.contains(&lower));
+            let contains =
+                wanted.len() >= 3 && (lower.contains(&wanted) || wanted.contains(&lower));
             (distance <= 2.max(wanted.len() / 4) || contains).then_some((distance, candidate))
         })
         .collect();
@@ -1034,7 +1113,11 @@ fn preview(items: impl Iterator<Item = String>) -> String {
     if items.len() <= MAX {
         items.join(", ")
     } else {
-        format!("{}, ... ({} more)", items[..MAX].join(", "), items.len() - MAX)
+        format!(
+            "{}, ... ({} more)",
+            items[..MAX].join(", "),
+            items.len() - MAX
+        )
     }
 }
 
@@ -1167,7 +1250,8 @@ impl FeatureAccumulator {
     }
 
     fn is_constant(&self) -> bool {
-        self.min > self.max || self.min == self.max
+        // `min > max` when no non-NaN value was seen.
+        self.min >= self.max
     }
 }
 
@@ -1203,8 +1287,7 @@ pub async fn inspect(
     let format_options = FormatOptions::default().with_null("<null>");
     let mut key = String::new();
     while let Some(record_batch) = stream.next().await {
-        let record_batch: RecordBatch =
-            record_batch.map_err(|e| scan_error(&table.location, e))?;
+        let record_batch: RecordBatch = record_batch.map_err(|e| scan_error(&table.location, e))?;
         rows += record_batch.num_rows() as u64;
         for (accumulator, column) in accumulators
             .iter_mut()
@@ -1288,10 +1371,18 @@ pub async fn inspect(
 
 impl fmt::Display for InspectReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let files = if self.file_count == 1 { "file" } else { "files" };
+        let files = if self.file_count == 1 {
+            "file"
+        } else {
+            "files"
+        };
         writeln!(f, "table      {}", self.table_name)?;
         writeln!(f, "location   {}", self.location)?;
-        writeln!(f, "format     {} ({} {files})", self.format, self.file_count)?;
+        writeln!(
+            f,
+            "format     {} ({} {files})",
+            self.format, self.file_count
+        )?;
         writeln!(f, "rows       {}", self.rows)?;
         writeln!(f, "features   {}", self.feature_count)?;
 
@@ -1315,7 +1406,12 @@ impl fmt::Display for InspectReport {
                 self.batch_columns.join("/"),
                 self.batch_sizes.len()
             )?;
-            let key_width = self.batch_sizes.iter().map(|b| b.key.len()).max().unwrap_or(0);
+            let key_width = self
+                .batch_sizes
+                .iter()
+                .map(|b| b.key.len())
+                .max()
+                .unwrap_or(0);
             let rows_width = self
                 .batch_sizes
                 .iter()
@@ -1323,7 +1419,11 @@ impl fmt::Display for InspectReport {
                 .max()
                 .unwrap_or(0);
             for batch in &self.batch_sizes {
-                writeln!(f, "  {:<key_width$}  {:>rows_width$}", batch.key, batch.rows)?;
+                writeln!(
+                    f,
+                    "  {:<key_width$}  {:>rows_width$}",
+                    batch.key, batch.rows
+                )?;
             }
         }
 
@@ -1484,7 +1584,10 @@ mod tests {
 
     #[test]
     fn detects_format_from_extension() {
-        assert_eq!(TableFormat::from_path("a/b.parquet").unwrap(), TableFormat::Parquet);
+        assert_eq!(
+            TableFormat::from_path("a/b.parquet").unwrap(),
+            TableFormat::Parquet
+        );
         for name in ["x.arrow", "x.ipc", "X.FEATHER"] {
             assert_eq!(TableFormat::from_path(name).unwrap(), TableFormat::ArrowIpc);
         }
@@ -1497,7 +1600,10 @@ mod tests {
             TableFormat::Csv { gzip: true }
         );
         let err = TableFormat::from_path("x.json").unwrap_err();
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("x.json")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("x.json")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1516,7 +1622,10 @@ mod tests {
         let re = glob_to_regex("t", "p[!0-4]?.parquet").unwrap();
         assert!(re.is_match("p5a.parquet"));
         assert!(!re.is_match("p3a.parquet"));
-        assert_eq!(split_glob("s3key/x.parquet"), ("s3key/x.parquet".into(), None));
+        assert_eq!(
+            split_glob("s3key/x.parquet"),
+            ("s3key/x.parquet".into(), None)
+        );
     }
 
     #[tokio::test]
@@ -1574,12 +1683,36 @@ mod tests {
         let root = path_str(dir.path());
 
         let cases = [
-            (root.clone(), vec!["a.parquet", "b.parquet", "sub/c.parquet"], vec![1, 2, 3, 4, 5, 6]),
-            (format!("{root}/"), vec!["a.parquet", "b.parquet", "sub/c.parquet"], vec![1, 2, 3, 4, 5, 6]),
-            (format!("file://{root}"), vec!["a.parquet", "b.parquet", "sub/c.parquet"], vec![1, 2, 3, 4, 5, 6]),
-            (format!("{root}/*.parquet"), vec!["a.parquet", "b.parquet"], vec![1, 2, 3, 4]),
-            (format!("{root}/**/*.parquet"), vec!["a.parquet", "b.parquet", "sub/c.parquet"], vec![1, 2, 3, 4, 5, 6]),
-            (format!("{root}/s*/*.parquet"), vec!["sub/c.parquet"], vec![5, 6]),
+            (
+                root.clone(),
+                vec!["a.parquet", "b.parquet", "sub/c.parquet"],
+                vec![1, 2, 3, 4, 5, 6],
+            ),
+            (
+                format!("{root}/"),
+                vec!["a.parquet", "b.parquet", "sub/c.parquet"],
+                vec![1, 2, 3, 4, 5, 6],
+            ),
+            (
+                format!("file://{root}"),
+                vec!["a.parquet", "b.parquet", "sub/c.parquet"],
+                vec![1, 2, 3, 4, 5, 6],
+            ),
+            (
+                format!("{root}/*.parquet"),
+                vec!["a.parquet", "b.parquet"],
+                vec![1, 2, 3, 4],
+            ),
+            (
+                format!("{root}/**/*.parquet"),
+                vec!["a.parquet", "b.parquet", "sub/c.parquet"],
+                vec![1, 2, 3, 4, 5, 6],
+            ),
+            (
+                format!("{root}/s*/*.parquet"),
+                vec!["sub/c.parquet"],
+                vec![5, 6],
+            ),
         ];
         for (location, files, ids) in cases {
             let ctx = parallel_context();
@@ -1599,7 +1732,11 @@ mod tests {
                 .create_physical_plan()
                 .await
                 .unwrap();
-            assert_eq!(plan.output_partitioning().partition_count(), 1, "{location}");
+            assert_eq!(
+                plan.output_partitioning().partition_count(),
+                1,
+                "{location}"
+            );
         }
     }
 
@@ -1615,14 +1752,24 @@ mod tests {
         let err = register_profiles(&ctx, &format!("{root}/empty"), "t", &opts)
             .await
             .unwrap_err();
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("empty")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("empty")),
+            "{err}"
+        );
         let location = format!("{root}/*.parquet");
-        let err = register_profiles(&ctx, &location, "t", &opts).await.unwrap_err();
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains(&location)), "{err}");
+        let err = register_profiles(&ctx, &location, "t", &opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains(&location)),
+            "{err}"
+        );
 
         // Missing path.
         let missing = format!("{root}/nope.parquet");
-        let err = register_profiles(&ctx, &missing, "t", &opts).await.unwrap_err();
+        let err = register_profiles(&ctx, &missing, "t", &opts)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, BalansError::Source { location, message }
                 if location == &missing && message.contains("does not exist")),
@@ -1635,7 +1782,10 @@ mod tests {
         let err = register_profiles(&ctx, &path_str(&json), "t", &opts)
             .await
             .unwrap_err();
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("x.json")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("x.json")),
+            "{err}"
+        );
 
         // Mixed formats.
         let mixed = dir.path().join("mixed");
@@ -1656,18 +1806,55 @@ mod tests {
         assert!(matches!(err, BalansError::InvalidArgument(_)), "{err}");
     }
 
+    /// Parquet statistics ignore NaN; the table must not turn `[NaN, 1, 1]` into a constant.
+    #[tokio::test]
+    async fn parquet_nan_values_survive_statistics() {
+        let dir = TempDir::new().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "Cells_A",
+            DataType::Float64,
+            false,
+        )]));
+        let values = Float64Array::from(vec![f64::NAN, 1.0, 1.0]);
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(values)]).unwrap();
+        let path = dir.path().join("nan.parquet");
+        write_parquet(&path, &batch);
+        let ctx = SessionContext::new();
+        register_profiles(&ctx, &path_str(&path), "t", &SourceOptions::default())
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT \"Cells_A\" FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let read: Vec<f64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Float64Type>().values().to_vec())
+            .collect();
+        assert_eq!(read.len(), 3);
+        assert!(read[0].is_nan(), "{read:?}");
+        assert_eq!(&read[1..], &[1.0, 1.0]);
+    }
+
     #[tokio::test]
     async fn corrupt_parquet_names_the_file() {
         let dir = TempDir::new().unwrap();
         write_parquet(&dir.path().join("a.parquet"), &profile_batch(&[1, 2]));
         std::fs::write(dir.path().join("b.parquet"), b"this is not parquet at all").unwrap();
         let ctx = SessionContext::new();
-        for location in [path_str(dir.path()), path_str(&dir.path().join("b.parquet"))] {
+        for location in [
+            path_str(dir.path()),
+            path_str(&dir.path().join("b.parquet")),
+        ] {
             let err = register_profiles(&ctx, &location, "t", &SourceOptions::default())
                 .await
                 .unwrap_err();
             assert!(
-                matches!(&err, BalansError::Source { message, .. } if message.contains("b.parquet")),
+                matches!(&err, BalansError::Source { message, .. }
+                    if message.contains("b.parquet") && !message.contains("error: Parquet error")),
                 "{err}"
             );
         }
@@ -1686,15 +1873,98 @@ mod tests {
         ] {
             let ctx = SessionContext::new();
             let start = Instant::now();
-            let err = register_profiles(&ctx, location, "t", &opts).await.unwrap_err();
+            let err = register_profiles(&ctx, location, "t", &opts)
+                .await
+                .unwrap_err();
             let elapsed = start.elapsed();
-            assert!(elapsed < Duration::from_secs(10), "{location}: took {elapsed:?}");
+            assert!(
+                elapsed < Duration::from_secs(10),
+                "{location}: took {elapsed:?}"
+            );
             assert!(
                 matches!(&err, BalansError::Source { location: l, message }
                     if l == location && message.contains("127.0.0.1:9")),
                 "{location}: {err}"
             );
         }
+    }
+
+    /// Serves `body` at every path over plain HTTP (HEAD and ranged GET) until the test ends.
+    fn serve_http(body: Vec<u8>) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if request.is_empty() {
+                        request = line.clone();
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(spec) = lower.strip_prefix("range: bytes=") {
+                        let (start, end) = spec.trim().split_once('-').unwrap();
+                        let start: usize = start.parse().unwrap();
+                        let end = end
+                            .parse::<usize>()
+                            .map_or(body.len() - 1, |e| e.min(body.len() - 1));
+                        range = Some((start, end));
+                    }
+                }
+                let head = request.starts_with("HEAD");
+                let (status, content, extra) = match range {
+                    Some((start, end)) => (
+                        "206 Partial Content",
+                        &body[start..=end],
+                        format!("Content-Range: bytes {start}-{end}/{}\r\n", body.len()),
+                    ),
+                    None => ("200 OK", &body[..], String::new()),
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\
+                     Last-Modified: Tue, 01 Jul 2025 00:00:00 GMT\r\nConnection: close\r\n\r\n",
+                    content.len()
+                );
+                let _ = stream.write_all(header.as_bytes());
+                if !head {
+                    let _ = stream.write_all(content);
+                }
+            }
+        });
+        format!("http://{address}")
+    }
+
+    #[tokio::test]
+    async fn reads_a_file_over_http() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("plate.parquet");
+        write_parquet(&path, &profile_batch(&[1, 2, 3]));
+        let base = serve_http(std::fs::read(&path).unwrap());
+        let location = format!("{base}/data/plate%201.parquet");
+        let ctx = SessionContext::new();
+        let table = register_profiles(&ctx, &location, "t", &SourceOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(table.files, vec![format!("{base}/data/plate 1.parquet")]);
+        assert_eq!(table.format, TableFormat::Parquet);
+        let ids = column_i64(&ctx, "SELECT \"Metadata_Id\" FROM t").await;
+        assert_eq!(ids, vec![1, 2, 3]);
+        let err = register_profiles(
+            &ctx,
+            &format!("{base}/data/"),
+            "t",
+            &SourceOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BalansError::InvalidArgument(_)), "{err}");
     }
 
     fn roles_schema() -> Schema {
@@ -1717,13 +1987,24 @@ mod tests {
     #[test]
     fn resolves_default_and_selected_features() {
         let schema = roles_schema();
-        let roles =
-            resolve_columns(&schema, &FeatureSelection::default(), &strings(&["Metadata_Batch"]))
-                .unwrap();
-        assert_eq!(roles.features, strings(&["Cells_A", "Cells_B", "Nuclei_C", "Nuclei_D"]));
+        let roles = resolve_columns(
+            &schema,
+            &FeatureSelection::default(),
+            &strings(&["Metadata_Batch"]),
+        )
+        .unwrap();
+        assert_eq!(
+            roles.features,
+            strings(&["Cells_A", "Cells_B", "Nuclei_C", "Nuclei_D"])
+        );
         assert_eq!(
             roles.metadata,
-            strings(&["Metadata_Plate", "Metadata_Batch", "Metadata_Count", "Cells_Label"])
+            strings(&[
+                "Metadata_Plate",
+                "Metadata_Batch",
+                "Metadata_Count",
+                "Cells_Label"
+            ])
         );
         assert_eq!(roles.batch, strings(&["Metadata_Batch"]));
 
@@ -1750,8 +2031,12 @@ mod tests {
         assert_eq!(roles.features, strings(&["Metadata_Count", "Cells_B"]));
 
         // A numeric batch column without the Metadata_ prefix is never a feature.
-        let roles =
-            resolve_columns(&schema, &FeatureSelection::default(), &strings(&["Cells_B"])).unwrap();
+        let roles = resolve_columns(
+            &schema,
+            &FeatureSelection::default(),
+            &strings(&["Cells_B"]),
+        )
+        .unwrap();
         assert!(!roles.features.contains(&"Cells_B".to_string()));
         assert!(roles.metadata.contains(&"Cells_B".to_string()));
     }
@@ -1775,16 +2060,25 @@ mod tests {
             exclude: vec![],
         };
         let err = bad(include(&["Cytoplasm_.*"]), &[]);
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("Cytoplasm_.*")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("Cytoplasm_.*")),
+            "{err}"
+        );
         let err = bad(include(&["Cells_Label"]), &[]);
         assert!(
             matches!(&err, BalansError::BadInput(m) if m.contains("Cells_Label") && m.contains("not numeric")),
             "{err}"
         );
         let err = bad(include(&["Cells_.*"]), &[]);
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("Cells_Label")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("Cells_Label")),
+            "{err}"
+        );
         let err = bad(include(&["Cells_B"]), &["Cells_B"]);
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("batch column")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("batch column")),
+            "{err}"
+        );
         let err = bad(include(&["Cells_("]), &[]);
         assert!(matches!(err, BalansError::InvalidArgument(_)), "{err}");
         let err = bad(
@@ -1794,15 +2088,17 @@ mod tests {
             },
             &[],
         );
-        assert!(matches!(&err, BalansError::BadInput(m) if m.contains("no feature")), "{err}");
+        assert!(
+            matches!(&err, BalansError::BadInput(m) if m.contains("no feature")),
+            "{err}"
+        );
 
         let only_metadata = Schema::new(vec![
             Field::new("Metadata_Plate", DataType::Utf8, false),
             Field::new("Metadata_Count", DataType::Int32, false),
             Field::new("Label", DataType::Utf8, false),
         ]);
-        let err =
-            resolve_columns(&only_metadata, &FeatureSelection::default(), &[]).unwrap_err();
+        let err = resolve_columns(&only_metadata, &FeatureSelection::default(), &[]).unwrap_err();
         assert!(
             matches!(&err, BalansError::BadInput(m) if m.contains("no numeric feature")),
             "{err}"
@@ -1820,7 +2116,11 @@ mod tests {
             Field::new("Cells_Const", DataType::Int64, false),
             Field::new("Cells_Ok", DataType::Float64, false),
         ]));
-        let make = |batch: Vec<Option<&str>>, plate: Vec<&str>, a: Vec<Option<f64>>, b: Vec<Option<f32>>, ok: Vec<f64>| {
+        let make = |batch: Vec<Option<&str>>,
+                    plate: Vec<&str>,
+                    a: Vec<Option<f64>>,
+                    b: Vec<Option<f32>>,
+                    ok: Vec<f64>| {
             let n = plate.len();
             RecordBatch::try_new(
                 Arc::clone(&schema),
@@ -1857,9 +2157,14 @@ mod tests {
         );
 
         let ctx = parallel_context();
-        let table = register_profiles(&ctx, &path_str(dir.path()), "profiles", &SourceOptions::default())
-            .await
-            .unwrap();
+        let table = register_profiles(
+            &ctx,
+            &path_str(dir.path()),
+            "profiles",
+            &SourceOptions::default(),
+        )
+        .await
+        .unwrap();
         let report = inspect(
             &ctx,
             &table,
@@ -1872,28 +2177,53 @@ mod tests {
         assert_eq!(report.rows, 5);
         assert_eq!(report.file_count, 2);
         assert_eq!(report.feature_count, 4);
-        let metadata: Vec<&str> = report.metadata_columns.iter().map(|c| c.name.as_str()).collect();
+        let metadata: Vec<&str> = report
+            .metadata_columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         assert_eq!(metadata, vec!["Metadata_Batch", "Metadata_Plate"]);
         let sizes: Vec<(&str, u64)> = report
             .batch_sizes
             .iter()
             .map(|b| (b.key.as_str(), b.rows))
             .collect();
-        assert_eq!(sizes, vec![("<null>/P2", 1), ("B1/P1", 2), ("B2/P1", 1), ("B2/P2", 1)]);
+        assert_eq!(
+            sizes,
+            vec![("<null>/P2", 1), ("B1/P1", 2), ("B2/P1", 1), ("B2/P2", 1)]
+        );
         assert_eq!(
             report.non_finite,
             vec![
                 FeatureValueCounts {
                     column: "Cells_A".into(),
-                    counts: ValueCounts { nan: 2, pos_inf: 1, neg_inf: 0, null: 1 },
+                    counts: ValueCounts {
+                        nan: 2,
+                        pos_inf: 1,
+                        neg_inf: 0,
+                        null: 1
+                    },
                 },
                 FeatureValueCounts {
                     column: "Cells_B".into(),
-                    counts: ValueCounts { nan: 0, pos_inf: 1, neg_inf: 1, null: 0 },
+                    counts: ValueCounts {
+                        nan: 0,
+                        pos_inf: 1,
+                        neg_inf: 1,
+                        null: 0
+                    },
                 },
             ]
         );
-        assert_eq!(report.totals, ValueCounts { nan: 2, pos_inf: 2, neg_inf: 1, null: 1 });
+        assert_eq!(
+            report.totals,
+            ValueCounts {
+                nan: 2,
+                pos_inf: 2,
+                neg_inf: 1,
+                null: 1
+            }
+        );
         assert_eq!(report.constant_features, strings(&["Cells_Const"]));
 
         let text = report.to_string();
@@ -1907,7 +2237,9 @@ mod tests {
         assert_eq!(json["non_finite"][0]["nan"], 2);
 
         // Without batch columns there are no batch sizes.
-        let report = inspect(&ctx, &table, &FeatureSelection::default(), &[]).await.unwrap();
+        let report = inspect(&ctx, &table, &FeatureSelection::default(), &[])
+            .await
+            .unwrap();
         assert!(report.batch_sizes.is_empty());
         assert!(!report.to_string().contains("batches"));
     }
@@ -1926,28 +2258,5 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, BalansError::Source { .. }), "{err}");
-    }
-}
-#[cfg(test)]
-mod debug_tmp {
-    use super::*;
-    use datafusion::arrow::array::Float64Array;
-    use datafusion::arrow::datatypes::Field;
-    #[tokio::test]
-    async fn debug_nan() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let schema = Arc::new(Schema::new(vec![Field::new("Cells_A", DataType::Float64, true)]));
-        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Float64Array::from(vec![Some(f64::NAN), Some(f64::INFINITY)]))]).unwrap();
-        let p = dir.path().join("a.parquet");
-        let file = std::fs::File::create(&p).unwrap();
-        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
-        w.write(&b).unwrap(); w.close().unwrap();
-        let ctx = SessionContext::new();
-        register_profiles(&ctx, p.to_str().unwrap(), "t", &SourceOptions::default()).await.unwrap();
-        let out = ctx.sql("select \"Cells_A\" from t").await.unwrap().collect().await.unwrap();
-        println!("{:?}", out[0].column(0));
-        let mut acc = FeatureAccumulator::default();
-        acc.update(b.column(0).as_ref()).unwrap();
-        println!("{:?}", acc);
     }
 }

@@ -291,9 +291,9 @@ impl Inner {
             }
     }
 
-    /// 32-bit ChaCha words consumed per row (Box-Muller pairs of two `u64`).
+    /// 32-bit ChaCha words consumed per row (one `u64` per normal draw).
     fn words_per_row(&self) -> u128 {
-        4 * self.draws_per_row().div_ceil(2) as u128
+        2 * self.draws_per_row() as u128
     }
 
     fn rng(&self, stream: u64) -> ChaCha8Rng {
@@ -345,105 +345,16 @@ impl SynthModel {
             .map(|_| (0.25 * normal(&mut rng)).exp())
             .collect();
 
-        // Batch effects.
+        // Batch effects, then composition.
         let r_rot = d.min((d / 3).max(2));
-        let mut effects = Vec::with_capacity(nb);
-        for _ in 0..nb {
-            let basis = orthonormal(&mut rng, d, r_rot);
-            let angle = uniform(&mut rng, 0.5, 1.0) * p.rot_angle;
-            let rot = random_rotation(&mut rng, r_rot, angle)?;
-            let density = uniform(&mut rng, 0.6, 1.6);
-            let scale: Vec<f64> = (0..d)
-                .map(|_| (p.scale_sd * normal(&mut rng)).exp())
-                .collect();
-            let shift: Vec<f64> = (0..d).map(|_| normal(&mut rng) * p.shift * p.sep).collect();
-            let warp = (p.warp > 0.0).then(|| {
-                (0..d)
-                    .map(|_| p.warp * normal(&mut rng))
-                    .collect::<Vec<f64>>()
-            });
-            let mut plate_offset = Vec::with_capacity(p.plates_per_batch * d);
-            for _ in 0..p.plates_per_batch {
-                for s in &shift {
-                    plate_offset.push(s + normal(&mut rng) * p.plate_shift * p.sep);
-                }
-            }
-            // L = diag(a) (I + U (R - I) U^T)
-            let rmi = Mat::from_fn(r_rot, r_rot, |i, j| {
-                rot[(i, j)] - if i == j { 1.0 } else { 0.0 }
-            });
-            let low_rank = basis.as_ref() * rmi.as_ref() * basis.transpose();
-            let l = Mat::from_fn(d, d, |i, j| {
-                scale[i] * (low_rank[(i, j)] + if i == j { 1.0 } else { 0.0 })
-            });
-            let lw = l.as_ref() * w.as_ref(); // d x q
-            let m = q + if p.noise > 0.0 { d } else { 0 };
-            let linear = Mat::from_fn(m, d, |i, j| {
-                if i < q {
-                    lw[(j, i)]
-                } else {
-                    p.noise * l[(j, i - q)]
-                }
-            });
-            let shift_norm = shift.iter().map(|v| v * v).sum::<f64>().sqrt();
-            effects.push(BatchEffect {
-                density,
-                linear,
-                warp,
-                plate_offset,
-                shift_norm,
-            });
-        }
-
-        // Composition.
-        let mut present = vec![vec![true; kk]; nb];
-        if p.missing_frac > 0.0 {
-            for row in &mut present {
-                for v in row.iter_mut() {
-                    *v = rng.random::<f64>() >= p.missing_frac;
-                }
-            }
-            let need = p.min_batches.min(nb);
-            for c in 0..kk {
-                while present.iter().filter(|row| row[c]).count() < need {
-                    present[rng.random_range(0..nb)][c] = true;
-                }
-            }
-        }
-        let mut props = Vec::with_capacity(nb);
-        for row in &present {
-            let weights: Vec<f64> = if p.dirichlet.is_infinite() {
-                row.iter().map(|&on| if on { 1.0 } else { 0.0 }).collect()
-            } else {
-                // Dirichlet over all compounds (drawn in log space, so tiny concentrations do
-                // not underflow), restricted to the present ones.
-                let logs: Vec<f64> = (0..kk)
-                    .map(|_| log_gamma_sample(&mut rng, p.dirichlet))
-                    .collect();
-                let top = logs
-                    .iter()
-                    .zip(row)
-                    .filter(|(_, on)| **on)
-                    .map(|(v, _)| *v)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                logs.iter()
-                    .zip(row)
-                    .map(|(v, &on)| if on { (v - top).exp() } else { 0.0 })
-                    .collect()
-            };
-            let total: f64 = weights.iter().sum();
-            let mut pr = vec![0.0; kk + 1];
-            if total > 0.0 {
-                pr[0] = p.control_frac;
-                for (dst, w) in pr[1..].iter_mut().zip(&weights) {
-                    *dst = w / total * (1.0 - p.control_frac);
-                }
-            } else {
-                // No compound is present in this batch: it holds DMSO only.
-                pr[0] = 1.0;
-            }
-            props.push(pr);
-        }
+        let effects = (0..nb)
+            .map(|_| BatchEffect::draw(&mut rng, p, &w, r_rot))
+            .collect::<Result<Vec<_>>>()?;
+        let present = draw_present(&mut rng, p);
+        let props: Vec<Vec<f64>> = present
+            .iter()
+            .map(|row| proportions(&mut rng, p, row))
+            .collect();
         let counts = batch_counts(p.n as u64, &props);
 
         // Names and schema.
@@ -610,7 +521,7 @@ struct Layout {
 }
 
 impl SynthBatches {
-    /// Index of the batch the next record batch belongs to (`None` when exhausted).
+    /// The next record batch and the index of the batch it belongs to (`None` at the end).
     fn next_chunk(&mut self) -> Option<Result<(usize, RecordBatch)>> {
         let inner = self.inner.clone();
         let p = &inner.params;
@@ -854,6 +765,104 @@ pub fn write_parquet(params: &SynthParams, path: &Path, chunk_rows: usize) -> Re
     Ok(summary)
 }
 
+impl BatchEffect {
+    /// Draws the effect of one batch (`w`: the `d x q` loadings; `r_rot`: rotated dimensions).
+    fn draw(rng: &mut ChaCha8Rng, p: &SynthParams, w: &Mat<f64>, r_rot: usize) -> Result<Self> {
+        let (d, q) = (w.nrows(), w.ncols());
+        let basis = orthonormal(rng, d, r_rot);
+        let angle = uniform(rng, 0.5, 1.0) * p.rot_angle;
+        let rot = random_rotation(rng, r_rot, angle)?;
+        let density = uniform(rng, 0.6, 1.6);
+        let scale: Vec<f64> = (0..d).map(|_| (p.scale_sd * normal(rng)).exp()).collect();
+        let shift: Vec<f64> = (0..d).map(|_| normal(rng) * p.shift * p.sep).collect();
+        let warp = (p.warp > 0.0).then(|| (0..d).map(|_| p.warp * normal(rng)).collect());
+        let mut plate_offset = Vec::with_capacity(p.plates_per_batch * d);
+        for _ in 0..p.plates_per_batch {
+            for s in &shift {
+                plate_offset.push(s + normal(rng) * p.plate_shift * p.sep);
+            }
+        }
+        // L = diag(a) (I + U (R - I) U^T)
+        let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
+        let rmi = Mat::from_fn(r_rot, r_rot, |i, j| rot[(i, j)] - eye(i, j));
+        let low_rank = basis.as_ref() * rmi.as_ref() * basis.transpose();
+        let l = Mat::from_fn(d, d, |i, j| scale[i] * (low_rank[(i, j)] + eye(i, j)));
+        let lw = l.as_ref() * w.as_ref(); // d x q
+        let m = q + if p.noise > 0.0 { d } else { 0 };
+        let linear = Mat::from_fn(m, d, |i, j| {
+            if i < q {
+                lw[(j, i)]
+            } else {
+                p.noise * l[(j, i - q)]
+            }
+        });
+        Ok(Self {
+            density,
+            linear,
+            warp,
+            plate_offset,
+            shift_norm: shift.iter().map(|v| v * v).sum::<f64>().sqrt(),
+        })
+    }
+}
+
+/// `present[b][k]`: whether compound `k` may occur in batch `b` (`missing_frac`, `min_batches`).
+fn draw_present(rng: &mut ChaCha8Rng, p: &SynthParams) -> Vec<Vec<bool>> {
+    let mut present = vec![vec![true; p.k]; p.batches];
+    if p.missing_frac > 0.0 {
+        for row in &mut present {
+            for v in row.iter_mut() {
+                *v = rng.random::<f64>() >= p.missing_frac;
+            }
+        }
+        let need = p.min_batches.min(p.batches);
+        for c in 0..p.k {
+            while present.iter().filter(|row| row[c]).count() < need {
+                present[rng.random_range(0..p.batches)][c] = true;
+            }
+        }
+    }
+    present
+}
+
+/// Cluster proportions of one batch (DMSO first) given the compounds present in it.
+fn proportions(rng: &mut ChaCha8Rng, p: &SynthParams, present: &[bool]) -> Vec<f64> {
+    let weights: Vec<f64> = if p.dirichlet.is_infinite() {
+        present
+            .iter()
+            .map(|&on| if on { 1.0 } else { 0.0 })
+            .collect()
+    } else {
+        // Dirichlet over all compounds (drawn in log space, so tiny concentrations do not
+        // underflow), restricted to the present ones.
+        let logs: Vec<f64> = (0..p.k)
+            .map(|_| log_gamma_sample(rng, p.dirichlet))
+            .collect();
+        let top = logs
+            .iter()
+            .zip(present)
+            .filter(|(_, on)| **on)
+            .map(|(v, _)| *v)
+            .fold(f64::NEG_INFINITY, f64::max);
+        logs.iter()
+            .zip(present)
+            .map(|(v, &on)| if on { (v - top).exp() } else { 0.0 })
+            .collect()
+    };
+    let total: f64 = weights.iter().sum();
+    let mut props = vec![0.0; p.k + 1];
+    if total > 0.0 {
+        props[0] = p.control_frac;
+        for (dst, w) in props[1..].iter_mut().zip(&weights) {
+            *dst = w / total * (1.0 - p.control_frac);
+        }
+    } else {
+        // No compound is present in this batch: it holds DMSO only.
+        props[0] = 1.0;
+    }
+    props
+}
+
 /// Exact per-batch, per-cluster counts summing to `n` (batch sizes differ by at most one;
 /// within a batch, largest remainder with ties to the lower cluster index).
 fn batch_counts(n: u64, props: &[Vec<f64>]) -> Vec<Vec<u64>> {
@@ -940,19 +949,61 @@ fn unit(rng: &mut ChaCha8Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Fills `out` with standard normal draws (Box-Muller); always consumes two `u64` per pair of
-/// outputs (also for an odd tail), so the stream position per row is fixed.
+/// Fills `out` with standard normal draws, one `u64` each (so the stream position of a row is
+/// fixed): a random sign and the inverse normal CDF of a uniform in `(0, 1/2)` (Acklam's
+/// rational approximation, relative error below 1.2e-9, far below float32 output precision).
 #[inline]
 fn fill_normals(rng: &mut ChaCha8Rng, out: &mut [f64]) {
-    for pair in out.chunks_mut(2) {
-        let u1 = 1.0 - unit(rng); // (0, 1]
-        let u2 = unit(rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-        pair[0] = r * c;
-        if let Some(v) = pair.get_mut(1) {
-            *v = r * s;
-        }
+    for v in out {
+        let bits = rng.next_u64();
+        // (k + 1/2) / 2^54 for a 53-bit k: uniform in (0, 1/2), never 0
+        let p = ((bits & ((1 << 53) - 1)) as f64 + 0.5) * (1.0 / (1u64 << 54) as f64);
+        let z = lower_normal_quantile(p);
+        *v = if bits >> 63 == 0 { z } else { -z };
+    }
+}
+
+/// Standard normal quantile for `p` in `(0, 1/2]` (Acklam; a non-positive value).
+#[inline]
+fn lower_normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    if p < 0.02425 {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
     }
 }
 
@@ -1113,6 +1164,40 @@ mod tests {
         (0..rb.num_rows())
             .map(|i| cols.iter().map(|c| f64::from(c.value(i))).collect())
             .collect()
+    }
+
+    #[test]
+    fn iterator_is_send_and_static() {
+        fn check<T: Send + 'static>(_: &T) {}
+        let model = SynthModel::new(&readme_params()).unwrap();
+        let it = model.batches(100);
+        drop(model);
+        check(&it);
+        assert_eq!(it.map(|rb| rb.unwrap().num_rows()).sum::<usize>(), 3000);
+    }
+
+    #[test]
+    fn normal_sampler_is_standard_normal() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut z = vec![0.0; 1_000_000];
+        fill_normals(&mut rng, &mut z);
+        let n = z.len() as f64;
+        let mean = z.iter().sum::<f64>() / n;
+        let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let kurt = z.iter().map(|v| (v - mean).powi(4)).sum::<f64>() / n / (var * var);
+        assert!(mean.abs() < 0.005, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "variance {var}");
+        assert!((kurt - 3.0).abs() < 0.05, "kurtosis {kurt}");
+        // tail and central probabilities of N(0, 1)
+        let frac = |pred: &dyn Fn(f64) -> bool| z.iter().filter(|v| pred(**v)).count() as f64 / n;
+        assert!((frac(&|v| v < -1.959_964) - 0.025).abs() < 0.001);
+        assert!((frac(&|v| v > 2.575_829) - 0.005).abs() < 0.0005);
+        assert!((frac(&|v| v.abs() < 0.674_49) - 0.5).abs() < 0.002);
+        // the quantile function itself
+        assert!((lower_normal_quantile(0.025) + 1.959_963_985).abs() < 1e-8);
+        assert!((lower_normal_quantile(1e-10) + 6.361_340_902).abs() < 1e-7);
+        assert!((lower_normal_quantile(1e-3) + 3.090_232_306_168).abs() < 1e-8);
+        assert!(lower_normal_quantile(0.5).abs() < 1e-15);
     }
 
     #[test]
@@ -1436,6 +1521,16 @@ mod tests {
             assert_eq!(c.iter().sum::<u64>(), 1000);
             assert_eq!(c[0], 100);
         }
+        // every compound dropped everywhere: batches hold DMSO only
+        let empty = SynthParams {
+            missing_frac: 1.0,
+            min_batches: 0,
+            ..params
+        };
+        for c in SynthModel::new(&empty).unwrap().counts() {
+            assert_eq!(c[0], 1000);
+            assert!(c[1..].iter().all(|&v| v == 0));
+        }
     }
 
     #[test]
@@ -1604,15 +1699,5 @@ mod tests {
             "100k x 300 generated in {:.2} s",
             t0.elapsed().as_secs_f64()
         );
-    }
-}
-#[cfg(test)]
-mod tmp_dump {
-    #[test]
-    #[ignore]
-    fn dump() {
-        let p = super::SynthParams { n: 3000, d: 20, k: 10, batches: 5, seed: 7, ..Default::default() };
-        let s = super::write_parquet(&p, std::path::Path::new("/tmp/rust_synth.parquet"), 1000).unwrap();
-        println!("{}", serde_json::to_string(&s).unwrap());
     }
 }

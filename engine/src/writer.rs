@@ -72,6 +72,7 @@ pub async fn write_parquet_atomic(
     let file: File = tmp.reopen()?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(65_536))
         .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
         .build();
     let mut writer = ArrowWriter::try_new(file, stream.schema(), Some(props))?;

@@ -79,7 +79,7 @@ fn elbow() -> ElbowParams {
 
 fn smooth(s: &Synthetic, landmarks: &[Landmark]) -> (Vec<f32>, Vec<bool>) {
     let points: Vec<PointRef> = (0..s.n).map(|j| (&s.x[j * s.d..(j + 1) * s.d], s.batch[j])).collect();
-    let mut acc = SmoothAccumulator::new(landmarks.len(), s.d);
+    let mut acc = SmoothAccumulator::new(landmarks, s.d);
     for c0 in (0..s.n).step_by(1000) {
         let c1 = (c0 + 1000).min(s.n);
         acc.add_chunk(landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);

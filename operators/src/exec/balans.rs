@@ -446,7 +446,7 @@ impl Run {
         let landmarks = sampling.landmarks;
         drop(sampling.covered);
         let point = |i: usize| -> PointRef<'_> { (z.row(position[i] as usize), codes[i] as usize) };
-        let mut acc = SmoothAccumulator::new(m, dx);
+        let mut acc = SmoothAccumulator::new(&landmarks, dx);
         let chunk = cfg.chunk_rows;
         let mut done = 0usize;
         while done < n {

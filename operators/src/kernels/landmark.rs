@@ -343,3 +343,152 @@ mod tests {
         assert!(matches!(e, Err(OperatorError::Cancelled)));
     }
 }
+
+/// Number of pivot points of [`LandmarkIndex`].
+const PIVOTS: usize = 4;
+
+/// Finds the landmarks that keep a point without computing every landmark distance.
+///
+/// Each landmark `l` keeps only points within `R_l = sqrt(t_l * max_b sigma2_{l,b})`. With a
+/// few pivot points and the triangle inequality `|d(j, pivot) - d(l, pivot)| <= d(j, l)`, a
+/// landmark whose pivot distances differ from the point's by more than `R_l` cannot keep it.
+/// Landmarks are sorted by their distance to the first pivot, so the candidates of a point are a
+/// window found by binary search. Survivors are checked with an `f32` distance against the
+/// per-batch radius (with a safety margin far above `f32` rounding) and only then with the exact
+/// `f64` rule of [`Landmark::affinity`]; the entries found are exactly the nonzero entries of the
+/// column, in the index's landmark order.
+#[derive(Debug, Clone)]
+pub struct LandmarkIndex {
+    order: Vec<u32>,
+    q0_sorted: Vec<f64>,
+    pivot_dist: Vec<[f64; PIVOTS]>,
+    reach: Vec<f64>,
+    radius2_f32: Vec<Vec<f32>>,
+    coords_f32: Vec<Vec<f32>>,
+    pivots: Vec<Vec<f32>>,
+    max_reach: f64,
+}
+
+fn dist(a: &[f32], b: &[f32]) -> f64 {
+    sq_dist(a, b).sqrt()
+}
+
+#[inline]
+fn sq_dist_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            let t = a[8 * c + l] - b[8 * c + l];
+            acc[l] += t * t;
+        }
+    }
+    let mut tail = 0.0f32;
+    for i in 8 * chunks..a.len() {
+        let t = a[i] - b[i];
+        tail += t * t;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl LandmarkIndex {
+    /// Builds the index over `landmarks`.
+    pub fn new(landmarks: &[Landmark]) -> Self {
+        let m = landmarks.len();
+        let pivots: Vec<Vec<f32>> = if m == 0 {
+            Vec::new()
+        } else {
+            (0..PIVOTS).map(|k| landmarks[k * m / PIVOTS].coords.clone()).collect()
+        };
+        let pivot_dist: Vec<[f64; PIVOTS]> = landmarks
+            .iter()
+            .map(|l| std::array::from_fn(|k| dist(&l.coords, &pivots[k])))
+            .collect();
+        // Safety margins: relative 1e-6 on the exact rule, and 1e-3 (+ p * 4e-7) for f32 rounding.
+        let reach: Vec<f64> = landmarks
+            .iter()
+            .map(|l| {
+                let max_s2 = l.scales.iter().map(|s| s.sigma2).fold(0.0, f64::max);
+                (l.threshold * max_s2 * (1.0 + 1e-6)).sqrt() * (1.0 + 1e-9) + 1e-12
+            })
+            .collect();
+        let radius2_f32 = landmarks
+            .iter()
+            .map(|l| {
+                let margin = 1.0 + 1e-3 + 4e-7 * l.coords.len() as f64;
+                l.scales.iter().map(|s| (l.threshold * s.sigma2 * margin) as f32 * (1.0 + 1e-6) + 1e-30).collect()
+            })
+            .collect();
+        let mut order: Vec<u32> = (0..m as u32).collect();
+        order.sort_by(|&a, &b| pivot_dist[a as usize][0].total_cmp(&pivot_dist[b as usize][0]).then(a.cmp(&b)));
+        let q0_sorted = order.iter().map(|&l| pivot_dist[l as usize][0]).collect();
+        let max_reach = reach.iter().copied().fold(0.0, f64::max);
+        let coords_f32 = landmarks.iter().map(|l| l.coords.clone()).collect();
+        Self { order, q0_sorted, pivot_dist, reach, radius2_f32, coords_f32, pivots, max_reach }
+    }
+
+    /// Nonzero entries `(landmark, A_lj)` of the column of a point with coordinates `z` in
+    /// batch `batch`, in the index's landmark order.
+    pub fn column_entries(&self, landmarks: &[Landmark], z: &[f32], batch: usize, out: &mut Vec<(u32, f64)>) {
+        out.clear();
+        if self.order.is_empty() {
+            return;
+        }
+        let q: [f64; PIVOTS] = std::array::from_fn(|k| dist(z, &self.pivots[k]));
+        let lo = self.q0_sorted.partition_point(|&v| v < q[0] - self.max_reach);
+        let hi = self.q0_sorted.partition_point(|&v| v <= q[0] + self.max_reach);
+        for &l in &self.order[lo..hi] {
+            let li = l as usize;
+            let r = self.reach[li];
+            let pd = &self.pivot_dist[li];
+            if (0..PIVOTS).any(|k| (q[k] - pd[k]).abs() > r) {
+                continue;
+            }
+            if sq_dist_f32(z, &self.coords_f32[li]) > self.radius2_f32[li][batch] {
+                continue;
+            }
+            let a = landmarks[li].affinity(z, batch);
+            if a > 0.0 {
+                out.push((l, a));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+    use crate::config::ElbowRule;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn index_finds_exactly_the_nonzero_entries() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (n, p) = (3000, 6);
+        let x: Vec<f32> = (0..n * p).map(|i| ((i / p) % 7) as f32 * 2.0 + rng.random::<f32>() * 1.5).collect();
+        let offsets = vec![0, 1000, 2000, 3000];
+        let z = RowBlocks::new(vec![&x], p);
+        let params = SamplingParams {
+            k: 10,
+            block: 20,
+            tau: 30,
+            max_landmarks: 10_000,
+            seed: 3,
+            elbow: ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 11 },
+        };
+        let r = sample_landmarks(&z, &offsets, &params, None, &|| false, &mut |_, _| {}).unwrap();
+        let index = LandmarkIndex::new(&r.landmarks);
+        let batch_of = |j: usize| offsets.partition_point(|&o| o <= j) - 1;
+        let (mut brute, mut fast) = (Vec::new(), Vec::new());
+        let mut total = 0;
+        for j in 0..n {
+            column_entries(&r.landmarks, z.row(j), batch_of(j), &mut brute);
+            index.column_entries(&r.landmarks, z.row(j), batch_of(j), &mut fast);
+            fast.sort_by_key(|e| e.0);
+            assert_eq!(brute, fast, "column {j}");
+            total += brute.len();
+        }
+        assert_eq!(total, r.nnz());
+    }
+}

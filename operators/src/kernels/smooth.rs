@@ -7,7 +7,7 @@
 //! (Nyström); a point no landmark keeps keeps its input value.
 
 use crate::config::Estimator;
-use crate::kernels::landmark::{Landmark, column_entries};
+use crate::kernels::landmark::{Landmark, LandmarkIndex};
 use rayon::prelude::*;
 
 /// One point of a chunk: its reduced coordinates and batch.
@@ -21,12 +21,14 @@ pub struct SmoothAccumulator {
     y: Vec<f64>,
     row_sum: Vec<f64>,
     rows_seen: usize,
+    index: LandmarkIndex,
 }
 
 impl SmoothAccumulator {
-    /// An empty accumulator for `m` landmarks and `d` output columns.
-    pub fn new(m: usize, d: usize) -> Self {
-        Self { m, d, y: vec![0.0; m * d], row_sum: vec![0.0; m], rows_seen: 0 }
+    /// An empty accumulator for `landmarks` and `d` output columns.
+    pub fn new(landmarks: &[Landmark], d: usize) -> Self {
+        let m = landmarks.len();
+        Self { m, d, y: vec![0.0; m * d], row_sum: vec![0.0; m], rows_seen: 0, index: LandmarkIndex::new(landmarks) }
     }
 
     /// Bytes held (for memory accounting).
@@ -43,7 +45,7 @@ impl SmoothAccumulator {
             .par_iter()
             .map(|&(z, b)| {
                 let mut e = Vec::new();
-                column_entries(landmarks, z, b, &mut e);
+                self.index.column_entries(landmarks, z, b, &mut e);
                 e
             })
             .collect();
@@ -100,7 +102,7 @@ impl SmoothAccumulator {
                 w
             }
         };
-        FittedSmoother { estimator, d, values, row_sum: self.row_sum }
+        FittedSmoother { estimator, d, values, row_sum: self.row_sum, index: self.index }
     }
 }
 
@@ -111,6 +113,7 @@ pub struct FittedSmoother {
     d: usize,
     values: Vec<f64>,
     row_sum: Vec<f64>,
+    index: LandmarkIndex,
 }
 
 impl FittedSmoother {
@@ -143,7 +146,7 @@ impl FittedSmoother {
             .zip(x.par_chunks(d.max(1)))
             .zip(covered.par_iter_mut())
             .map_init(Vec::new, |entries, (((o, &(z, b)), xr), cov)| {
-                column_entries(landmarks, z, b, entries);
+                self.index.column_entries(landmarks, z, b, entries);
                 if entries.is_empty() {
                     o.copy_from_slice(xr);
                     *cov = false;
@@ -243,7 +246,7 @@ mod tests {
     fn run(s: &Setup, est: Estimator, chunk: usize) -> (Vec<f32>, usize) {
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
         let points: Vec<PointRef> = (0..s.n).map(|j| (&s.z[j * s.p..(j + 1) * s.p], batch(j))).collect();
-        let mut acc = SmoothAccumulator::new(s.landmarks.len(), s.d);
+        let mut acc = SmoothAccumulator::new(&s.landmarks, s.d);
         for c0 in (0..s.n).step_by(chunk) {
             let c1 = (c0 + chunk).min(s.n);
             acc.add_chunk(&s.landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
