@@ -26,7 +26,10 @@ impl Workload {
     pub fn parse(text: &str, default_d: usize) -> Result<Self> {
         let bad = || BalansError::InvalidArgument(format!("workload '{text}' is not N or NxD"));
         let (n, d) = match text.split_once('x') {
-            Some((n, d)) => (n.trim().parse().map_err(|_| bad())?, d.trim().parse().map_err(|_| bad())?),
+            Some((n, d)) => (
+                n.trim().parse().map_err(|_| bad())?,
+                d.trim().parse().map_err(|_| bad())?,
+            ),
             None => (text.trim().parse().map_err(|_| bad())?, default_d),
         };
         Ok(Self { n, d })
@@ -56,19 +59,40 @@ pub struct BenchRow {
 
 /// Runs every workload with `threads` worker threads, using `exe` as the `balans` binary and
 /// `dir` for the generated data.
-pub fn run_bench(exe: &Path, workloads: &[Workload], threads: usize, dir: &Path, extra: &[String]) -> Result<Vec<BenchRow>> {
+pub fn run_bench(
+    exe: &Path,
+    workloads: &[Workload],
+    threads: usize,
+    dir: &Path,
+    extra: &[String],
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for w in workloads {
         let input = dir.join(format!("synthetic_{}x{}.parquet", w.n, w.d));
         if !input.exists() {
-            let params = SynthParams { n: w.n, d: w.d, k: 10, batches: 5, seed: 7, ..SynthParams::default() };
+            let params = SynthParams {
+                n: w.n,
+                d: w.d,
+                k: 10,
+                batches: 5,
+                seed: 7,
+                ..SynthParams::default()
+            };
             write_parquet(&params, &input, 65_536)?;
         }
         let output = dir.join("corrected.parquet");
         let summary = dir.join("summary.json");
         let started = Instant::now();
         let status = Command::new(exe)
-            .args(["--quiet", "--threads", &threads.to_string(), "correct", "--batch", "Metadata_Batch", "--overwrite"])
+            .args([
+                "--quiet",
+                "--threads",
+                &threads.to_string(),
+                "correct",
+                "--batch",
+                "Metadata_Batch",
+                "--overwrite",
+            ])
             .arg("--input")
             .arg(&input)
             .arg("--output")
@@ -79,13 +103,25 @@ pub fn run_bench(exe: &Path, workloads: &[Workload], threads: usize, dir: &Path,
             .status()?;
         let seconds = started.elapsed().as_secs_f64();
         if !status.success() {
-            return Err(BalansError::InvalidArgument(format!("benchmark run {}x{} failed", w.n, w.d)));
+            return Err(BalansError::InvalidArgument(format!(
+                "benchmark run {}x{} failed",
+                w.n, w.d
+            )));
         }
         let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)
             .map_err(|e| BalansError::InvalidArgument(format!("bad summary: {e}")))?;
         let stages = s["stages"]
             .as_array()
-            .map(|a| a.iter().map(|st| (st["stage"].as_str().unwrap_or("?").to_string(), st["seconds"].as_f64().unwrap_or(0.0))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|st| {
+                        (
+                            st["stage"].as_str().unwrap_or("?").to_string(),
+                            st["seconds"].as_f64().unwrap_or(0.0),
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         rows.push(BenchRow {
             n: w.n,
@@ -109,7 +145,11 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     );
     for r in rows {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let stages: Vec<String> = r.stages.iter().map(|(s, t)| format!("{s} {t:.2}")).collect();
+        let stages: Vec<String> = r
+            .stages
+            .iter()
+            .map(|(s, t)| format!("{s} {t:.2}"))
+            .collect();
         out.push_str(&format!(
             "| {} | {} | {:.2} | {} | {:.4} | {:.0} | {:.0} | {:.2} | {} |\n",
             r.n,
@@ -132,8 +172,17 @@ mod tests {
 
     #[test]
     fn parses_workloads() {
-        assert_eq!(Workload::parse("100000x300", 10).unwrap(), Workload { n: 100_000, d: 300 });
-        assert_eq!(Workload::parse("5000000", 10).unwrap(), Workload { n: 5_000_000, d: 10 });
+        assert_eq!(
+            Workload::parse("100000x300", 10).unwrap(),
+            Workload { n: 100_000, d: 300 }
+        );
+        assert_eq!(
+            Workload::parse("5000000", 10).unwrap(),
+            Workload {
+                n: 5_000_000,
+                d: 10
+            }
+        );
         assert!(Workload::parse("big", 10).is_err());
     }
 }

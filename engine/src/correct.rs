@@ -10,7 +10,9 @@ use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{BalansError, Result};
-use crate::source::{ColumnRoles, FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns};
+use crate::source::{
+    ColumnRoles, FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns,
+};
 use crate::writer::{WriteStats, check_output, write_parquet_atomic};
 
 /// A correction request.
@@ -44,9 +46,20 @@ pub struct CorrectOutcome {
 }
 
 /// Runs BALANS on `request` in `ctx` (built with [`crate::session::build_session`]).
-pub async fn run_correct(ctx: &SessionContext, request: &CorrectRequest, progress: Arc<dyn ProgressSink>) -> Result<CorrectOutcome> {
-    request.config.validate().map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
-    check_output(&request.output, request.overwrite, &[request.input.clone()])?;
+pub async fn run_correct(
+    ctx: &SessionContext,
+    request: &CorrectRequest,
+    progress: Arc<dyn ProgressSink>,
+) -> Result<CorrectOutcome> {
+    request
+        .config
+        .validate()
+        .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+    check_output(
+        &request.output,
+        request.overwrite,
+        std::slice::from_ref(&request.input),
+    )?;
     let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
     check_output(&request.output, request.overwrite, &table.files)?;
     let roles = resolve_columns(&table.schema, &request.selection, &request.batch)?;
@@ -58,19 +71,35 @@ pub async fn run_correct(ctx: &SessionContext, request: &CorrectRequest, progres
         progress,
     };
     let plan = balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?;
-    let physical = ctx.state().create_physical_plan(&plan).await.map_err(map_planning_error)?;
+    let physical = ctx
+        .state()
+        .create_physical_plan(&plan)
+        .await
+        .map_err(map_planning_error)?;
     let stream = execute_stream(physical, ctx.task_ctx())?;
     let metadata = vec![
         ("balans.method".to_string(), "balans".to_string()),
-        ("balans.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        (
+            "balans.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
         ("balans.parameters".to_string(), request.config.describe()),
         ("balans.seed".to_string(), request.config.seed.to_string()),
         ("balans.batch".to_string(), roles.batch.join(",")),
-        ("balans.features".to_string(), roles.features.len().to_string()),
+        (
+            "balans.features".to_string(),
+            roles.features.len().to_string(),
+        ),
         ("balans.input".to_string(), request.input.clone()),
     ];
-    let written = write_parquet_atomic(stream, &request.output, metadata).await.map_err(unwrap_operator_error)?;
-    Ok(CorrectOutcome { table, roles, written })
+    let written = write_parquet_atomic(stream, &request.output, metadata)
+        .await
+        .map_err(unwrap_operator_error)?;
+    Ok(CorrectOutcome {
+        table,
+        roles,
+        written,
+    })
 }
 
 fn map_planning_error(e: datafusion::error::DataFusionError) -> BalansError {
@@ -83,12 +112,16 @@ pub fn unwrap_operator_error(e: BalansError) -> BalansError {
     use datafusion::error::DataFusionError;
     fn find(e: &DataFusionError) -> Option<BalansError> {
         match e {
-            DataFusionError::External(inner) => inner.downcast_ref::<OperatorError>().map(|op| match op {
-                OperatorError::BadInput(m) => BalansError::BadInput(m.clone()),
-                OperatorError::InvalidParameter(m) => BalansError::InvalidArgument(m.clone()),
-                other => BalansError::BadInput(other.to_string()),
-            }),
-            DataFusionError::ResourcesExhausted(m) => Some(BalansError::BadInput(format!("out of memory budget: {m}"))),
+            DataFusionError::External(inner) => {
+                inner.downcast_ref::<OperatorError>().map(|op| match op {
+                    OperatorError::BadInput(m) => BalansError::BadInput(m.clone()),
+                    OperatorError::InvalidParameter(m) => BalansError::InvalidArgument(m.clone()),
+                    other => BalansError::BadInput(other.to_string()),
+                })
+            }
+            DataFusionError::ResourcesExhausted(m) => {
+                Some(BalansError::BadInput(format!("out of memory budget: {m}")))
+            }
             DataFusionError::Context(_, inner) => find(inner),
             DataFusionError::Shared(inner) => find(inner),
             _ => None,

@@ -17,7 +17,10 @@ pub struct TerminalProgress {
 impl TerminalProgress {
     /// A display; `quiet` hides the bars (warnings are still printed).
     pub fn new(quiet: bool) -> Self {
-        Self { quiet, ..Self::default() }
+        Self {
+            quiet,
+            ..Self::default()
+        }
     }
 
     /// The summary of the finished run, if any.
@@ -30,12 +33,16 @@ impl ProgressSink for TerminalProgress {
     fn stage_started(&self, stage: &str, total: Option<u64>) {
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                    .expect("template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             ),
-            None => ProgressBar::new_spinner()
-                .with_style(ProgressStyle::with_template("{prefix:>8} {spinner} {pos} rows {msg} ({elapsed})").expect("template")),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{prefix:>8} {spinner} {pos} rows {msg} ({elapsed})")
+                    .expect("template"),
+            ),
         };
         if self.quiet {
             bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -87,21 +94,67 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<24} {v}\n"));
-    line("rows", format!("{}{}", s.rows, if s.dropped_rows > 0 { format!(" ({} dropped: non-finite)", s.dropped_rows) } else { String::new() }));
+    line(
+        "rows",
+        format!(
+            "{}{}",
+            s.rows,
+            if s.dropped_rows > 0 {
+                format!(" ({} dropped: non-finite)", s.dropped_rows)
+            } else {
+                String::new()
+            }
+        ),
+    );
     line("features", s.features.to_string());
-    line("distance dims", if s.pca_components > 0 { format!("{} (PCA)", s.distance_dims) } else { format!("{} (features)", s.distance_dims) });
-    let sizes: Vec<String> = s.batches.iter().take(8).map(|(k, n)| format!("{k}={n}")).collect();
-    line("batches", format!("{} [{}{}]", s.batches.len(), sizes.join(", "), if s.batches.len() > 8 { ", ..." } else { "" }));
-    line("landmarks m", format!("{} ({} distinct)", s.landmarks, s.distinct_landmarks));
-    line("coverage", format!("{:.4} ({} uncovered)", s.coverage, s.uncovered));
+    line(
+        "distance dims",
+        if s.pca_components > 0 {
+            format!("{} (PCA)", s.distance_dims)
+        } else {
+            format!("{} (features)", s.distance_dims)
+        },
+    );
+    let sizes: Vec<String> = s
+        .batches
+        .iter()
+        .take(8)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    line(
+        "batches",
+        format!(
+            "{} [{}{}]",
+            s.batches.len(),
+            sizes.join(", "),
+            if s.batches.len() > 8 { ", ..." } else { "" }
+        ),
+    );
+    line(
+        "landmarks m",
+        format!("{} ({} distinct)", s.landmarks, s.distinct_landmarks),
+    );
+    line(
+        "coverage",
+        format!("{:.4} ({} uncovered)", s.coverage, s.uncovered),
+    );
     line("stop reason", s.stop_reason.clone());
-    line("kept entries per row", format!("{:.1} (nnz {})", s.mean_kept_per_row, s.nnz));
+    line(
+        "kept entries per row",
+        format!("{:.1} (nnz {})", s.mean_kept_per_row, s.nnz),
+    );
     for st in &s.stages {
-        line(&format!("time {}", st.stage), format!("{:.3} s", st.seconds));
+        line(
+            &format!("time {}", st.stage),
+            format!("{:.3} s", st.seconds),
+        );
     }
     line("time total", format!("{total_seconds:.3} s"));
     if let Some(p) = peak {
-        line("peak memory (RSS)", format!("{:.1} MiB", p as f64 / (1024.0 * 1024.0)));
+        line(
+            "peak memory (RSS)",
+            format!("{:.1} MiB", p as f64 / (1024.0 * 1024.0)),
+        );
     }
     out
 }

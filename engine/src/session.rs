@@ -26,7 +26,11 @@ pub struct SessionSettings {
 
 impl Default for SessionSettings {
     fn default() -> Self {
-        Self { memory_limit: None, temp_dir: None, batch_size: 8192 }
+        Self {
+            memory_limit: None,
+            temp_dir: None,
+            batch_size: 8192,
+        }
     }
 }
 
@@ -42,15 +46,24 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .with_batch_size(settings.batch_size)
         .with_information_schema(true)
         // Keep string columns as plain Utf8 so outputs have the input's column types.
-        .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+        .set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        );
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = settings.memory_limit {
-        let pool = TrackConsumersPool::new(FairSpillPool::new(limit), NonZeroUsize::new(5).expect("5 > 0"));
+        let pool = TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            NonZeroUsize::new(5).expect("5 > 0"),
+        );
         runtime = runtime.with_memory_pool(Arc::new(pool));
     }
     if let Some(dir) = &settings.temp_dir {
         std::fs::create_dir_all(dir).map_err(|e| {
-            BalansError::InvalidArgument(format!("cannot create temporary directory {}: {e}", dir.display()))
+            BalansError::InvalidArgument(format!(
+                "cannot create temporary directory {}: {e}",
+                dir.display()
+            ))
         })?;
         runtime = runtime.with_temp_file_path(dir);
     }
@@ -68,11 +81,13 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
 /// Parses a byte size such as `2GB`, `512MiB`, `1.5G` or `1000000`.
 pub fn parse_bytes(text: &str) -> Result<usize> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| BalansError::InvalidArgument(format!("'{text}' is not a size (e.g. 2GB, 512MiB)")))?;
+    let value: f64 = num.parse().map_err(|_| {
+        BalansError::InvalidArgument(format!("'{text}' is not a size (e.g. 2GB, 512MiB)"))
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -83,7 +98,11 @@ pub fn parse_bytes(text: &str) -> Result<usize> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "tib" => 1024f64.powi(4),
-        other => return Err(BalansError::InvalidArgument(format!("unknown size unit '{other}' in '{text}'"))),
+        other => {
+            return Err(BalansError::InvalidArgument(format!(
+                "unknown size unit '{other}' in '{text}'"
+            )));
+        }
     };
     Ok((value * mult) as usize)
 }

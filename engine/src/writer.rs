@@ -24,18 +24,25 @@ pub struct WriteStats {
 /// Checks that `output` may be written: not an existing file unless `overwrite`, never one of
 /// the input files, and its directory exists.
 pub fn check_output(output: &Path, overwrite: bool, inputs: &[String]) -> Result<()> {
-    let err = |m: String| BalansError::Output { path: output.display().to_string(), message: m };
+    let err = |m: String| BalansError::Output {
+        path: output.display().to_string(),
+        message: m,
+    };
     let canon_out = std::fs::canonicalize(output).ok();
     for input in inputs {
         let local = input.strip_prefix("file://").unwrap_or(input);
-        if let (Some(o), Ok(i)) = (&canon_out, std::fs::canonicalize(local)) {
-            if *o == i {
-                return Err(err("this is an input file; Balans never writes over its input".into()));
-            }
+        if let (Some(o), Ok(i)) = (&canon_out, std::fs::canonicalize(local))
+            && *o == i
+        {
+            return Err(err(
+                "this is an input file; Balans never writes over its input".into(),
+            ));
         }
     }
     if output.exists() && !overwrite {
-        return Err(err("the file exists (pass --overwrite to replace it)".into()));
+        return Err(err(
+            "the file exists (pass --overwrite to replace it)".into()
+        ));
     }
     if output.is_dir() {
         return Err(err("is a directory".into()));
@@ -63,20 +70,34 @@ pub async fn write_parquet_atomic(
     metadata: Vec<(String, String)>,
 ) -> Result<WriteStats> {
     let dir = parent_dir(output);
-    let name = output.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "output".into());
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "output".into());
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".balans-tmp")
         .tempfile_in(&dir)
-        .map_err(|e| BalansError::Output { path: output.display().to_string(), message: e.to_string() })?;
+        .map_err(|e| BalansError::Output {
+            path: output.display().to_string(),
+            message: e.to_string(),
+        })?;
     let file: File = tmp.reopen()?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(Some(65_536))
-        .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
+        .set_key_value_metadata(Some(
+            metadata
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect(),
+        ))
         .build();
     let mut writer = ArrowWriter::try_new(file, stream.schema(), Some(props))?;
-    let mut stats = WriteStats { rows: 0, batches: 0 };
+    let mut stats = WriteStats {
+        rows: 0,
+        batches: 0,
+    };
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         stats.rows += batch.num_rows();
@@ -84,6 +105,9 @@ pub async fn write_parquet_atomic(
         writer.write(&batch)?;
     }
     writer.close()?;
-    tmp.persist(output).map_err(|e| BalansError::Output { path: output.display().to_string(), message: e.to_string() })?;
+    tmp.persist(output).map_err(|e| BalansError::Output {
+        path: output.display().to_string(),
+        message: e.to_string(),
+    })?;
     Ok(stats)
 }

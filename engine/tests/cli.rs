@@ -21,15 +21,25 @@ fn shared() -> PathBuf {
 }
 
 fn synthetic_path() -> String {
-    shared().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet").display().to_string()
+    shared()
+        .join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet")
+        .display()
+        .to_string()
 }
 
 fn example_path() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/data/bbbc021.parquet").display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/data/bbbc021.parquet")
+        .display()
+        .to_string()
 }
 
 fn balans(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_balans")).arg("--quiet").args(args).output().expect("run balans")
+    Command::new(env!("CARGO_BIN_EXE_balans"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("run balans")
 }
 
 fn stderr(o: &Output) -> String {
@@ -37,18 +47,28 @@ fn stderr(o: &Output) -> String {
 }
 
 fn read(path: &Path) -> RecordBatch {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap().build().unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
     let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
     concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn matrix(b: &RecordBatch, prefix: &str) -> (Vec<f32>, usize) {
-    let cols: Vec<usize> = (0..b.num_columns()).filter(|&i| b.schema().field(i).name().starts_with(prefix)).collect();
+    let cols: Vec<usize> = (0..b.num_columns())
+        .filter(|&i| b.schema().field(i).name().starts_with(prefix))
+        .collect();
     let d = cols.len();
     let mut x = vec![0.0f32; b.num_rows() * d];
     for (f, &c) in cols.iter().enumerate() {
         let col = cast(b.column(c), &DataType::Float64).unwrap();
-        for (i, v) in col.as_primitive::<Float64Type>().values().iter().enumerate() {
+        for (i, v) in col
+            .as_primitive::<Float64Type>()
+            .values()
+            .iter()
+            .enumerate()
+        {
             x[i * d + f] = *v as f32;
         }
     }
@@ -72,7 +92,10 @@ fn codes(b: &RecordBatch, name: &str) -> Vec<usize> {
 
 /// Asserts `dir` holds exactly the files named in `expected` (no leftovers).
 fn assert_dir_holds(dir: &Path, expected: &[&str]) {
-    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     names.sort();
     let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
     want.sort();
@@ -86,7 +109,9 @@ fn table(batches: usize, per: usize, d: usize) -> (Vec<String>, Vec<String>, Vec
     let mut cols = vec![Vec::new(); d];
     let mut state = 12345u64;
     let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 11) as f64 / (1u64 << 53) as f64) - 0.5
     };
     for b in 0..batches {
@@ -102,8 +127,14 @@ fn table(batches: usize, per: usize, d: usize) -> (Vec<String>, Vec<String>, Vec
 }
 
 fn write_table(path: &Path, batch: &[String], label: &[String], cols: &[Vec<f64>]) {
-    let mut fields = vec![Field::new("Metadata_Batch", DataType::Utf8, false), Field::new("Metadata_Label", DataType::Utf8, false)];
-    let mut arrays: Vec<ArrayRef> = vec![Arc::new(StringArray::from(batch.to_vec())), Arc::new(StringArray::from(label.to_vec()))];
+    let mut fields = vec![
+        Field::new("Metadata_Batch", DataType::Utf8, false),
+        Field::new("Metadata_Label", DataType::Utf8, false),
+    ];
+    let mut arrays: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(batch.to_vec())),
+        Arc::new(StringArray::from(label.to_vec())),
+    ];
     for (f, c) in cols.iter().enumerate() {
         fields.push(Field::new(format!("f{f}"), DataType::Float64, true));
         arrays.push(Arc::new(Float64Array::from(c.clone())));
@@ -137,11 +168,41 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
     let out2 = dir.path().join("t2.parquet");
     let json = dir.path().join("summary.json");
     let input = synthetic_path();
-    let o = balans(&["--threads", "1", "correct", "-i", &input, "-b", "Metadata_Batch", "-o", out1.to_str().unwrap(), "--seed", "3", "--summary-json", json.to_str().unwrap()]);
+    let o = balans(&[
+        "--threads",
+        "1",
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out1.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--summary-json",
+        json.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = balans(&["--threads", "2", "correct", "-i", &input, "-b", "Metadata_Batch", "-o", out2.to_str().unwrap(), "--seed", "3"]);
+    let o = balans(&[
+        "--threads",
+        "2",
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out2.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&out1).unwrap(), std::fs::read(&out2).unwrap(), "same seed, different threads: same bytes");
+    assert_eq!(
+        std::fs::read(&out1).unwrap(),
+        std::fs::read(&out2).unwrap(),
+        "same seed, different threads: same bytes"
+    );
     let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
     assert_eq!(summary["coverage"], 1.0);
     assert_eq!(summary["stop_reason"], "tau");
@@ -150,7 +211,17 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
     assert!((100..=200).contains(&m), "m = {m}");
     // Another seed gives another landmark sequence, hence other bytes.
     let out3 = dir.path().join("t3.parquet");
-    let o = balans(&["correct", "-i", &input, "-b", "Metadata_Batch", "-o", out3.to_str().unwrap(), "--seed", "4"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out3.to_str().unwrap(),
+        "--seed",
+        "4",
+    ]);
     assert!(o.status.success());
     assert_ne!(std::fs::read(&out1).unwrap(), std::fs::read(&out3).unwrap());
 }
@@ -160,16 +231,39 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("c.parquet");
     let input = synthetic_path();
-    let o = balans(&["correct", "-i", &input, "-b", "Metadata_Batch", "-o", out.to_str().unwrap()]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = read(Path::new(&input));
     let after = read(&out);
     // Same rows, same order, same metadata, same feature names.
     assert_eq!(before.num_rows(), after.num_rows());
-    for name in ["Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_Compound"] {
-        assert_eq!(before.column_by_name(name).unwrap().as_ref(), after.column_by_name(name).unwrap().as_ref(), "{name}");
+    for name in [
+        "Metadata_Batch",
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Compound",
+    ] {
+        assert_eq!(
+            before.column_by_name(name).unwrap().as_ref(),
+            after.column_by_name(name).unwrap().as_ref(),
+            "{name}"
+        );
     }
-    let names = |b: &RecordBatch| b.schema().fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+    let names = |b: &RecordBatch| {
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(names(&before), names(&after));
     let batch = codes(&before, "Metadata_Batch");
     let label = codes(&before, "Metadata_Compound");
@@ -179,12 +273,21 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
     let (mix_b, mix_a) = (batch_mixing(&nb, &batch), batch_mixing(&na, &batch));
     let (pur_b, pur_a) = (label_purity(&nb, &label), label_purity(&na, &label));
     eprintln!("mixing {mix_b:.3} -> {mix_a:.3}, label purity {pur_b:.3} -> {pur_a:.3}");
-    assert!(mix_a > mix_b + 0.1, "batch mixing must improve: {mix_b} -> {mix_a}");
+    assert!(
+        mix_a > mix_b + 0.1,
+        "batch mixing must improve: {mix_b} -> {mix_a}"
+    );
     // Compounds stay apart: label purity does not drop (chance level is about 1/11).
-    assert!(pur_a >= pur_b - 0.02 && pur_a > 0.5, "compounds must stay apart: purity {pur_b} -> {pur_a}");
+    assert!(
+        pur_a >= pur_b - 0.02 && pur_a > 0.5,
+        "compounds must stay apart: purity {pur_b} -> {pur_a}"
+    );
     // Key-value metadata records method, parameters and seed.
     let file = File::open(&out).unwrap();
-    let meta = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().metadata().clone();
+    let meta = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .metadata()
+        .clone();
     let kv = meta.file_metadata().key_value_metadata().unwrap();
     let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
     assert_eq!(get("balans.method").as_deref(), Some("balans"));
@@ -196,7 +299,15 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
 fn bundled_example_runs_with_pca() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bbbc021_corrected.parquet");
-    let o = balans(&["correct", "--input", &example_path(), "--batch", "Metadata_Batch", "--output", out.to_str().unwrap()]);
+    let o = balans(&[
+        "correct",
+        "--input",
+        &example_path(),
+        "--batch",
+        "Metadata_Batch",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let after = read(&out);
     assert_eq!(after.num_rows(), 632);
@@ -207,7 +318,14 @@ fn bundled_example_runs_with_pca() {
 
 #[test]
 fn inspect_reports_schema_and_batches() {
-    let o = balans(&["inspect", "-i", &synthetic_path(), "-b", "Metadata_Batch", "--json"]);
+    let o = balans(&[
+        "inspect",
+        "-i",
+        &synthetic_path(),
+        "-b",
+        "Metadata_Batch",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("batch_04"), "{text}");
@@ -219,18 +337,50 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
-    assert_fails_cleanly(&["correct", "-i", &input, "-b", "Metadata_Plate", "-o", out.to_str().unwrap()], dir.path(), &["in.parquet"], "Metadata_Plate");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            &input,
+            "-b",
+            "Metadata_Plate",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["in.parquet"],
+        "Metadata_Plate",
+    );
     // Only metadata and a string column: no numeric features.
     let p = dir.path().join("nofeat.parquet");
     let rb = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![Field::new("Metadata_Batch", DataType::Utf8, false), Field::new("name", DataType::Utf8, false)])),
-        vec![Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(StringArray::from(vec!["x", "y"]))],
+        Arc::new(Schema::new(vec![
+            Field::new("Metadata_Batch", DataType::Utf8, false),
+            Field::new("name", DataType::Utf8, false),
+        ])),
+        vec![
+            Arc::new(StringArray::from(vec!["a", "b"])),
+            Arc::new(StringArray::from(vec!["x", "y"])),
+        ],
     )
     .unwrap();
     let mut w = ArrowWriter::try_new(File::create(&p).unwrap(), rb.schema(), None).unwrap();
     w.write(&rb).unwrap();
     w.close().unwrap();
-    assert_fails_cleanly(&["correct", "-i", p.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap()], dir.path(), &["in.parquet", "nofeat.parquet"], "numeric");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            p.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["in.parquet", "nofeat.parquet"],
+        "numeric",
+    );
 }
 
 #[test]
@@ -243,15 +393,53 @@ fn non_finite_features_error_or_follow_the_policy() {
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
     let (inp, outp) = (p.to_str().unwrap(), out.to_str().unwrap());
-    let o = balans(&["correct", "-i", inp, "-b", "Metadata_Batch", "-o", outp, "--k", "5"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        inp,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        outp,
+        "--k",
+        "5",
+    ]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("f2 (1)") && e.contains("f3 (1)") && e.contains("--nan"), "{e}");
+    assert!(
+        e.contains("f2 (1)") && e.contains("f3 (1)") && e.contains("--nan"),
+        "{e}"
+    );
     assert_dir_holds(dir.path(), &["nan.parquet"]);
-    let o = balans(&["correct", "-i", inp, "-b", "Metadata_Batch", "-o", outp, "--k", "5", "--nan", "drop-rows"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        inp,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        outp,
+        "--k",
+        "5",
+        "--nan",
+        "drop-rows",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 88);
-    let o = balans(&["correct", "-i", inp, "-b", "Metadata_Batch", "-o", outp, "--k", "5", "--nan", "zero", "--overwrite"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        inp,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        outp,
+        "--k",
+        "5",
+        "--nan",
+        "zero",
+        "--overwrite",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 90);
 }
@@ -266,12 +454,37 @@ fn small_batch_clips_k_and_single_batch_fails() {
     let p = dir.path().join("small.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = balans(&["correct", "-i", p.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap()]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        p.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("'tiny' has 4 rows") && stderr(&o).contains("clipped"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("'tiny' has 4 rows") && stderr(&o).contains("clipped"),
+        "{}",
+        stderr(&o)
+    );
     let single = small_table(dir.path(), "single.parquet", 1, 40);
     let out2 = dir.path().join("out2.parquet");
-    assert_fails_cleanly(&["correct", "-i", &single, "-b", "Metadata_Batch", "-o", out2.to_str().unwrap()], dir.path(), &["small.parquet", "out.parquet", "single.parquet"], "only one batch");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            &single,
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out2.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["small.parquet", "out.parquet", "single.parquet"],
+        "only one batch",
+    );
 }
 
 #[test]
@@ -282,17 +495,45 @@ fn constant_features_pass_through_and_all_constant_fails() {
     let p = dir.path().join("const.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = balans(&["correct", "-i", p.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap(), "--k", "5"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        p.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+        "--k",
+        "5",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("constant feature"), "{}", stderr(&o));
     let after = read(&out);
-    let f1 = after.column_by_name("f1").unwrap().as_primitive::<datafusion::arrow::datatypes::Float32Type>().clone();
+    let f1 = after
+        .column_by_name("f1")
+        .unwrap()
+        .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+        .clone();
     assert!(f1.values().iter().all(|&v| (v - 7.0).abs() < 1e-5));
-    c.iter_mut().for_each(|col| col.iter_mut().for_each(|v| *v = 1.0));
+    c.iter_mut()
+        .for_each(|col| col.iter_mut().for_each(|v| *v = 1.0));
     let p2 = dir.path().join("allconst.parquet");
     write_table(&p2, &b, &l, &c);
     let out2 = dir.path().join("out2.parquet");
-    assert_fails_cleanly(&["correct", "-i", p2.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out2.to_str().unwrap()], dir.path(), &["const.parquet", "out.parquet", "allconst.parquet"], "constant");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            p2.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out2.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["const.parquet", "out.parquet", "allconst.parquet"],
+        "constant",
+    );
 }
 
 #[test]
@@ -302,13 +543,52 @@ fn empty_and_corrupt_files_fail_cleanly() {
     let empty = dir.path().join("empty.parquet");
     write_table(&empty, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    assert_fails_cleanly(&["correct", "-i", empty.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap()], dir.path(), &["empty.parquet"], "no rows");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            empty.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["empty.parquet"],
+        "no rows",
+    );
     let corrupt = dir.path().join("corrupt.parquet");
     std::fs::write(&corrupt, b"PAR1 this is not really parquet PAR1").unwrap();
-    assert_fails_cleanly(&["correct", "-i", corrupt.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap()], dir.path(), &["empty.parquet", "corrupt.parquet"], "corrupt.parquet");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            corrupt.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["empty.parquet", "corrupt.parquet"],
+        "corrupt.parquet",
+    );
     let zero = dir.path().join("zero.parquet");
     std::fs::write(&zero, b"").unwrap();
-    assert_fails_cleanly(&["correct", "-i", zero.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap()], dir.path(), &["empty.parquet", "corrupt.parquet", "zero.parquet"], "zero.parquet");
+    assert_fails_cleanly(
+        &[
+            "correct",
+            "-i",
+            zero.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+        &["empty.parquet", "corrupt.parquet", "zero.parquet"],
+        "zero.parquet",
+    );
 }
 
 #[test]
@@ -316,9 +596,23 @@ fn unreachable_object_store_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.parquet");
     let t = Instant::now();
-    let o = balans(&["correct", "-i", "s3://no-such-bucket/profiles/plate.parquet", "--s3-endpoint", "http://127.0.0.1:9", "-b", "Metadata_Batch", "-o", out.to_str().unwrap()]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        "s3://no-such-bucket/profiles/plate.parquet",
+        "--s3-endpoint",
+        "http://127.0.0.1:9",
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
-    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(stderr(&o).contains("s3://no-such-bucket"), "{}", stderr(&o));
     assert_dir_holds(dir.path(), &[]);
 }
@@ -329,12 +623,46 @@ fn existing_output_and_input_are_protected() {
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
     std::fs::write(&out, b"keep me").unwrap();
-    let o = balans(&["correct", "-i", &input, "-b", "Metadata_Batch", "-o", out.to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--overwrite"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    let o = balans(&["correct", "-i", &input, "-b", "Metadata_Batch", "-o", &input, "--overwrite"]);
-    assert!(!o.status.success() && stderr(&o).contains("never writes over its input"), "{}", stderr(&o));
-    let o = balans(&["correct", "-i", &input, "-b", "Metadata_Batch", "-o", out.to_str().unwrap(), "--overwrite"]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        &input,
+        "--overwrite",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("never writes over its input"),
+        "{}",
+        stderr(&o)
+    );
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+        "--overwrite",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 90);
     assert_dir_holds(dir.path(), &["in.parquet", "out.parquet"]);
@@ -345,19 +673,52 @@ fn runs_under_a_memory_limit_below_the_input_size() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("big.parquet");
     // 100k rows x 40 features = 16 MB as float32 (32 MB as float64 in the file).
-    let o = balans(&["synth", "--n", "100000", "--d", "40", "--seed", "1", "-o", input.to_str().unwrap()]);
+    let o = balans(&[
+        "synth",
+        "--n",
+        "100000",
+        "--d",
+        "40",
+        "--seed",
+        "1",
+        "-o",
+        input.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out.parquet");
     let tmp = dir.path().join("work");
     let o = balans(&[
-        "correct", "-i", input.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap(),
-        "--memory-limit", "8MB", "--temp-dir", tmp.to_str().unwrap(), "--pca", "10",
+        "correct",
+        "-i",
+        input.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out.to_str().unwrap(),
+        "--memory-limit",
+        "8MB",
+        "--temp-dir",
+        tmp.to_str().unwrap(),
+        "--pca",
+        "10",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 100_000);
     // A limit that cannot hold the sampler's per-row state fails with a clear message.
     let out2 = dir.path().join("out2.parquet");
-    let o = balans(&["correct", "-i", input.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out2.to_str().unwrap(), "--memory-limit", "1MB", "--temp-dir", tmp.to_str().unwrap()]);
+    let o = balans(&[
+        "correct",
+        "-i",
+        input.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        out2.to_str().unwrap(),
+        "--memory-limit",
+        "1MB",
+        "--temp-dir",
+        tmp.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
     assert!(!out2.exists());
@@ -368,17 +729,45 @@ fn runs_under_a_memory_limit_below_the_input_size() {
 fn interrupt_removes_partial_output_and_working_files() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("big.parquet");
-    let o = balans(&["synth", "--n", "400000", "--d", "10", "--seed", "2", "-o", input.to_str().unwrap()]);
+    let o = balans(&[
+        "synth",
+        "--n",
+        "400000",
+        "--d",
+        "10",
+        "--seed",
+        "2",
+        "-o",
+        input.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out.parquet");
     let tmp = dir.path().join("work");
     let child = Command::new(env!("CARGO_BIN_EXE_balans"))
-        .args(["--quiet", "correct", "-i", input.to_str().unwrap(), "-b", "Metadata_Batch", "-o", out.to_str().unwrap(), "--temp-dir", tmp.to_str().unwrap(), "--tau", "100000", "--block", "5"])
+        .args([
+            "--quiet",
+            "correct",
+            "-i",
+            input.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+            "--temp-dir",
+            tmp.to_str().unwrap(),
+            "--tau",
+            "100000",
+            "--block",
+            "5",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));

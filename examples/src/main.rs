@@ -15,15 +15,26 @@ use balans_operators::{BalansConfig, NoProgress};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let input = args.next().unwrap_or_else(|| "examples/data/bbbc021.parquet".into());
-    let output = PathBuf::from(args.next().unwrap_or_else(|| "bbbc021_corrected.parquet".into()));
-    let ctx = build_session(&SessionSettings { memory_limit: Some(512 << 20), ..Default::default() })?;
+    let input = args
+        .next()
+        .unwrap_or_else(|| "examples/data/bbbc021.parquet".into());
+    let output = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "bbbc021_corrected.parquet".into()),
+    );
+    let ctx = build_session(&SessionSettings {
+        memory_limit: Some(512 << 20),
+        ..Default::default()
+    })?;
     let request = CorrectRequest {
         input,
         output: output.clone(),
         batch: vec!["Metadata_Batch".into()],
         selection: FeatureSelection::default(),
-        config: BalansConfig { seed: 1, ..BalansConfig::default() },
+        config: BalansConfig {
+            seed: 1,
+            ..BalansConfig::default()
+        },
         overwrite: true,
         source: SourceOptions::default(),
     };

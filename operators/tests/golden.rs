@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use balans_operators::config::{ElbowRule, Estimator};
 use balans_operators::kernels::elbow::ElbowParams;
-use balans_operators::kernels::landmark::{Landmark, RowBlocks, RowBuffers, SamplingParams, landmark_row, sample_landmarks};
+use balans_operators::kernels::landmark::{
+    Landmark, RowBlocks, RowBuffers, SamplingParams, landmark_row, sample_landmarks,
+};
 use balans_operators::kernels::smooth::{PointRef, SmoothAccumulator};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, concat_batches};
@@ -22,14 +24,27 @@ fn shared() -> PathBuf {
 
 fn read(rel: &str) -> RecordBatch {
     let path = shared().join(rel);
-    let file = File::open(&path).unwrap_or_else(|e| panic!("{}: {e} (set BALANS_SHARED to the shared/ folder)", path.display()));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let file = File::open(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (set BALANS_SHARED to the shared/ folder)",
+            path.display()
+        )
+    });
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
     let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
     concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn f64_col(b: &RecordBatch, name: &str) -> Vec<f64> {
-    let c = cast(b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")), &DataType::Float64).unwrap();
+    let c = cast(
+        b.column_by_name(name)
+            .unwrap_or_else(|| panic!("column {name}")),
+        &DataType::Float64,
+    )
+    .unwrap();
     c.as_primitive::<Float64Type>().values().to_vec()
 }
 
@@ -70,15 +85,28 @@ fn synthetic() -> Synthetic {
         batch.push(offsets.len() - 1);
     }
     offsets.push(n);
-    Synthetic { x, offsets, batch, n, d }
+    Synthetic {
+        x,
+        offsets,
+        batch,
+        n,
+        d,
+    }
 }
 
 fn elbow() -> ElbowParams {
-    ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 11 }
+    ElbowParams {
+        rule: ElbowRule::Kneedle,
+        a_min: 1e-8,
+        bins: 4096,
+        r_min: 11,
+    }
 }
 
 fn smooth(s: &Synthetic, landmarks: &[Landmark]) -> (Vec<f32>, Vec<bool>) {
-    let points: Vec<PointRef> = (0..s.n).map(|j| (&s.x[j * s.d..(j + 1) * s.d], s.batch[j])).collect();
+    let points: Vec<PointRef> = (0..s.n)
+        .map(|j| (&s.x[j * s.d..(j + 1) * s.d], s.batch[j]))
+        .collect();
     let mut acc = SmoothAccumulator::new(landmarks, s.d);
     for c0 in (0..s.n).step_by(1000) {
         let c1 = (c0 + 1000).min(s.n);
@@ -110,22 +138,37 @@ fn landmark_rows_match_the_reference() {
     let s = synthetic();
     let rows = read("golden/balans/landmark_rows.parquet");
     let sig = read("golden/balans/landmark_sigmas.parquet");
-    let (lm, col, aff, sd) = (i64_col(&rows, "landmark"), i64_col(&rows, "col"), f64_col(&rows, "affinity"), f64_col(&rows, "scaled_distance"));
+    let (lm, col, aff, sd) = (
+        i64_col(&rows, "landmark"),
+        i64_col(&rows, "col"),
+        f64_col(&rows, "affinity"),
+        f64_col(&rows, "scaled_distance"),
+    );
     let mut want: BTreeMap<i64, Vec<(i64, f64, f64)>> = BTreeMap::new();
     for i in 0..lm.len() {
         want.entry(lm[i]).or_default().push((col[i], aff[i], sd[i]));
     }
-    let (slm, sused, kused) = (i64_col(&sig, "landmark"), f64_col(&sig, "sigma2_used"), i64_col(&sig, "k_used"));
+    let (slm, sused, kused) = (
+        i64_col(&sig, "landmark"),
+        f64_col(&sig, "sigma2_used"),
+        i64_col(&sig, "k_used"),
+    );
     let z = RowBlocks::new(vec![&s.x], s.d);
     let mut buf = RowBuffers::default();
     for (&landmark, entries) in &want {
         let row = landmark_row(&z, &s.offsets, landmark as usize, 10, &elbow(), &mut buf);
         // Per-batch scales, 2e-6 relative.
         let ours: Vec<f64> = row.scales.iter().map(|b| b.sigma2).collect();
-        let theirs: Vec<(f64, i64)> = (0..slm.len()).filter(|&i| slm[i] == landmark).map(|i| (sused[i], kused[i])).collect();
+        let theirs: Vec<(f64, i64)> = (0..slm.len())
+            .filter(|&i| slm[i] == landmark)
+            .map(|i| (sused[i], kused[i]))
+            .collect();
         assert_eq!(ours.len(), theirs.len());
         for (o, (t, k)) in ours.iter().zip(&theirs) {
-            assert!((o - t).abs() <= 2e-6 * t, "landmark {landmark}: sigma2 {o} vs {t}");
+            assert!(
+                (o - t).abs() <= 2e-6 * t,
+                "landmark {landmark}: sigma2 {o} vs {t}"
+            );
             assert_eq!(*k, 10);
         }
         // Kept set: exact. Affinities and scaled distances: 2e-6 relative.
@@ -139,15 +182,25 @@ fn landmark_rows_match_the_reference() {
         assert_eq!(row.kept, entries.len());
         for ((j, a), (c, wa, ws)) in kept.iter().zip(entries) {
             assert_eq!(*j as i64, *c, "landmark {landmark}: kept set");
-            assert!((a - wa).abs() <= 2e-6 * wa, "landmark {landmark} col {c}: {a} vs {wa}");
+            assert!(
+                (a - wa).abs() <= 2e-6 * wa,
+                "landmark {landmark} col {c}: {a} vs {wa}"
+            );
             let s_ours = row.scaled_distance(&s.x[j * s.d..(j + 1) * s.d], s.batch[*j]);
             let s_ours = if *j == landmark as usize { 0.0 } else { s_ours };
-            assert!((s_ours - ws).abs() <= 2e-6 * ws.max(1e-12), "landmark {landmark} col {c}: s {s_ours} vs {ws}");
+            assert!(
+                (s_ours - ws).abs() <= 2e-6 * ws.max(1e-12),
+                "landmark {landmark} col {c}: s {s_ours} vs {ws}"
+            );
         }
     }
     // Threshold of landmark 0 is the upper edge of histogram bin 352 (README table: 1.58752).
     let row0 = landmark_row(&z, &s.offsets, 0, 10, &elbow(), &mut buf);
-    assert!((row0.threshold - 1.5875244879431607).abs() < 1e-12, "{}", row0.threshold);
+    assert!(
+        (row0.threshold - 1.5875244879431607).abs() < 1e-12,
+        "{}",
+        row0.threshold
+    );
 }
 
 #[test]
@@ -155,42 +208,92 @@ fn fixed_landmarks_smooth_to_the_reference() {
     let s = synthetic();
     let z = RowBlocks::new(vec![&s.x], s.d);
     let mut buf = RowBuffers::default();
-    let landmarks: Vec<Landmark> = [0usize, 1, 2, 500, 2999].iter().map(|&i| landmark_row(&z, &s.offsets, i, 10, &elbow(), &mut buf)).collect();
+    let landmarks: Vec<Landmark> = [0usize, 1, 2, 500, 2999]
+        .iter()
+        .map(|&i| landmark_row(&z, &s.offsets, i, 10, &elbow(), &mut buf))
+        .collect();
     let (out, covered) = smooth(&s, &landmarks);
-    assert_table_close(&out, &read("golden/balans/fixed_AS_smoothed.parquet"), s.d, 1e-5);
+    assert_table_close(
+        &out,
+        &read("golden/balans/fixed_AS_smoothed.parquet"),
+        s.d,
+        1e-5,
+    );
     let cov = read("golden/balans/fixed_AS_coverage.parquet");
     let want_cov = cov.column_by_name("covered").unwrap().as_boolean().clone();
     let want_rows = i64_col(&cov, "row");
     for (r, &row) in want_rows.iter().enumerate() {
-        assert_eq!(covered[row as usize], want_cov.value(r), "coverage of row {row}");
+        assert_eq!(
+            covered[row as usize],
+            want_cov.value(r),
+            "coverage of row {row}"
+        );
     }
     assert_eq!(covered.iter().filter(|&&c| c).count(), 1043);
 }
 
 fn info() -> serde_json::Value {
-    serde_json::from_reader(File::open(shared().join("golden/balans/full_run_seed0_info.json")).unwrap()).unwrap()
+    serde_json::from_reader(
+        File::open(shared().join("golden/balans/full_run_seed0_info.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn sampling_params(seed: u64) -> SamplingParams {
-    SamplingParams { k: 10, block: 20, tau: 50, max_landmarks: 200_000, seed, elbow: elbow() }
+    SamplingParams {
+        k: 10,
+        block: 20,
+        tau: 50,
+        max_landmarks: 200_000,
+        seed,
+        elbow: elbow(),
+    }
 }
 
 #[test]
 fn replayed_landmark_sequence_reproduces_the_full_run() {
     let s = synthetic();
     let info = info();
-    let seq: Vec<usize> = info["landmarks_input_order"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let kept_want: Vec<usize> = info["kept_per_row"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let delta_want: Vec<usize> = info["delta_per_row"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let seq: Vec<usize> = info["landmarks_input_order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let kept_want: Vec<usize> = info["kept_per_row"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let delta_want: Vec<usize> = info["delta_per_row"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     let z = RowBlocks::new(vec![&s.x], s.d);
-    let r = sample_landmarks(&z, &s.offsets, &sampling_params(0), Some(&seq), &|| false, &mut |_, _| {}).unwrap();
+    let r = sample_landmarks(
+        &z,
+        &s.offsets,
+        &sampling_params(0),
+        Some(&seq),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let kept: Vec<usize> = r.landmarks.iter().map(|l| l.kept).collect();
     assert_eq!(kept, kept_want);
     assert_eq!(r.delta, delta_want);
     assert_eq!(r.nnz(), 50_992);
     assert_eq!(r.n_covered, 3000);
     let (out, _) = smooth(&s, &r.landmarks);
-    assert_table_close(&out, &read("golden/balans/full_run_seed0.parquet"), s.d, 1e-5);
+    assert_table_close(
+        &out,
+        &read("golden/balans/full_run_seed0.parquet"),
+        s.d,
+        1e-5,
+    );
 }
 
 #[test]
@@ -201,7 +304,15 @@ fn independent_seeded_runs_match_the_reference_statistics() {
     let z = RowBlocks::new(vec![&s.x], s.d);
     let mut ms = Vec::new();
     for seed in 0..5 {
-        let r = sample_landmarks(&z, &s.offsets, &sampling_params(seed), None, &|| false, &mut |_, _| {}).unwrap();
+        let r = sample_landmarks(
+            &z,
+            &s.offsets,
+            &sampling_params(seed),
+            None,
+            &|| false,
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(r.n_covered, 3000, "seed {seed}: full coverage");
         assert_eq!(r.stop.to_string(), "tau");
         ms.push(r.landmarks.len());

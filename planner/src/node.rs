@@ -23,7 +23,11 @@ impl BalansNode {
     pub fn try_new(input: LogicalPlan, spec: BalansSpec) -> Result<Self> {
         let arrow_schema = balans_output_schema(input.schema().as_arrow(), &spec)?;
         let schema = Arc::new(DFSchema::try_from(arrow_schema.as_ref().clone())?);
-        Ok(Self { input, spec, schema })
+        Ok(Self {
+            input,
+            spec,
+            schema,
+        })
     }
 
     /// The correction request.
@@ -32,7 +36,11 @@ impl BalansNode {
     }
 
     fn key(&self) -> (&[String], &[String], String) {
-        (&self.spec.features, &self.spec.batch, self.spec.config.describe())
+        (
+            &self.spec.features,
+            &self.spec.batch,
+            self.spec.config.describe(),
+        )
     }
 }
 
@@ -84,9 +92,15 @@ impl UserDefinedLogicalNodeCore for BalansNode {
         )
     }
 
-    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+    fn with_exprs_and_inputs(
+        &self,
+        exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
         if !exprs.is_empty() || inputs.len() != 1 {
-            return Err(DataFusionError::Internal("Balans takes one input and no expressions".into()));
+            return Err(DataFusionError::Internal(
+                "Balans takes one input and no expressions".into(),
+            ));
         }
         Self::try_new(inputs.swap_remove(0), self.spec.clone())
     }
@@ -94,5 +108,7 @@ impl UserDefinedLogicalNodeCore for BalansNode {
 
 /// Wraps `input` in a BALANS correction.
 pub fn balans_plan(input: LogicalPlan, spec: BalansSpec) -> Result<LogicalPlan> {
-    Ok(LogicalPlan::Extension(Extension { node: Arc::new(BalansNode::try_new(input, spec)?) }))
+    Ok(LogicalPlan::Extension(Extension {
+        node: Arc::new(BalansNode::try_new(input, spec)?),
+    }))
 }

@@ -7,8 +7,8 @@ use balans_operators::BalansExec;
 use datafusion::catalog::Session;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
-use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 
@@ -35,7 +35,10 @@ impl ExtensionPlanner for BalansExtensionPlanner {
         let input = physical_inputs
             .first()
             .ok_or_else(|| DataFusionError::Internal("Balans without input".into()))?;
-        Ok(Some(Arc::new(BalansExec::try_new(input.clone(), balans.spec().clone())?)))
+        Ok(Some(Arc::new(BalansExec::try_new(
+            input.clone(),
+            balans.spec().clone(),
+        )?)))
     }
 }
 
@@ -45,7 +48,11 @@ pub struct BalansQueryPlanner;
 
 #[async_trait]
 impl QueryPlanner for BalansQueryPlanner {
-    async fn create_physical_plan(&self, logical_plan: &LogicalPlan, session: &dyn Session) -> Result<Arc<dyn ExecutionPlan>> {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BalansExtensionPlanner)])
             .create_physical_plan(logical_plan, session)
             .await

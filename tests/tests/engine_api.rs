@@ -15,26 +15,56 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 async fn explain_shows_the_balans_operator() {
     let ctx = build_session(&SessionSettings::default()).unwrap();
     let path = shared_dir().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet");
-    let table = register_profiles(&ctx, path.to_str().unwrap(), "profiles", &SourceOptions::default()).await.unwrap();
-    let roles = resolve_columns(&table.schema, &FeatureSelection::default(), &["Metadata_Batch".to_string()]).unwrap();
+    let table = register_profiles(
+        &ctx,
+        path.to_str().unwrap(),
+        "profiles",
+        &SourceOptions::default(),
+    )
+    .await
+    .unwrap();
+    let roles = resolve_columns(
+        &table.schema,
+        &FeatureSelection::default(),
+        &["Metadata_Batch".to_string()],
+    )
+    .unwrap();
     assert_eq!(roles.features.len(), 20);
     let df = ctx.table("profiles").await.unwrap();
-    let spec = BalansSpec { features: roles.features, batch: roles.batch, config: BalansConfig::default(), progress: Arc::new(NoProgress) };
+    let spec = BalansSpec {
+        features: roles.features,
+        batch: roles.batch,
+        config: BalansConfig::default(),
+        progress: Arc::new(NoProgress),
+    };
     let plan = balans_plan(df.logical_plan().clone(), spec).unwrap();
     let logical = format!("{}", plan.display_indent());
-    assert!(logical.contains("Balans: features=20, batch=[Metadata_Batch], k=10"), "{logical}");
+    assert!(
+        logical.contains("Balans: features=20, batch=[Metadata_Batch], k=10"),
+        "{logical}"
+    );
     let physical = ctx.state().create_physical_plan(&plan).await.unwrap();
-    let shown = format!("{}", datafusion::physical_plan::displayable(physical.as_ref()).indent(false));
+    let shown = format!(
+        "{}",
+        datafusion::physical_plan::displayable(physical.as_ref()).indent(false)
+    );
     assert!(shown.contains("BalansExec: features=20"), "{shown}");
 }
 
 #[tokio::test]
 async fn varchamp_corrects_with_pca_under_a_memory_limit() {
-    let ctx = build_session(&SessionSettings { memory_limit: Some(256 << 20), ..Default::default() }).unwrap();
+    let ctx = build_session(&SessionSettings {
+        memory_limit: Some(256 << 20),
+        ..Default::default()
+    })
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("varchamp.parquet");
     let request = CorrectRequest {
-        input: shared_dir().join("data/varchamp/varchamp_b20_b21_well.parquet").display().to_string(),
+        input: shared_dir()
+            .join("data/varchamp/varchamp_b20_b21_well.parquet")
+            .display()
+            .to_string(),
         output: output.clone(),
         batch: vec!["Metadata_Batch".into()],
         selection: FeatureSelection::default(),
@@ -42,14 +72,33 @@ async fn varchamp_corrects_with_pca_under_a_memory_limit() {
         overwrite: false,
         source: SourceOptions::default(),
     };
-    let outcome = run_correct(&ctx, &request, Arc::new(NoProgress)).await.unwrap();
+    let outcome = run_correct(&ctx, &request, Arc::new(NoProgress))
+        .await
+        .unwrap();
     assert_eq!(outcome.written.rows, 2248);
     // Metadata_Count_Cells and Metadata_TechRep are numeric but metadata: not corrected.
-    assert!(!outcome.roles.features.iter().any(|f| f.starts_with("Metadata_")));
+    assert!(
+        !outcome
+            .roles
+            .features
+            .iter()
+            .any(|f| f.starts_with("Metadata_"))
+    );
     let file = std::fs::File::open(&output).unwrap();
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
     assert_eq!(reader.metadata().file_metadata().num_rows(), 2248);
-    let kv = reader.metadata().file_metadata().key_value_metadata().unwrap().clone();
-    let params = kv.iter().find(|e| e.key == "balans.parameters").unwrap().value.clone().unwrap();
+    let kv = reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .clone();
+    let params = kv
+        .iter()
+        .find(|e| e.key == "balans.parameters")
+        .unwrap()
+        .value
+        .clone()
+        .unwrap();
     assert!(params.contains("pca=auto"), "{params}");
 }

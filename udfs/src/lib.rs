@@ -8,22 +8,33 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float32Type};
 use datafusion::common::{Result, exec_err, plan_err};
-use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::prelude::SessionContext;
 
 /// Registers every Balans SQL function in `ctx`.
 pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(PackFeatures::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(Comparison::L2Distance)));
-    ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(Comparison::CosineSimilarity)));
+    ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(
+        Comparison::L2Distance,
+    )));
+    ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(
+        Comparison::CosineSimilarity,
+    )));
 }
 
 fn vector_type(n: usize) -> DataType {
-    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), n as i32)
+    DataType::FixedSizeList(
+        Arc::new(Field::new("item", DataType::Float32, true)),
+        n as i32,
+    )
 }
 
 /// `pack_features(c1, ..., cn)`: numeric columns → `FixedSizeList<Float32, n>`.
@@ -35,7 +46,9 @@ pub struct PackFeatures {
 impl PackFeatures {
     /// The function.
     pub fn new() -> Self {
-        Self { signature: Signature::variadic_any(Volatility::Immutable) }
+        Self {
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
     }
 }
 
@@ -58,7 +71,10 @@ impl ScalarUDFImpl for PackFeatures {
         if arg_types.is_empty() {
             return plan_err!("pack_features needs at least one column");
         }
-        if let Some(t) = arg_types.iter().find(|t| !t.is_numeric() && **t != DataType::Null) {
+        if let Some(t) = arg_types
+            .iter()
+            .find(|t| !t.is_numeric() && **t != DataType::Null)
+        {
             return plan_err!("pack_features takes numeric columns, got {t}");
         }
         Ok(vector_type(arg_types.len()))
@@ -70,7 +86,10 @@ impl ScalarUDFImpl for PackFeatures {
         let columns: Vec<ArrayRef> = args
             .args
             .iter()
-            .map(|a| a.to_array(rows).and_then(|arr| Ok(cast(&arr, &DataType::Float32)?)))
+            .map(|a| {
+                a.to_array(rows)
+                    .and_then(|arr| Ok(cast(&arr, &DataType::Float32)?))
+            })
             .collect::<Result<_>>()?;
         let mut values: Vec<Option<f32>> = Vec::with_capacity(rows * n);
         for i in 0..rows {
@@ -80,7 +99,12 @@ impl ScalarUDFImpl for PackFeatures {
             }
         }
         let field = Arc::new(Field::new("item", DataType::Float32, true));
-        let list = FixedSizeListArray::try_new(field, n as i32, Arc::new(Float32Array::from(values)), None)?;
+        let list = FixedSizeListArray::try_new(
+            field,
+            n as i32,
+            Arc::new(Float32Array::from(values)),
+            None,
+        )?;
         Ok(ColumnarValue::Array(Arc::new(list)))
     }
 }
@@ -104,7 +128,10 @@ pub struct VectorCompare {
 impl VectorCompare {
     /// The function of kind `kind`.
     pub fn new(kind: Comparison) -> Self {
-        Self { kind, signature: Signature::any(2, Volatility::Immutable) }
+        Self {
+            kind,
+            signature: Signature::any(2, Volatility::Immutable),
+        }
     }
 }
 
@@ -122,8 +149,13 @@ impl ScalarUDFImpl for VectorCompare {
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
         match (&arg_types[0], &arg_types[1]) {
-            (DataType::FixedSizeList(_, a), DataType::FixedSizeList(_, b)) if a == b => Ok(DataType::Float64),
-            (a, b) => plan_err!("{} takes two vectors of the same length (pack_features), got {a} and {b}", self.name()),
+            (DataType::FixedSizeList(_, a), DataType::FixedSizeList(_, b)) if a == b => {
+                Ok(DataType::Float64)
+            }
+            (a, b) => plan_err!(
+                "{} takes two vectors of the same length (pack_features), got {a} and {b}",
+                self.name()
+            ),
         }
     }
 
@@ -138,7 +170,10 @@ impl ScalarUDFImpl for VectorCompare {
         }
         let av = cast(a.values(), &DataType::Float32)?;
         let bv = cast(b.values(), &DataType::Float32)?;
-        let (av, bv) = (av.as_primitive::<Float32Type>(), bv.as_primitive::<Float32Type>());
+        let (av, bv) = (
+            av.as_primitive::<Float32Type>(),
+            bv.as_primitive::<Float32Type>(),
+        );
         let out: Float64Array = (0..rows)
             .map(|i| {
                 if a.is_null(i) || b.is_null(i) {
@@ -158,7 +193,9 @@ impl ScalarUDFImpl for VectorCompare {
                 }
                 match self.kind {
                     Comparison::L2Distance => Some(sq.sqrt()),
-                    Comparison::CosineSimilarity if na > 0.0 && nb > 0.0 => Some(dot / (na.sqrt() * nb.sqrt())),
+                    Comparison::CosineSimilarity if na > 0.0 && nb > 0.0 => {
+                        Some(dot / (na.sqrt() * nb.sqrt()))
+                    }
                     Comparison::CosineSimilarity => None,
                 }
             })
@@ -188,7 +225,9 @@ mod tests {
         assert!(l2.is_null(2), "a null feature gives a null distance");
         let cs = out[0].column(1).as_primitive::<Float64Type>();
         assert!((cs.value(0) - 24.0 / 25.0).abs() < 1e-9);
-        let packed = query("SELECT pack_features(a, b, c) AS v FROM t").await.unwrap();
+        let packed = query("SELECT pack_features(a, b, c) AS v FROM t")
+            .await
+            .unwrap();
         assert_eq!(packed[0].schema().field(0).data_type(), &vector_type(3));
     }
 
@@ -196,7 +235,9 @@ mod tests {
     async fn rejects_bad_arguments() {
         let e = query("SELECT pack_features('x') FROM t").await.unwrap_err();
         assert!(e.to_string().contains("numeric"), "{e}");
-        let e = query("SELECT l2_distance(pack_features(a), pack_features(a, b)) FROM t").await.unwrap_err();
+        let e = query("SELECT l2_distance(pack_features(a), pack_features(a, b)) FROM t")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("same length"), "{e}");
     }
 }

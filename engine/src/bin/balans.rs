@@ -14,7 +14,11 @@ use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpac
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "balans", version, about = "Out-of-core batch correction of Cell Painting profiles")]
+#[command(
+    name = "balans",
+    version,
+    about = "Out-of-core batch correction of Cell Painting profiles"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,11 @@ enum Command {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// Workloads: N (with --d features) or NxD, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000,5000000,100000x300")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10000,100000,1000000,5000000,100000x300"
+    )]
     sizes: Vec<String>,
     /// Features for workloads given as N.
     #[arg(long, default_value_t = 10)]
@@ -76,11 +84,17 @@ struct InputArgs {
 
 impl InputArgs {
     fn selection(&self) -> FeatureSelection {
-        FeatureSelection { include: self.features.clone(), exclude: self.exclude.clone() }
+        FeatureSelection {
+            include: self.features.clone(),
+            exclude: self.exclude.clone(),
+        }
     }
 
     fn source(&self) -> SourceOptions {
-        SourceOptions { s3_endpoint: self.s3_endpoint.clone(), ..SourceOptions::default() }
+        SourceOptions {
+            s3_endpoint: self.s3_endpoint.clone(),
+            ..SourceOptions::default()
+        }
     }
 }
 
@@ -221,9 +235,9 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
     let pca = match a.pca.as_str() {
         "auto" => PcaSetting::Auto,
         "off" | "none" | "0" => PcaSetting::Off,
-        n => PcaSetting::Components(
-            n.parse().map_err(|_| BalansError::InvalidArgument(format!("--pca takes auto, off or a number, not '{n}'")))?,
-        ),
+        n => PcaSetting::Components(n.parse().map_err(|_| {
+            BalansError::InvalidArgument(format!("--pca takes auto, off or a number, not '{n}'"))
+        })?),
     };
     Ok(BalansConfig {
         k: a.k,
@@ -291,7 +305,8 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
     );
     eprint!("{}", format_summary(&summary, total, peak));
     if let Some(path) = &a.summary_json {
-        let mut value = serde_json::to_value(&summary).map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+        let mut value = serde_json::to_value(&summary)
+            .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
         value["total_seconds"] = serde_json::json!(total);
         value["peak_rss_bytes"] = serde_json::json!(peak);
         std::fs::write(path, serde_json::to_string_pretty(&value).expect("json"))?;
@@ -321,15 +336,28 @@ fn run_synth(a: SynthArgs) -> Result<()> {
         ..Default::default()
     };
     let summary = balans_engine::synth::write_parquet(&params, &a.output, 65_536)?;
-    eprintln!("balans: wrote {} rows x {} features to {} ({:.2} s)", summary.n, summary.d, a.output.display(), summary.seconds);
+    eprintln!(
+        "balans: wrote {} rows x {} features to {} ({:.2} s)",
+        summary.n,
+        summary.d,
+        a.output.display(),
+        summary.seconds
+    );
     Ok(())
 }
 
 fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
     use balans_engine::bench::{Workload, markdown_table, run_bench};
-    let workloads: Vec<Workload> = a.sizes.iter().map(|s| Workload::parse(s, a.d)).collect::<Result<_>>()?;
+    let workloads: Vec<Workload> = a
+        .sizes
+        .iter()
+        .map(|s| Workload::parse(s, a.d))
+        .collect::<Result<_>>()?;
     let tmp = tempfile::tempdir()?;
-    let dir = a.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
     let rows = run_bench(&exe, &workloads, threads, &dir, &a.extra)?;
@@ -342,12 +370,22 @@ fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
         eprintln!("balans: cannot start {threads} threads: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("balans: cannot start the runtime: {e}");

@@ -23,9 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch,
-};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch};
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -79,7 +77,9 @@ impl BalansSpec {
 pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaRef> {
     for name in spec.features.iter().chain(&spec.batch) {
         if input.index_of(name).is_err() {
-            return Err(OperatorError::BadInput(format!("column '{name}' is not in the input")));
+            return Err(OperatorError::BadInput(format!(
+                "column '{name}' is not in the input"
+            )));
         }
     }
     let is_feature = |f: &Field| spec.features.iter().any(|n| n == f.name());
@@ -95,17 +95,32 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
             }
         }
         OutputSpace::Pca => {
-            let p = spec.config.pca.components(spec.features.len()).ok_or_else(|| {
-                OperatorError::InvalidParameter("--output-space pca needs PCA (set --pca N)".into())
-            })?;
-            fields.extend(input.fields().iter().filter(|f| !is_feature(f)).map(|f| f.as_ref().clone()));
+            let p = spec
+                .config
+                .pca
+                .components(spec.features.len())
+                .ok_or_else(|| {
+                    OperatorError::InvalidParameter(
+                        "--output-space pca needs PCA (set --pca N)".into(),
+                    )
+                })?;
+            fields.extend(
+                input
+                    .fields()
+                    .iter()
+                    .filter(|f| !is_feature(f))
+                    .map(|f| f.as_ref().clone()),
+            );
             fields.extend((1..=p).map(|c| Field::new(format!("PC{c}"), DataType::Float32, false)));
         }
     }
     if spec.emits_covered_column() {
         fields.push(Field::new(COVERED_COLUMN, DataType::Boolean, false));
     }
-    Ok(Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())))
+    Ok(Arc::new(Schema::new_with_metadata(
+        fields,
+        input.metadata().clone(),
+    )))
 }
 
 /// The BALANS correction operator (single input partition, single output partition).
@@ -135,7 +150,13 @@ impl BalansExec {
             EmissionType::Final,
             Boundedness::Bounded,
         ));
-        Ok(Self { input, spec, schema, cache, metrics: ExecutionPlanMetricsSet::new() })
+        Ok(Self {
+            input,
+            spec,
+            schema,
+            cache,
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
     }
 
     /// The correction request.
@@ -152,7 +173,12 @@ impl BalansExec {
 impl DisplayAs for BalansExec {
     fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         match t {
-            DisplayFormatType::TreeRender => write!(f, "features={}\nbatch={}", self.spec.features.len(), self.spec.batch.join(",")),
+            DisplayFormatType::TreeRender => write!(
+                f,
+                "features={}\nbatch={}",
+                self.spec.features.len(),
+                self.spec.batch.join(",")
+            ),
             _ => write!(
                 f,
                 "BalansExec: features={}, batch=[{}], {}",
@@ -196,20 +222,34 @@ impl ExecutionPlan for BalansExec {
         Ok(TreeNodeRecursion::Continue)
     }
 
-    fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> DFResult<Arc<dyn ExecutionPlan>> {
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
         if children.len() != 1 {
-            return Err(DataFusionError::Internal("BalansExec takes one child".into()));
+            return Err(DataFusionError::Internal(
+                "BalansExec takes one child".into(),
+            ));
         }
-        Ok(Arc::new(BalansExec::try_new(children.swap_remove(0), self.spec.clone())?))
+        Ok(Arc::new(BalansExec::try_new(
+            children.swap_remove(0),
+            self.spec.clone(),
+        )?))
     }
 
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
         if partition != 0 {
-            return Err(DataFusionError::Internal(format!("BalansExec has one partition, got {partition}")));
+            return Err(DataFusionError::Internal(format!(
+                "BalansExec has one partition, got {partition}"
+            )));
         }
         let input = self.input.execute(0, context.clone())?;
         let mut builder = RecordBatchReceiverStream::builder(self.schema.clone(), 2);
@@ -264,7 +304,16 @@ impl Run {
         handle: tokio::runtime::Handle,
     ) -> Result<Self> {
         let reservation = MemoryConsumer::new("BalansExec").register(context.memory_pool());
-        Ok(Self { spec, schema, context, tx, handle, reservation, summary: RunSummary::default(), stage_start: Instant::now() })
+        Ok(Self {
+            spec,
+            schema,
+            context,
+            tx,
+            handle,
+            reservation,
+            summary: RunSummary::default(),
+            stage_start: Instant::now(),
+        })
     }
 
     fn cancelled(&self) -> bool {
@@ -272,7 +321,11 @@ impl Run {
     }
 
     fn check_cancel(&self) -> Result<()> {
-        if self.cancelled() { Err(OperatorError::Cancelled) } else { Ok(()) }
+        if self.cancelled() {
+            Err(OperatorError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 
     fn start_stage(&mut self, name: &str, total: Option<u64>) {
@@ -281,7 +334,10 @@ impl Run {
     }
 
     fn end_stage(&mut self, name: &str) {
-        self.summary.stages.push(StageTiming { stage: name.to_string(), seconds: self.stage_start.elapsed().as_secs_f64() });
+        self.summary.stages.push(StageTiming {
+            stage: name.to_string(),
+            seconds: self.stage_start.elapsed().as_secs_f64(),
+        });
         self.spec.progress.stage_finished(name);
     }
 
@@ -305,12 +361,21 @@ impl Run {
     }
 
     fn work_file(&self, what: &str) -> Result<WorkFile> {
-        let guard = self.context.runtime_env().disk_manager.create_tmp_file(what)?;
+        let guard = self
+            .context
+            .runtime_env()
+            .disk_manager
+            .create_tmp_file(what)?;
         let path = guard
             .path()
-            .ok_or_else(|| OperatorError::InvalidParameter("BALANS needs a local temporary directory".into()))?
+            .ok_or_else(|| {
+                OperatorError::InvalidParameter("BALANS needs a local temporary directory".into())
+            })?
             .to_path_buf();
-        Ok(WorkFile { _guard: guard, path })
+        Ok(WorkFile {
+            _guard: guard,
+            path,
+        })
     }
 
     fn execute(mut self, input: SendableRecordBatchStream) -> Result<()> {
@@ -392,7 +457,9 @@ impl Run {
                     rows.extend_from_slice(reduced_blocks.row(i as usize));
                 }
                 w.append(rows)?;
-                self.spec.progress.stage_progress(((c + 1) * chunk).min(n) as u64, None);
+                self.spec
+                    .progress
+                    .stage_progress(((c + 1) * chunk).min(n) as u64, None);
             }
             w.finish()?;
         }
@@ -402,7 +469,10 @@ impl Run {
 
         // Sampling loop.
         let cfg = self.spec.config.clone();
-        self.reserve(n * 8 * 3 + n + 64 * 1024, "the landmark sampler (3 x f64 + 1 byte per row)")?;
+        self.reserve(
+            n * 8 * 3 + n + 64 * 1024,
+            "the landmark sampler (3 x f64 + 1 byte per row)",
+        )?;
         let max_landmarks = cfg.max_landmarks.unwrap_or(usize::MAX);
         self.start_stage("sample", Some(n as u64));
         let params = SamplingParams {
@@ -411,13 +481,25 @@ impl Run {
             tau: cfg.tau,
             max_landmarks,
             seed: cfg.seed,
-            elbow: ElbowParams { rule: cfg.elbow, a_min: cfg.a_min, bins: cfg.bins, r_min: cfg.r_min() },
+            elbow: ElbowParams {
+                rule: cfg.elbow,
+                a_min: cfg.a_min,
+                bins: cfg.bins,
+                r_min: cfg.r_min(),
+            },
         };
         let progress = self.spec.progress.clone();
         let tx = self.tx.clone();
-        let sampling = sample_landmarks(&z, &offsets, &params, None, &|| tx.is_closed(), &mut |m, covered| {
-            progress.stage_progress(covered as u64, Some(format!("{m} landmarks")));
-        })?;
+        let sampling = sample_landmarks(
+            &z,
+            &offsets,
+            &params,
+            None,
+            &|| tx.is_closed(),
+            &mut |m, covered| {
+                progress.stage_progress(covered as u64, Some(format!("{m} landmarks")));
+            },
+        )?;
         let m = sampling.landmarks.len();
         self.summary.landmarks = m;
         self.summary.distinct_landmarks = {
@@ -437,11 +519,19 @@ impl Run {
             OutputSpace::Features => feature_blocks.clone(),
             OutputSpace::Pca => match &reduced_input {
                 Some((f, _)) => f.row_blocks()?,
-                None => return Err(OperatorError::InvalidParameter("--output-space pca needs PCA".into())),
+                None => {
+                    return Err(OperatorError::InvalidParameter(
+                        "--output-space pca needs PCA".into(),
+                    ));
+                }
             },
         };
         let dx = x_blocks.p();
-        self.reserve(SmoothAccumulator::size_bytes(m, dx) * 2 + m * m * 8 * (cfg.estimator == crate::config::Estimator::Nystrom) as usize, "Y = A_S X (landmarks x output columns)")?;
+        self.reserve(
+            SmoothAccumulator::size_bytes(m, dx) * 2
+                + m * m * 8 * (cfg.estimator == crate::config::Estimator::Nystrom) as usize,
+            "Y = A_S X (landmarks x output columns)",
+        )?;
         self.start_stage("smooth", Some(n as u64));
         let landmarks = sampling.landmarks;
         drop(sampling.covered);
@@ -459,7 +549,9 @@ impl Run {
             self.spec.progress.stage_progress(done as u64, None);
         }
         let grouped_ref = &grouped;
-        let fitted = acc.finish(cfg.estimator, &landmarks, |g| codes[grouped_ref[g] as usize] as usize);
+        let fitted = acc.finish(cfg.estimator, &landmarks, |g| {
+            codes[grouped_ref[g] as usize] as usize
+        });
         self.end_stage("smooth");
 
         // Smoothing pass 2: corrected rows joined with the metadata, in input order.
@@ -502,13 +594,29 @@ impl Run {
 
     /// Streams the input once: writes the working files and collects batch codes, PCA state
     /// and data checks.
-    fn ingest(&mut self, mut input: SendableRecordBatchStream, pca_p: Option<usize>) -> Result<Ingested> {
+    fn ingest(
+        &mut self,
+        mut input: SendableRecordBatchStream,
+        pca_p: Option<usize>,
+    ) -> Result<Ingested> {
         self.start_stage("ingest", None);
         let in_schema = input.schema();
         let d = self.spec.features.len();
-        let feature_idx: Vec<usize> = self.spec.features.iter().map(|f| in_schema.index_of(f)).collect::<std::result::Result<_, _>>()?;
-        let batch_idx: Vec<usize> = self.spec.batch.iter().map(|f| in_schema.index_of(f)).collect::<std::result::Result<_, _>>()?;
-        let meta_idx: Vec<usize> = (0..in_schema.fields().len()).filter(|i| !feature_idx.contains(i)).collect();
+        let feature_idx: Vec<usize> = self
+            .spec
+            .features
+            .iter()
+            .map(|f| in_schema.index_of(f))
+            .collect::<std::result::Result<_, _>>()?;
+        let batch_idx: Vec<usize> = self
+            .spec
+            .batch
+            .iter()
+            .map(|f| in_schema.index_of(f))
+            .collect::<std::result::Result<_, _>>()?;
+        let meta_idx: Vec<usize> = (0..in_schema.fields().len())
+            .filter(|i| !feature_idx.contains(i))
+            .collect();
         let meta_schema = Arc::new(in_schema.project(&meta_idx)?);
         let features = self.work_file("BALANS features")?;
         let meta = self.work_file("BALANS metadata")?;
@@ -522,7 +630,10 @@ impl Run {
         let mut max = vec![f32::NEG_INFINITY; d];
         let mut gram: Option<GramAccumulator> = None;
         if pca_p.is_some() {
-            self.reserve(GramAccumulator::size_bytes(d), "the PCA state (features x features)")?;
+            self.reserve(
+                GramAccumulator::size_bytes(d),
+                "the PCA state (features x features)",
+            )?;
         }
         let policy = self.spec.config.nan;
         let mut dropped = 0usize;
@@ -553,12 +664,19 @@ impl Run {
                 NanPolicy::DropRows if bad_row.iter().any(|&b| b) => {
                     let keep: BooleanArray = bad_row.iter().map(|&b| Some(!b)).collect();
                     dropped += bad_row.iter().filter(|&&b| b).count();
-                    let kept_rows: Vec<f32> = rows.chunks_exact(d).zip(&bad_row).filter(|(_, b)| !**b).flat_map(|(r, _)| r.iter().copied()).collect();
+                    let kept_rows: Vec<f32> = rows
+                        .chunks_exact(d)
+                        .zip(&bad_row)
+                        .filter(|(_, b)| !**b)
+                        .flat_map(|(r, _)| r.iter().copied())
+                        .collect();
                     (filter_record_batch(&batch, &keep)?, kept_rows)
                 }
                 NanPolicy::Zero => {
                     let mut rows = rows;
-                    rows.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = 0.0);
+                    rows.iter_mut()
+                        .filter(|v| !v.is_finite())
+                        .for_each(|v| *v = 0.0);
                     (batch, rows)
                 }
                 _ => (batch, rows),
@@ -576,7 +694,10 @@ impl Run {
                 }
             }
             // Batch keys.
-            let key_cols: Vec<ArrayRef> = batch_idx.iter().map(|&i| cast(batch.column(i), &DataType::Utf8)).collect::<std::result::Result<_, _>>()?;
+            let key_cols: Vec<ArrayRef> = batch_idx
+                .iter()
+                .map(|&i| cast(batch.column(i), &DataType::Utf8))
+                .collect::<std::result::Result<_, _>>()?;
             let mut key = String::new();
             for i in 0..r {
                 key.clear();
@@ -585,7 +706,11 @@ impl Run {
                         key.push('/');
                     }
                     let s = col.as_string::<i32>();
-                    if s.is_null(i) { key.push_str("NULL") } else { key.push_str(s.value(i)) }
+                    if s.is_null(i) {
+                        key.push_str("NULL")
+                    } else {
+                        key.push_str(s.value(i))
+                    }
                 }
                 let code = match key_index.get(&key) {
                     Some(&c) => c,
@@ -599,7 +724,9 @@ impl Run {
                 codes.push(code);
             }
             if pca_p.is_some() {
-                let g = gram.get_or_insert_with(|| GramAccumulator::new(rows[..d].iter().map(|&v| v as f64).collect()));
+                let g = gram.get_or_insert_with(|| {
+                    GramAccumulator::new(rows[..d].iter().map(|&v| v as f64).collect())
+                });
                 for part in rows.chunks(1024 * d) {
                     g.update(part);
                 }
@@ -614,9 +741,20 @@ impl Run {
         mw.finish()?;
         self.summary.dropped_rows = dropped;
         self.summary.features = d;
-        let bad: Vec<(String, usize)> = self.spec.features.iter().cloned().zip(non_finite.iter().copied()).filter(|(_, c)| *c > 0).collect();
+        let bad: Vec<(String, usize)> = self
+            .spec
+            .features
+            .iter()
+            .cloned()
+            .zip(non_finite.iter().copied())
+            .filter(|(_, c)| *c > 0)
+            .collect();
         if policy == NanPolicy::Error && !bad.is_empty() {
-            let shown: Vec<String> = bad.iter().take(10).map(|(n, c)| format!("{n} ({c})")).collect();
+            let shown: Vec<String> = bad
+                .iter()
+                .take(10)
+                .map(|(n, c)| format!("{n} ({c})"))
+                .collect();
             return Err(OperatorError::BadInput(format!(
                 "{} feature column(s) hold NaN, infinite or null values: {}{}; choose --nan drop-rows or --nan zero, or exclude the columns",
                 bad.len(),
@@ -638,9 +776,18 @@ impl Run {
                 self.spec.batch.join(", ")
             )));
         }
-        let constant: Vec<String> = self.spec.features.iter().enumerate().filter(|&(f, _)| min[f] >= max[f]).map(|(_, n)| n.clone()).collect();
+        let constant: Vec<String> = self
+            .spec
+            .features
+            .iter()
+            .enumerate()
+            .filter(|&(f, _)| min[f] >= max[f])
+            .map(|(_, n)| n.clone())
+            .collect();
         if constant.len() == d {
-            return Err(OperatorError::BadInput("every feature column is constant: there is nothing to correct".into()));
+            return Err(OperatorError::BadInput(
+                "every feature column is constant: there is nothing to correct".into(),
+            ));
         }
         if !constant.is_empty() {
             let shown: Vec<&str> = constant.iter().take(5).map(|s| s.as_str()).collect();
@@ -653,11 +800,22 @@ impl Run {
         }
         self.summary.constant_features = constant;
         self.end_stage("ingest");
-        Ok(Ingested { features, meta, batch_codes: codes, batch_keys: keys, gram })
+        Ok(Ingested {
+            features,
+            meta,
+            batch_codes: codes,
+            batch_keys: keys,
+            gram,
+        })
     }
 
     /// Writes the reduced rows (PCA projection and/or L2 normalisation) in input order.
-    fn write_reduced(&mut self, features: &RowBlocks<'_>, model: Option<&PcaModel>, file: &WorkFile) -> Result<()> {
+    fn write_reduced(
+        &mut self,
+        features: &RowBlocks<'_>,
+        model: Option<&PcaModel>,
+        file: &WorkFile,
+    ) -> Result<()> {
         let d = features.p();
         let p = model.map_or(d, |m| m.p);
         let cosine = self.spec.config.metric == Metric::Cosine;
@@ -672,7 +830,9 @@ impl Run {
             let mut z = match model {
                 Some(model) => {
                     let mut z = vec![0.0f32; (end - start) * p];
-                    z.par_chunks_mut(p * 256).zip(x.par_chunks(d * 256)).for_each(|(zo, xi)| model.project(xi, zo));
+                    z.par_chunks_mut(p * 256)
+                        .zip(x.par_chunks(d * 256))
+                        .for_each(|(zo, xi)| model.project(xi, zo));
                     z
                 }
                 None => x,
@@ -688,11 +848,23 @@ impl Run {
     }
 
     /// Builds one output batch from metadata rows and corrected values.
-    fn assemble(&self, meta: &RecordBatch, values: &[f32], d: usize, covered: Vec<bool>) -> Result<RecordBatch> {
+    fn assemble(
+        &self,
+        meta: &RecordBatch,
+        values: &[f32],
+        d: usize,
+        covered: Vec<bool>,
+    ) -> Result<RecordBatch> {
         let r = meta.num_rows();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         let mut next_value_col = 0usize;
-        let feature_pos: HashMap<&str, usize> = self.spec.features.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let feature_pos: HashMap<&str, usize> = self
+            .spec
+            .features
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
         for field in self.schema.fields() {
             if field.name() == COVERED_COLUMN && self.spec.emits_covered_column() {
                 columns.push(Arc::new(BooleanArray::from(covered.clone())));
@@ -711,7 +883,10 @@ impl Run {
             };
             match col_of_values {
                 Some(f) => {
-                    let v: Float32Array = (0..r).map(|i| values[i * d + f]).collect::<Vec<f32>>().into();
+                    let v: Float32Array = (0..r)
+                        .map(|i| values[i * d + f])
+                        .collect::<Vec<f32>>()
+                        .into();
                     columns.push(Arc::new(v));
                 }
                 None => columns.push(meta.column(meta.schema().index_of(field.name())?).clone()),

@@ -28,7 +28,10 @@ fn write_options() -> Result<IpcWriteOptions> {
 pub fn matrix_schema(p: usize) -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new(
         "v",
-        DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), p as i32),
+        DataType::FixedSizeList(
+            Arc::new(Field::new("item", DataType::Float32, false)),
+            p as i32,
+        ),
         false,
     )]))
 }
@@ -47,7 +50,12 @@ impl MatrixWriter {
         let schema = matrix_schema(p);
         let file = BufWriter::with_capacity(1 << 20, File::create(path)?);
         let writer = FileWriter::try_new_with_options(file, &schema, write_options()?)?;
-        Ok(Self { writer, schema, p, rows: 0 })
+        Ok(Self {
+            writer,
+            schema,
+            p,
+            rows: 0,
+        })
     }
 
     /// Appends `rows.len() / p` rows.
@@ -86,7 +94,9 @@ impl BatchWriter {
     /// Creates (truncates) `path` for batches of `schema`.
     pub fn create(path: &Path, schema: &Schema) -> Result<Self> {
         let file = BufWriter::with_capacity(1 << 20, File::create(path)?);
-        Ok(Self { writer: FileWriter::try_new_with_options(file, schema, write_options()?)? })
+        Ok(Self {
+            writer: FileWriter::try_new_with_options(file, schema, write_options()?)?,
+        })
     }
 
     /// Appends one batch.
@@ -119,16 +129,21 @@ impl MappedIpcFile {
         let bytes = bytes::Bytes::from_owner(mmap);
         let buffer = Buffer::from(bytes);
         if buffer.len() < 10 {
-            return Err(OperatorError::BadInput(format!("{} is not an Arrow IPC file", path.display())));
+            return Err(OperatorError::BadInput(format!(
+                "{} is not an Arrow IPC file",
+                path.display()
+            )));
         }
         let trailer_start = buffer.len() - 10;
         let footer_len = read_footer_length(buffer[trailer_start..].try_into().expect("10 bytes"))?;
         let footer = root_as_footer(&buffer[trailer_start - footer_len..trailer_start])
             .map_err(|e| OperatorError::BadInput(format!("invalid IPC footer: {e}")))?;
-        let schema = Arc::new(fb_to_schema(
-            footer.schema().ok_or_else(|| OperatorError::BadInput("IPC file without schema".into()))?,
-        ));
-        let mut decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
+        let schema =
+            Arc::new(fb_to_schema(footer.schema().ok_or_else(|| {
+                OperatorError::BadInput("IPC file without schema".into())
+            })?));
+        let mut decoder =
+            FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
         for block in footer.dictionaries().iter().flatten() {
             let len = block.bodyLength() as usize + block.metaDataLength() as usize;
             let data = buffer.slice_with_length(block.offset() as usize, len);
@@ -164,7 +179,11 @@ impl MappedIpcFile {
     pub fn matrix_blocks(&self) -> Result<(usize, Vec<&[f32]>)> {
         let p = match self.schema.field(0).data_type() {
             DataType::FixedSizeList(_, p) => *p as usize,
-            other => return Err(OperatorError::BadInput(format!("not a matrix file: {other}"))),
+            other => {
+                return Err(OperatorError::BadInput(format!(
+                    "not a matrix file: {other}"
+                )));
+            }
         };
         let blocks = self
             .batches

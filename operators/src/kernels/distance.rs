@@ -47,7 +47,11 @@ pub fn sq_distances_to(query: &[f32], points: &[f32], p: usize, out: &mut [f64])
 pub fn l2_normalize_rows(points: &mut [f32], p: usize) {
     points.par_chunks_mut(p * 1024).for_each(|block| {
         for row in block.chunks_exact_mut(p) {
-            let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+            let norm = row
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt();
             if norm > 0.0 {
                 for v in row.iter_mut() {
                     *v = (*v as f64 / norm) as f32;
@@ -67,7 +71,9 @@ mod tests {
     fn matches_brute_force() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for &(n, p) in &[(1, 1), (7, 3), (100, 13), (40_000, 5)] {
-            let x: Vec<f32> = (0..n * p).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+            let x: Vec<f32> = (0..n * p)
+                .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                .collect();
             let q: Vec<f32> = (0..p).map(|_| rng.random::<f32>()).collect();
             let mut out = vec![0.0; n];
             sq_distances_to(&q, &x, p, &mut out);

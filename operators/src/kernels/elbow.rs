@@ -21,7 +21,12 @@ pub struct ElbowParams {
 }
 
 /// Returns the threshold of one row under `params` (see the module docs).
-pub fn row_threshold(s: &[f64], self_index: usize, params: &ElbowParams, scratch: &mut Vec<f64>) -> f64 {
+pub fn row_threshold(
+    s: &[f64],
+    self_index: usize,
+    params: &ElbowParams,
+    scratch: &mut Vec<f64>,
+) -> f64 {
     let s_max = -params.a_min.ln();
     let t = match params.rule {
         ElbowRule::Kneedle => kneedle_histogram(s, self_index, s_max, params.bins, params.r_min),
@@ -65,14 +70,20 @@ pub fn enforce_min_kept(s: &[f64], t: f64, r_min: usize, scratch: &mut Vec<f64>)
 /// affinity at the lower edge of the first non-empty bin and `a_last` at the upper edge of the
 /// last one; the knee maximises `(1 - x_b) - y_b` over bins with `cum_b >= r_min - 1`, and the
 /// threshold is that bin's upper edge. Bin assignment follows `numpy.histogram`.
-pub fn kneedle_histogram(s: &[f64], self_index: usize, s_max: f64, bins: usize, r_min: usize) -> f64 {
+pub fn kneedle_histogram(
+    s: &[f64],
+    self_index: usize,
+    s_max: f64,
+    bins: usize,
+    r_min: usize,
+) -> f64 {
     let step = s_max / bins as f64;
     let edge = |i: usize| if i == bins { s_max } else { i as f64 * step };
     let norm = bins as f64 / s_max;
     let mut counts = vec![0u64; bins];
     let mut total = 0u64;
     for (j, &v) in s.iter().enumerate() {
-        if j == self_index || !(v <= s_max) {
+        if j == self_index || v.is_nan() || v > s_max {
             continue;
         }
         let mut idx = ((v * norm) as usize).min(bins - 1);
@@ -177,7 +188,12 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn params(rule: ElbowRule) -> ElbowParams {
-        ElbowParams { rule, a_min: 1e-8, bins: 4096, r_min: 11 }
+        ElbowParams {
+            rule,
+            a_min: 1e-8,
+            bins: 4096,
+            r_min: 11,
+        }
     }
 
     /// A row with a clear elbow: a tight cluster of `c` points, then a diffuse tail.
@@ -201,8 +217,14 @@ mod tests {
             let ts = row_threshold(&s, 0, &params(ElbowRule::KneedleSorted), &mut scratch);
             let kh = s.iter().filter(|&&v| v < th).count() as f64;
             let ks = s.iter().filter(|&&v| v < ts).count() as f64;
-            assert!((kh - ks).abs() <= 0.02 * ks + 2.0, "trial {trial}: {kh} vs {ks}");
-            assert!((th - ts).abs() <= 2.0 * 18.42 / 4096.0 + 0.5, "{th} vs {ts}");
+            assert!(
+                (kh - ks).abs() <= 0.02 * ks + 2.0,
+                "trial {trial}: {kh} vs {ks}"
+            );
+            assert!(
+                (th - ts).abs() <= 2.0 * 18.42 / 4096.0 + 0.5,
+                "{th} vs {ts}"
+            );
         }
     }
 
@@ -216,7 +238,9 @@ mod tests {
         let (a1, al) = ((-cand[0]).exp(), (-cand[l - 1]).exp());
         let best_r = (10..=l)
             .max_by(|&a, &b| {
-                let d = |r: usize| (1.0 - r as f64 / l as f64) - ((-cand[r - 1]).exp() - al) / (a1 - al);
+                let d = |r: usize| {
+                    (1.0 - r as f64 / l as f64) - ((-cand[r - 1]).exp() - al) / (a1 - al)
+                };
                 d(a).total_cmp(&d(b)).then(b.cmp(&a))
             })
             .unwrap();
@@ -241,12 +265,19 @@ mod tests {
     fn keeps_at_least_r_min() {
         // Two candidates only: every rule keeps the r_min nearest (here all 3 points).
         let s = vec![0.0, 1.0, 30.0];
-        for rule in [ElbowRule::Kneedle, ElbowRule::KneedleSorted, ElbowRule::MaxGap, ElbowRule::MaxLogGap] {
+        for rule in [
+            ElbowRule::Kneedle,
+            ElbowRule::KneedleSorted,
+            ElbowRule::MaxGap,
+            ElbowRule::MaxLogGap,
+        ] {
             let t = row_threshold(&s, 0, &params(rule), &mut Vec::new());
             assert_eq!(s.iter().filter(|&&v| v < t).count(), 3, "{rule}");
         }
         // Many far points: r_min nearest kept.
-        let s: Vec<f64> = std::iter::once(0.0).chain((1..100).map(|i| 50.0 + i as f64)).collect();
+        let s: Vec<f64> = std::iter::once(0.0)
+            .chain((1..100).map(|i| 50.0 + i as f64))
+            .collect();
         let t = row_threshold(&s, 0, &params(ElbowRule::Kneedle), &mut Vec::new());
         assert_eq!(s.iter().filter(|&&v| v < t).count(), 11);
     }
@@ -260,6 +291,9 @@ mod tests {
         s.extend(std::iter::repeat_n(10.0 * step, 12));
         s.extend(std::iter::repeat_n(3000.0 * step, 50));
         let t = kneedle_histogram(&s, 0, s_max, 4096, 11);
-        assert!(t > 10.0 * step, "edge values belong to bin 10, threshold {t}");
+        assert!(
+            t > 10.0 * step,
+            "edge values belong to bin 10, threshold {t}"
+        );
     }
 }

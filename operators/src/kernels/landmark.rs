@@ -34,7 +34,11 @@ impl<'a> RowBlocks<'a> {
                 (s, b)
             })
             .collect();
-        Self { blocks, p, n: start }
+        Self {
+            blocks,
+            p,
+            n: start,
+        }
     }
 
     /// Number of rows.
@@ -161,7 +165,13 @@ pub fn landmark_row(
     scaled_distances(&buf.d2, offsets, &scales, i, &mut buf.s);
     let threshold = row_threshold(&buf.s, i, elbow, &mut buf.scratch);
     let kept = buf.s.iter().filter(|&&v| v < threshold).count();
-    Landmark { index: i, coords, scales, threshold, kept }
+    Landmark {
+        index: i,
+        coords,
+        scales,
+        threshold,
+        kept,
+    }
 }
 
 /// Runs the adaptive sampling loop over the batch-grouped reduced matrix `z`.
@@ -179,7 +189,9 @@ pub fn sample_landmarks(
 ) -> Result<SamplingResult> {
     let n = z.n();
     if n == 0 {
-        return Err(OperatorError::BadInput("no rows to sample landmarks from".into()));
+        return Err(OperatorError::BadInput(
+            "no rows to sample landmarks from".into(),
+        ));
     }
     let max = replay.map_or(params.max_landmarks, |r| r.len());
     let mut sampler = AdaptiveSampler::new(n, params.block, params.tau, max, params.seed);
@@ -195,12 +207,18 @@ pub fn sample_landmarks(
             None => sampler.next_index(),
         };
         if i >= n {
-            return Err(OperatorError::InvalidParameter(format!("landmark {i} out of range")));
+            return Err(OperatorError::InvalidParameter(format!(
+                "landmark {i} out of range"
+            )));
         }
         let row = landmark_row(z, offsets, i, params.k, &params.elbow, &mut buf);
         let t = row.threshold;
         let d = sampler.observe(
-            buf.s.iter().enumerate().filter(|&(_, &v)| v < t).map(|(j, &v)| (j, (-v).exp())),
+            buf.s
+                .iter()
+                .enumerate()
+                .filter(|&(_, &v)| v < t)
+                .map(|(j, &v)| (j, (-v).exp())),
         );
         delta.push(d);
         landmarks.push(row);
@@ -232,14 +250,19 @@ pub fn column_entries(landmarks: &[Landmark], z: &[f32], batch: usize, out: &mut
 }
 
 /// The dense `m x m` block `A_SS` (row `l`, column = landmark `l'`'s point), row-major.
-pub fn landmark_block(landmarks: &[Landmark], batch_of: impl Fn(usize) -> usize + Sync) -> Vec<f64> {
+pub fn landmark_block(
+    landmarks: &[Landmark],
+    batch_of: impl Fn(usize) -> usize + Sync,
+) -> Vec<f64> {
     let m = landmarks.len();
     let mut out = vec![0.0; m * m];
-    out.par_chunks_mut(m.max(1)).zip(landmarks.par_iter()).for_each(|(row, lm)| {
-        for (c, other) in landmarks.iter().enumerate() {
-            row[c] = lm.affinity(&other.coords, batch_of(other.index));
-        }
-    });
+    out.par_chunks_mut(m.max(1))
+        .zip(landmarks.par_iter())
+        .for_each(|(row, lm)| {
+            for (c, other) in landmarks.iter().enumerate() {
+                row[c] = lm.affinity(&other.coords, batch_of(other.index));
+            }
+        });
     out
 }
 
@@ -273,7 +296,12 @@ mod tests {
             tau: 8,
             max_landmarks: 10_000,
             seed: 1,
-            elbow: ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 6 },
+            elbow: ElbowParams {
+                rule: ElbowRule::Kneedle,
+                a_min: 1e-8,
+                bins: 4096,
+                r_min: 6,
+            },
         }
     }
 
@@ -327,7 +355,8 @@ mod tests {
         assert_eq!(r.delta.iter().sum::<usize>(), 200);
         assert!(r.delta.iter().rev().take(p.tau).all(|&d| d == 0));
         let seq: Vec<usize> = r.landmarks.iter().map(|l| l.index).collect();
-        let again = sample_landmarks(&z, &offsets, &p, Some(&seq), &|| false, &mut |_, _| {}).unwrap();
+        let again =
+            sample_landmarks(&z, &offsets, &p, Some(&seq), &|| false, &mut |_, _| {}).unwrap();
         assert_eq!(again.landmarks, r.landmarks);
         let mut capped = p;
         capped.max_landmarks = 2;
@@ -398,7 +427,9 @@ impl LandmarkIndex {
         let pivots: Vec<Vec<f32>> = if m == 0 {
             Vec::new()
         } else {
-            (0..PIVOTS).map(|k| landmarks[k * m / PIVOTS].coords.clone()).collect()
+            (0..PIVOTS)
+                .map(|k| landmarks[k * m / PIVOTS].coords.clone())
+                .collect()
         };
         let pivot_dist: Vec<[f64; PIVOTS]> = landmarks
             .iter()
@@ -416,27 +447,53 @@ impl LandmarkIndex {
             .iter()
             .map(|l| {
                 let margin = 1.0 + 1e-3 + 4e-7 * l.coords.len() as f64;
-                l.scales.iter().map(|s| (l.threshold * s.sigma2 * margin) as f32 * (1.0 + 1e-6) + 1e-30).collect()
+                l.scales
+                    .iter()
+                    .map(|s| (l.threshold * s.sigma2 * margin) as f32 * (1.0 + 1e-6) + 1e-30)
+                    .collect()
             })
             .collect();
         let mut order: Vec<u32> = (0..m as u32).collect();
-        order.sort_by(|&a, &b| pivot_dist[a as usize][0].total_cmp(&pivot_dist[b as usize][0]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            pivot_dist[a as usize][0]
+                .total_cmp(&pivot_dist[b as usize][0])
+                .then(a.cmp(&b))
+        });
         let q0_sorted = order.iter().map(|&l| pivot_dist[l as usize][0]).collect();
         let max_reach = reach.iter().copied().fold(0.0, f64::max);
         let coords_f32 = landmarks.iter().map(|l| l.coords.clone()).collect();
-        Self { order, q0_sorted, pivot_dist, reach, radius2_f32, coords_f32, pivots, max_reach }
+        Self {
+            order,
+            q0_sorted,
+            pivot_dist,
+            reach,
+            radius2_f32,
+            coords_f32,
+            pivots,
+            max_reach,
+        }
     }
 
     /// Nonzero entries `(landmark, A_lj)` of the column of a point with coordinates `z` in
     /// batch `batch`, in the index's landmark order.
-    pub fn column_entries(&self, landmarks: &[Landmark], z: &[f32], batch: usize, out: &mut Vec<(u32, f64)>) {
+    pub fn column_entries(
+        &self,
+        landmarks: &[Landmark],
+        z: &[f32],
+        batch: usize,
+        out: &mut Vec<(u32, f64)>,
+    ) {
         out.clear();
         if self.order.is_empty() {
             return;
         }
         let q: [f64; PIVOTS] = std::array::from_fn(|k| dist(z, &self.pivots[k]));
-        let lo = self.q0_sorted.partition_point(|&v| v < q[0] - self.max_reach);
-        let hi = self.q0_sorted.partition_point(|&v| v <= q[0] + self.max_reach);
+        let lo = self
+            .q0_sorted
+            .partition_point(|&v| v < q[0] - self.max_reach);
+        let hi = self
+            .q0_sorted
+            .partition_point(|&v| v <= q[0] + self.max_reach);
         for &l in &self.order[lo..hi] {
             let li = l as usize;
             let r = self.reach[li];
@@ -466,7 +523,9 @@ mod index_tests {
     fn index_finds_exactly_the_nonzero_entries() {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let (n, p) = (3000, 6);
-        let x: Vec<f32> = (0..n * p).map(|i| ((i / p) % 7) as f32 * 2.0 + rng.random::<f32>() * 1.5).collect();
+        let x: Vec<f32> = (0..n * p)
+            .map(|i| ((i / p) % 7) as f32 * 2.0 + rng.random::<f32>() * 1.5)
+            .collect();
         let offsets = vec![0, 1000, 2000, 3000];
         let z = RowBlocks::new(vec![&x], p);
         let params = SamplingParams {
@@ -475,7 +534,12 @@ mod index_tests {
             tau: 30,
             max_landmarks: 10_000,
             seed: 3,
-            elbow: ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 11 },
+            elbow: ElbowParams {
+                rule: ElbowRule::Kneedle,
+                a_min: 1e-8,
+                bins: 4096,
+                r_min: 11,
+            },
         };
         let r = sample_landmarks(&z, &offsets, &params, None, &|| false, &mut |_, _| {}).unwrap();
         let index = LandmarkIndex::new(&r.landmarks);

@@ -21,7 +21,13 @@ impl GramAccumulator {
     /// An empty state for `d` features, shifted by `shift` (e.g. the first input row).
     pub fn new(shift: Vec<f64>) -> Self {
         let d = shift.len();
-        Self { d, shift, n: 0, sum: vec![0.0; d], gram: Mat::zeros(d, d) }
+        Self {
+            d,
+            shift,
+            n: 0,
+            sum: vec![0.0; d],
+            gram: Mat::zeros(d, d),
+        }
     }
 
     /// Bytes held (for memory accounting).
@@ -46,13 +52,23 @@ impl GramAccumulator {
             }
         }
         let b = MatRef::from_row_major_slice(&centred, r, d);
-        matmul(self.gram.as_mut(), Accum::Add, b.transpose(), b, 1.0, Par::Seq);
+        matmul(
+            self.gram.as_mut(),
+            Accum::Add,
+            b.transpose(),
+            b,
+            1.0,
+            Par::Seq,
+        );
         self.n += r as u64;
     }
 
     /// Merges another partition's state (same shift).
     pub fn merge(&mut self, other: &GramAccumulator) {
-        assert_eq!(self.shift, other.shift, "merged PCA states must share the shift");
+        assert_eq!(
+            self.shift, other.shift,
+            "merged PCA states must share the shift"
+        );
         self.n += other.n;
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
             *a += b;
@@ -77,7 +93,11 @@ impl GramAccumulator {
         let cov = Mat::from_fn(self.d, self.d, |i, j| {
             (self.gram[(i, j)] - n * mu_shifted[i] * mu_shifted[j]) / denom
         });
-        let mean = mu_shifted.iter().zip(&self.shift).map(|(m, s)| m + s).collect();
+        let mean = mu_shifted
+            .iter()
+            .zip(&self.shift)
+            .map(|(m, s)| m + s)
+            .collect();
         (cov, mean)
     }
 
@@ -86,7 +106,9 @@ impl GramAccumulator {
         let (cov, mean) = self.covariance();
         let d = self.d;
         let p = p.min(d);
-        let eig = cov.self_adjoint_eigen(Side::Lower).expect("eigendecomposition of the covariance");
+        let eig = cov
+            .self_adjoint_eigen(Side::Lower)
+            .expect("eigendecomposition of the covariance");
         let (vals, vecs) = (eig.S().column_vector(), eig.U());
         let mut components = vec![0.0; p * d];
         let mut explained_variance = Vec::with_capacity(p);
@@ -105,7 +127,13 @@ impl GramAccumulator {
                 components[c * d + i] = sign * vecs[(i, col)];
             }
         }
-        PcaModel { d, p, mean, components, explained_variance }
+        PcaModel {
+            d,
+            p,
+            mean,
+            components,
+            explained_variance,
+        }
     }
 }
 
@@ -153,7 +181,11 @@ mod tests {
             .flat_map(|_| {
                 let t: f32 = rng.random::<f32>() * 10.0;
                 let u: f32 = rng.random::<f32>();
-                (0..d).map(move |f| 100.0 + t * (f as f32 + 1.0) + u * if f % 2 == 0 { 1.0 } else { -1.0 }).collect::<Vec<_>>()
+                (0..d)
+                    .map(move |f| {
+                        100.0 + t * (f as f32 + 1.0) + u * if f % 2 == 0 { 1.0 } else { -1.0 }
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -169,7 +201,9 @@ mod tests {
         b.update(&x[d * 123..]);
         a.merge(&b);
         let (cov, mean) = a.covariance();
-        let mu: Vec<f64> = (0..d).map(|f| (0..n).map(|i| x[i * d + f] as f64).sum::<f64>() / n as f64).collect();
+        let mu: Vec<f64> = (0..d)
+            .map(|f| (0..n).map(|i| x[i * d + f] as f64).sum::<f64>() / n as f64)
+            .collect();
         for f in 0..d {
             assert!((mean[f] - mu[f]).abs() < 1e-9 * mu[f].abs());
             for g in 0..d {
@@ -177,7 +211,10 @@ mod tests {
                     .map(|i| (x[i * d + f] as f64 - mu[f]) * (x[i * d + g] as f64 - mu[g]))
                     .sum::<f64>()
                     / (n - 1) as f64;
-                assert!((cov[(f, g)] - want).abs() <= 1e-8 * want.abs().max(1.0), "{f},{g}");
+                assert!(
+                    (cov[(f, g)] - want).abs() <= 1e-8 * want.abs().max(1.0),
+                    "{f},{g}"
+                );
             }
         }
     }
@@ -200,7 +237,9 @@ mod tests {
         model.project(&x, &mut z);
         let mean0: f64 = (0..n).map(|i| z[i * 2] as f64).sum::<f64>() / n as f64;
         assert!(mean0.abs() < 1e-3);
-        let want: f64 = (0..d).map(|f| (x[f] as f64 - model.mean[f]) * model.components[f]).sum();
+        let want: f64 = (0..d)
+            .map(|f| (x[f] as f64 - model.mean[f]) * model.components[f])
+            .sum();
         assert!((z[0] as f64 - want).abs() < 1e-4);
     }
 

@@ -37,9 +37,14 @@ pub fn batch_mixing(neighbours: &[Vec<usize>], batch: &[usize]) -> f64 {
         .iter()
         .enumerate()
         .map(|(i, nn)| {
-            let other = nn.iter().filter(|&&j| batch[j] != batch[i]).count() as f64 / nn.len().max(1) as f64;
+            let other = nn.iter().filter(|&&j| batch[j] != batch[i]).count() as f64
+                / nn.len().max(1) as f64;
             let expected = 1.0 - sizes[batch[i]] as f64 / n as f64;
-            if expected > 0.0 { other / expected } else { 1.0 }
+            if expected > 0.0 {
+                other / expected
+            } else {
+                1.0
+            }
         })
         .sum();
     total / n as f64
@@ -50,7 +55,9 @@ pub fn label_purity(neighbours: &[Vec<usize>], label: &[usize]) -> f64 {
     let total: f64 = neighbours
         .iter()
         .enumerate()
-        .map(|(i, nn)| nn.iter().filter(|&&j| label[j] == label[i]).count() as f64 / nn.len().max(1) as f64)
+        .map(|(i, nn)| {
+            nn.iter().filter(|&&j| label[j] == label[i]).count() as f64 / nn.len().max(1) as f64
+        })
         .sum();
     total / label.len() as f64
 }

@@ -76,7 +76,10 @@ impl AdaptiveSampler {
         if zero_uncovered > 0 {
             let r = self.rng.random_range(0..zero_uncovered);
             return nth_index(
-                self.c_block.iter().zip(&self.covered).map(|(&c, &cov)| c == 0.0 && !cov),
+                self.c_block
+                    .iter()
+                    .zip(&self.covered)
+                    .map(|(&c, &cov)| c == 0.0 && !cov),
                 r,
             );
         }
@@ -114,7 +117,7 @@ impl AdaptiveSampler {
             self.first_full_coverage = Some(self.steps);
         }
         self.zero_streak = if delta == 0 { self.zero_streak + 1 } else { 0 };
-        if self.steps % self.block == 0 {
+        if self.steps.is_multiple_of(self.block) {
             self.c_block.iter_mut().for_each(|c| *c = 0.0);
         }
         delta
@@ -153,7 +156,11 @@ impl AdaptiveSampler {
 }
 
 fn nth_index(mask: impl Iterator<Item = bool>, r: usize) -> usize {
-    mask.enumerate().filter(|&(_, m)| m).nth(r).map(|(i, _)| i).expect("r < count")
+    mask.enumerate()
+        .filter(|&(_, m)| m)
+        .nth(r)
+        .map(|(i, _)| i)
+        .expect("r < count")
 }
 
 #[cfg(test)]
@@ -192,8 +199,14 @@ mod tests {
         }
         // Expected frequencies: 1/100 : 1 : 1 : 1/2 over a total of 2.51.
         assert!(hits[0] < 60, "{hits:?}");
-        assert!((hits[1] as f64 / 4000.0 - 1.0 / 2.51).abs() < 0.04, "{hits:?}");
-        assert!((hits[3] as f64 / 4000.0 - 0.5 / 2.51).abs() < 0.04, "{hits:?}");
+        assert!(
+            (hits[1] as f64 / 4000.0 - 1.0 / 2.51).abs() < 0.04,
+            "{hits:?}"
+        );
+        assert!(
+            (hits[3] as f64 / 4000.0 - 0.5 / 2.51).abs() < 0.04,
+            "{hits:?}"
+        );
     }
 
     #[test]
@@ -202,7 +215,10 @@ mod tests {
         s.observe([(0, 1.0), (1, 1.0), (2, 1.0)]);
         assert!(s.c_block.iter().all(|&c| c > 0.0));
         s.observe([(0, 1.0)]);
-        assert!(s.c_block.iter().all(|&c| c == 0.0), "reset after J = 2 rows");
+        assert!(
+            s.c_block.iter().all(|&c| c == 0.0),
+            "reset after J = 2 rows"
+        );
     }
 
     #[test]

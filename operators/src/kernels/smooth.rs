@@ -28,7 +28,14 @@ impl SmoothAccumulator {
     /// An empty accumulator for `landmarks` and `d` output columns.
     pub fn new(landmarks: &[Landmark], d: usize) -> Self {
         let m = landmarks.len();
-        Self { m, d, y: vec![0.0; m * d], row_sum: vec![0.0; m], rows_seen: 0, index: LandmarkIndex::new(landmarks) }
+        Self {
+            m,
+            d,
+            y: vec![0.0; m * d],
+            row_sum: vec![0.0; m],
+            rows_seen: 0,
+            index: LandmarkIndex::new(landmarks),
+        }
     }
 
     /// Bytes held (for memory accounting).
@@ -73,7 +80,12 @@ impl SmoothAccumulator {
     }
 
     /// Finishes pass 1 into the per-landmark values used by pass 2.
-    pub fn finish(self, estimator: Estimator, landmarks: &[Landmark], batch_of: impl Fn(usize) -> usize + Sync) -> FittedSmoother {
+    pub fn finish(
+        self,
+        estimator: Estimator,
+        landmarks: &[Landmark],
+        batch_of: impl Fn(usize) -> usize + Sync,
+    ) -> FittedSmoother {
         let d = self.d;
         let values = match estimator {
             Estimator::Smooth => {
@@ -102,7 +114,13 @@ impl SmoothAccumulator {
                 w
             }
         };
-        FittedSmoother { estimator, d, values, row_sum: self.row_sum, index: self.index }
+        FittedSmoother {
+            estimator,
+            d,
+            values,
+            row_sum: self.row_sum,
+            index: self.index,
+        }
     }
 }
 
@@ -225,27 +243,51 @@ mod tests {
     fn setup(seed: u64, picks: &[usize]) -> Setup {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (n, p, d) = (90, 3, 4);
-        let z: Vec<f32> = (0..n * p).map(|i| ((i / p) % 3) as f32 * 3.0 + rng.random::<f32>()).collect();
+        let z: Vec<f32> = (0..n * p)
+            .map(|i| ((i / p) % 3) as f32 * 3.0 + rng.random::<f32>())
+            .collect();
         let x: Vec<f32> = (0..n * d).map(|_| rng.random::<f32>() * 10.0).collect();
         let offsets = vec![0, 30, 60, 90];
         let view = RowBlocks::new(vec![&z], p);
-        let elbow = ElbowParams { rule: ElbowRule::Kneedle, a_min: 1e-8, bins: 4096, r_min: 4 };
+        let elbow = ElbowParams {
+            rule: ElbowRule::Kneedle,
+            a_min: 1e-8,
+            bins: 4096,
+            r_min: 4,
+        };
         let mut buf = RowBuffers::default();
-        let landmarks = picks.iter().map(|&i| landmark_row(&view, &offsets, i, 3, &elbow, &mut buf)).collect();
-        Setup { z, x, offsets, landmarks, n, p, d }
+        let landmarks = picks
+            .iter()
+            .map(|&i| landmark_row(&view, &offsets, i, 3, &elbow, &mut buf))
+            .collect();
+        Setup {
+            z,
+            x,
+            offsets,
+            landmarks,
+            n,
+            p,
+            d,
+        }
     }
 
     fn dense_a(s: &Setup) -> Vec<Vec<f64>> {
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
         s.landmarks
             .iter()
-            .map(|l| (0..s.n).map(|j| l.affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j))).collect())
+            .map(|l| {
+                (0..s.n)
+                    .map(|j| l.affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j)))
+                    .collect()
+            })
             .collect()
     }
 
     fn run(s: &Setup, est: Estimator, chunk: usize) -> (Vec<f32>, usize) {
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
-        let points: Vec<PointRef> = (0..s.n).map(|j| (&s.z[j * s.p..(j + 1) * s.p], batch(j))).collect();
+        let points: Vec<PointRef> = (0..s.n)
+            .map(|j| (&s.z[j * s.p..(j + 1) * s.p], batch(j)))
+            .collect();
         let mut acc = SmoothAccumulator::new(&s.landmarks, s.d);
         for c0 in (0..s.n).step_by(chunk) {
             let c1 = (c0 + chunk).min(s.n);
@@ -268,7 +310,13 @@ mod tests {
         let y: Vec<Vec<f64>> = (0..m)
             .map(|l| {
                 let rs: f64 = a[l].iter().sum();
-                (0..s.d).map(|f| (0..s.n).map(|j| a[l][j] / rs * s.x[j * s.d + f] as f64).sum()).collect()
+                (0..s.d)
+                    .map(|f| {
+                        (0..s.n)
+                            .map(|j| a[l][j] / rs * s.x[j * s.d + f] as f64)
+                            .sum()
+                    })
+                    .collect()
             })
             .collect();
         let (out, uncovered) = run(&s, Estimator::Smooth, 7);
@@ -288,7 +336,11 @@ mod tests {
         assert_eq!(uncovered, n_unc);
         // Both P and Q are row-stochastic: a constant feature stays constant.
         let mut c = setup(1, &[0, 31, 62, 5]);
-        c.x.iter_mut().enumerate().for_each(|(i, v)| if i % c.d == 0 { *v = 2.5 });
+        c.x.iter_mut().enumerate().for_each(|(i, v)| {
+            if i % c.d == 0 {
+                *v = 2.5
+            }
+        });
         let (out, _) = run(&c, Estimator::Smooth, 90);
         assert!((0..c.n).all(|j| (out[j * c.d] - 2.5).abs() < 1e-5));
     }
@@ -296,8 +348,14 @@ mod tests {
     #[test]
     fn chunking_does_not_change_bytes() {
         let s = setup(2, &[3, 40, 77, 40]);
-        assert_eq!(run(&s, Estimator::Smooth, 1).0, run(&s, Estimator::Smooth, 90).0);
-        assert_eq!(run(&s, Estimator::Nystrom, 4).0, run(&s, Estimator::Nystrom, 90).0);
+        assert_eq!(
+            run(&s, Estimator::Smooth, 1).0,
+            run(&s, Estimator::Smooth, 90).0
+        );
+        assert_eq!(
+            run(&s, Estimator::Nystrom, 4).0,
+            run(&s, Estimator::Nystrom, 90).0
+        );
     }
 
     #[test]
@@ -306,20 +364,38 @@ mod tests {
         let a = dense_a(&s);
         let m = a.len();
         let idx: Vec<usize> = s.landmarks.iter().map(|l| l.index).collect();
-        let a_ss: Vec<f64> = (0..m).flat_map(|r| idx.iter().map(move |&c| (r, c))).map(|(r, c)| a[r][c]).collect();
+        let a_ss: Vec<f64> = (0..m)
+            .flat_map(|r| idx.iter().map(move |&c| (r, c)))
+            .map(|(r, c)| a[r][c])
+            .collect();
         let pinv = pseudo_inverse(&a_ss, m);
         let ax: Vec<Vec<f64>> = (0..m)
-            .map(|l| (0..s.d).map(|f| (0..s.n).map(|j| a[l][j] * s.x[j * s.d + f] as f64).sum()).collect())
+            .map(|l| {
+                (0..s.d)
+                    .map(|f| (0..s.n).map(|j| a[l][j] * s.x[j * s.d + f] as f64).sum())
+                    .collect()
+            })
             .collect();
         let w: Vec<Vec<f64>> = (0..m)
-            .map(|l| (0..s.d).map(|f| (0..m).map(|c| pinv[l * m + c] * ax[c][f]).sum()).collect())
+            .map(|l| {
+                (0..s.d)
+                    .map(|f| (0..m).map(|c| pinv[l * m + c] * ax[c][f]).sum())
+                    .collect()
+            })
             .collect();
         let (out, _) = run(&s, Estimator::Nystrom, 11);
         for j in 0..s.n {
             let cs: f64 = (0..m).map(|l| a[l][j]).sum();
             for f in 0..s.d {
-                let want = if cs == 0.0 { s.x[j * s.d + f] as f64 } else { (0..m).map(|l| a[l][j] * w[l][f]).sum() };
-                assert!((out[j * s.d + f] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0), "{j} {f}");
+                let want = if cs == 0.0 {
+                    s.x[j * s.d + f] as f64
+                } else {
+                    (0..m).map(|l| a[l][j] * w[l][f]).sum()
+                };
+                assert!(
+                    (out[j * s.d + f] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{j} {f}"
+                );
             }
         }
     }
@@ -330,7 +406,9 @@ mod tests {
         let a = vec![1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0];
         let p = pseudo_inverse(&a, 3);
         let mul = |x: &[f64], y: &[f64]| -> Vec<f64> {
-            (0..9).map(|k| (0..3).map(|i| x[(k / 3) * 3 + i] * y[i * 3 + k % 3]).sum()).collect()
+            (0..9)
+                .map(|k| (0..3).map(|i| x[(k / 3) * 3 + i] * y[i * 3 + k % 3]).sum())
+                .collect()
         };
         let apa = mul(&mul(&a, &p), &a);
         for (u, v) in apa.iter().zip(&a) {
