@@ -6,6 +6,7 @@
 //! entries (self included): when a rule keeps fewer, the `r_min` nearest points are kept.
 
 use crate::config::ElbowRule;
+use rayon::prelude::*;
 
 /// Parameters of the elbow rules.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,7 +53,7 @@ pub fn row_threshold(
 
 /// Raises `t` so that at least `r_min` entries of `s` lie below it.
 pub fn enforce_min_kept(s: &[f64], t: f64, r_min: usize, scratch: &mut Vec<f64>) -> f64 {
-    let kept = s.iter().filter(|&&v| v < t).count();
+    let kept = s.par_iter().filter(|&&v| v < t).count();
     if kept >= r_min.min(s.len()) || r_min == 0 {
         return t;
     }
@@ -80,21 +81,35 @@ pub fn kneedle_histogram(
     let step = s_max / bins as f64;
     let edge = |i: usize| if i == bins { s_max } else { i as f64 * step };
     let norm = bins as f64 / s_max;
-    let mut counts = vec![0u64; bins];
-    let mut total = 0u64;
-    for (j, &v) in s.iter().enumerate() {
-        if j == self_index || v.is_nan() || v > s_max {
-            continue;
-        }
-        let mut idx = ((v * norm) as usize).min(bins - 1);
-        if v < edge(idx) {
-            idx -= 1;
-        } else if idx + 1 < bins && v >= edge(idx + 1) {
-            idx += 1;
-        }
-        counts[idx] += 1;
-        total += 1;
-    }
+    // Integer counts per fixed chunk, merged: exact whatever the thread count.
+    const CHUNK: usize = 64 * 1024;
+    let counts: Vec<u64> = s
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut counts = vec![0u64; bins];
+            for (i, &v) in chunk.iter().enumerate() {
+                if c * CHUNK + i == self_index || v.is_nan() || v > s_max {
+                    continue;
+                }
+                let mut idx = ((v * norm) as usize).min(bins - 1);
+                if v < edge(idx) {
+                    idx -= 1;
+                } else if idx + 1 < bins && v >= edge(idx + 1) {
+                    idx += 1;
+                }
+                counts[idx] += 1;
+            }
+            counts
+        })
+        .reduce(
+            || vec![0u64; bins],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let total: u64 = counts.iter().sum();
     if total == 0 {
         return 0.0;
     }

@@ -164,7 +164,7 @@ pub fn landmark_row(
     let scales = batch_scales(&buf.d2, offsets, i, k, &mut buf.scratch);
     scaled_distances(&buf.d2, offsets, &scales, i, &mut buf.s);
     let threshold = row_threshold(&buf.s, i, elbow, &mut buf.scratch);
-    let kept = buf.s.iter().filter(|&&v| v < threshold).count();
+    let kept = buf.s.par_iter().filter(|&&v| v < threshold).count();
     Landmark {
         index: i,
         coords,
@@ -212,14 +212,7 @@ pub fn sample_landmarks(
             )));
         }
         let row = landmark_row(z, offsets, i, params.k, &params.elbow, &mut buf);
-        let t = row.threshold;
-        let d = sampler.observe(
-            buf.s
-                .iter()
-                .enumerate()
-                .filter(|&(_, &v)| v < t)
-                .map(|(j, &v)| (j, (-v).exp())),
-        );
+        let d = sampler.observe_dense(&buf.s, row.threshold);
         delta.push(d);
         landmarks.push(row);
         progress(landmarks.len(), sampler.n_covered());

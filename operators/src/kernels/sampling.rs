@@ -9,6 +9,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// Why the sampling loop stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,37 +68,65 @@ impl AdaptiveSampler {
         if self.steps == 0 {
             return self.rng.random_range(0..n);
         }
-        let zero_uncovered = self
-            .c_block
-            .iter()
-            .zip(&self.covered)
-            .filter(|&(&c, &cov)| c == 0.0 && !cov)
-            .count();
-        if zero_uncovered > 0 {
-            let r = self.rng.random_range(0..zero_uncovered);
-            return nth_index(
-                self.c_block
-                    .iter()
-                    .zip(&self.covered)
-                    .map(|(&c, &cov)| c == 0.0 && !cov),
-                r,
-            );
+        let (c, cov) = (&self.c_block, &self.covered);
+        let zero_uncovered = count_chunks(n, |j| c[j] == 0.0 && !cov[j]);
+        let total: usize = zero_uncovered.iter().sum();
+        if total > 0 {
+            let r = self.rng.random_range(0..total);
+            return nth_in_chunks(&zero_uncovered, r, |j| c[j] == 0.0 && !cov[j]);
         }
-        let zero = self.c_block.iter().filter(|&&c| c == 0.0).count();
-        if zero > 0 {
-            let r = self.rng.random_range(0..zero);
-            return nth_index(self.c_block.iter().map(|&c| c == 0.0), r);
+        let zero = count_chunks(n, |j| c[j] == 0.0);
+        let total: usize = zero.iter().sum();
+        if total > 0 {
+            let r = self.rng.random_range(0..total);
+            return nth_in_chunks(&zero, r, |j| c[j] == 0.0);
         }
-        let total: f64 = self.c_block.iter().map(|&c| 1.0 / c).sum();
-        let u = self.rng.random::<f64>() * total;
-        let mut acc = 0.0;
-        for (i, &c) in self.c_block.iter().enumerate() {
-            acc += 1.0 / c;
-            if acc > u {
-                return i;
+        // Probability proportional to 1 / c: per-chunk sums (fixed chunks, so the result does
+        // not depend on the thread count), then a scan inside the chosen chunk.
+        let sums: Vec<f64> = c.par_chunks(CHUNK).map(|ch| ch.iter().map(|&v| 1.0 / v).sum()).collect();
+        let total: f64 = sums.iter().sum();
+        let mut u = self.rng.random::<f64>() * total;
+        for (k, &w) in sums.iter().enumerate() {
+            if u < w || k + 1 == sums.len() {
+                let start = k * CHUNK;
+                let mut acc = 0.0;
+                for (i, &v) in c[start..(start + CHUNK).min(n)].iter().enumerate() {
+                    acc += 1.0 / v;
+                    if acc > u {
+                        return start + i;
+                    }
+                }
+                return (start + CHUNK).min(n) - 1;
             }
+            u -= w;
         }
         n - 1
+    }
+
+    /// Records a dense row: every point with `s_j < threshold` is kept with affinity
+    /// `exp(-s_j)`. Same effect as [`Self::observe`], in parallel over fixed chunks.
+    pub fn observe_dense(&mut self, s: &[f64], threshold: f64) -> usize {
+        let delta: usize = self
+            .c_block
+            .par_chunks_mut(CHUNK)
+            .zip(self.covered.par_chunks_mut(CHUNK))
+            .zip(s.par_chunks(CHUNK))
+            .map(|((c, cov), s)| {
+                let mut d = 0;
+                for ((cj, covj), &sj) in c.iter_mut().zip(cov.iter_mut()).zip(s) {
+                    if sj < threshold {
+                        *cj += (-sj).exp();
+                        if !*covj {
+                            *covj = true;
+                            d += 1;
+                        }
+                    }
+                }
+                d
+            })
+            .sum();
+        self.record_step(delta);
+        delta
     }
 
     /// Records the kept entries `(index, affinity)` of the row just sampled and returns
@@ -111,6 +140,11 @@ impl AdaptiveSampler {
                 delta += 1;
             }
         }
+        self.record_step(delta);
+        delta
+    }
+
+    fn record_step(&mut self, delta: usize) {
         self.n_covered += delta;
         self.steps += 1;
         if self.first_full_coverage.is_none() && self.n_covered == self.covered.len() {
@@ -118,9 +152,8 @@ impl AdaptiveSampler {
         }
         self.zero_streak = if delta == 0 { self.zero_streak + 1 } else { 0 };
         if self.steps.is_multiple_of(self.block) {
-            self.c_block.iter_mut().for_each(|c| *c = 0.0);
+            self.c_block.par_iter_mut().for_each(|c| *c = 0.0);
         }
-        delta
     }
 
     /// The reason to stop now, if any.
@@ -155,12 +188,26 @@ impl AdaptiveSampler {
     }
 }
 
-fn nth_index(mask: impl Iterator<Item = bool>, r: usize) -> usize {
-    mask.enumerate()
-        .filter(|&(_, m)| m)
-        .nth(r)
-        .map(|(i, _)| i)
-        .expect("r < count")
+/// Points per parallel chunk of the sampler's scans (fixed: results do not depend on threads).
+const CHUNK: usize = 64 * 1024;
+
+/// Number of points matching `pred` in each fixed chunk of `0..n`.
+fn count_chunks(n: usize, pred: impl Fn(usize) -> bool + Sync) -> Vec<usize> {
+    (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|k| (k * CHUNK..((k + 1) * CHUNK).min(n)).filter(|&j| pred(j)).count())
+        .collect()
+}
+
+/// Index of the `r`-th (0-based) point matching `pred`, given the per-chunk counts.
+fn nth_in_chunks(counts: &[usize], mut r: usize, pred: impl Fn(usize) -> bool) -> usize {
+    for (k, &c) in counts.iter().enumerate() {
+        if r < c {
+            return (k * CHUNK..).filter(|&j| pred(j)).nth(r).expect("r < count");
+        }
+        r -= c;
+    }
+    unreachable!("r exceeds the number of matching points")
 }
 
 #[cfg(test)]

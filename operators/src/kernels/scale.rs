@@ -1,6 +1,8 @@
 //! Per-batch local scales: the squared distance from a landmark to its k-th nearest neighbour
 //! inside every batch.
 
+use rayon::prelude::*;
+
 /// The local scale of one landmark inside one batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchScale {
@@ -23,33 +25,30 @@ pub fn batch_scales(
     k: usize,
     scratch: &mut Vec<f64>,
 ) -> Vec<BatchScale> {
-    let max_d2 = d2.iter().copied().fold(0.0f64, f64::max);
+    let max_d2 = d2.par_iter().copied().reduce(|| 0.0f64, f64::max);
     let floor = 1e-12 * max_d2 + 1e-30;
-    offsets
-        .windows(2)
-        .map(|w| {
-            let (lo, hi) = (w[0], w[1]);
-            scratch.clear();
-            if (lo..hi).contains(&self_index) {
-                scratch.extend_from_slice(&d2[lo..self_index]);
-                scratch.extend_from_slice(&d2[self_index + 1..hi]);
-            } else {
-                scratch.extend_from_slice(&d2[lo..hi]);
-            }
-            let k_used = k.min(scratch.len());
-            let sigma2_kth = if k_used == 0 {
-                0.0
-            } else {
-                let (_, kth, _) = scratch.select_nth_unstable_by(k_used - 1, f64::total_cmp);
-                *kth
-            };
-            BatchScale {
-                k_used,
-                sigma2_kth,
-                sigma2: sigma2_kth.max(floor),
-            }
-        })
-        .collect()
+    let windows: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
+    let one = |(lo, hi): (usize, usize), scratch: &mut Vec<f64>| {
+        scratch.clear();
+        if (lo..hi).contains(&self_index) {
+            scratch.extend_from_slice(&d2[lo..self_index]);
+            scratch.extend_from_slice(&d2[self_index + 1..hi]);
+        } else {
+            scratch.extend_from_slice(&d2[lo..hi]);
+        }
+        let k_used = k.min(scratch.len());
+        let sigma2_kth = if k_used == 0 {
+            0.0
+        } else {
+            let (_, kth, _) = scratch.select_nth_unstable_by(k_used - 1, f64::total_cmp);
+            *kth
+        };
+        BatchScale { k_used, sigma2_kth, sigma2: sigma2_kth.max(floor) }
+    };
+    if windows.len() == 1 {
+        return vec![one(windows[0], scratch)];
+    }
+    windows.into_par_iter().map_init(Vec::new, |scr, w| one(w, scr)).collect()
 }
 
 /// Writes the scaled distances `s_j = d2_j / sigma2_{b(j)}` (and `s_self = 0`).
@@ -62,9 +61,14 @@ pub fn scaled_distances(
 ) {
     for (b, w) in offsets.windows(2).enumerate() {
         let sigma2 = scales[b].sigma2;
-        for j in w[0]..w[1] {
-            out[j] = d2[j] / sigma2;
-        }
+        out[w[0]..w[1]]
+            .par_chunks_mut(16 * 1024)
+            .zip(d2[w[0]..w[1]].par_chunks(16 * 1024))
+            .for_each(|(o, d)| {
+                for (dst, &v) in o.iter_mut().zip(d) {
+                    *dst = v / sigma2;
+                }
+            });
     }
     out[self_index] = 0.0;
 }
