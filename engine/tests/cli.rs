@@ -775,3 +775,102 @@ fn interrupt_removes_partial_output_and_working_files() {
     assert_dir_holds(dir.path(), &["big.parquet", "work"]);
     assert_dir_holds(&tmp, &[]);
 }
+
+#[test]
+fn every_option_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = synthetic_path();
+    let run = |name: &str, extra: &[&str]| -> RecordBatch {
+        let out = dir.path().join(format!("{name}.parquet"));
+        let mut args = vec![
+            "correct",
+            "-i",
+            &input,
+            "-b",
+            "Metadata_Batch",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = balans(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        read(&out)
+    };
+    let nystrom = run("nystrom", &["--estimator", "nystrom"]);
+    let (x, _) = matrix(&nystrom, "f");
+    assert!(x.iter().all(|v| v.is_finite()));
+    let pca = run("pca", &["--output-space", "pca", "--pca", "5"]);
+    let names: Vec<String> = pca
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        &names[names.len() - 5..],
+        &["PC1", "PC2", "PC3", "PC4", "PC5"]
+    );
+    assert!(!names.iter().any(|n| n == "f0"));
+    for (name, extra) in [
+        ("cosine", vec!["--metric", "cosine"]),
+        ("maxgap", vec!["--elbow", "max-gap"]),
+        ("sorted", vec!["--elbow", "kneedle-sorted"]),
+        ("loggap", vec!["--elbow", "max-log-gap"]),
+    ] {
+        assert_eq!(run(name, &extra).num_rows(), 3000);
+    }
+    // A landmark cap can stop before full coverage: the covered column says which rows moved.
+    let capped = run("capped", &["--max-landmarks", "3"]);
+    let covered = capped
+        .column_by_name("Metadata_balans_covered")
+        .unwrap()
+        .as_boolean()
+        .clone();
+    let n_uncovered = (0..covered.len()).filter(|&i| !covered.value(i)).count();
+    assert!(n_uncovered > 0, "3 landmarks cannot cover 3000 rows");
+    let before = read(Path::new(&input));
+    let (xb, d) = matrix(&before, "f");
+    let (xc, _) = matrix(&capped, "f");
+    for i in (0..covered.len()).filter(|&i| !covered.value(i)) {
+        assert_eq!(
+            &xb[i * d..(i + 1) * d],
+            &xc[i * d..(i + 1) * d],
+            "uncovered row {i} keeps its input"
+        );
+    }
+    // Bad parameter values are rejected before any work.
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        dir.path().join("x.parquet").to_str().unwrap(),
+        "--k",
+        "0",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("k must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
+    let o = balans(&[
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        dir.path().join("y.parquet").to_str().unwrap(),
+        "--output-space",
+        "pca",
+        "--pca",
+        "off",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("needs PCA"),
+        "{}",
+        stderr(&o)
+    );
+}
