@@ -320,7 +320,6 @@ fn bundled_example_runs_with_pca() {
 fn inspect_reports_schema_and_batches() {
     let o = balans(&[
         "inspect",
-        "-i",
         &synthetic_path(),
         "-b",
         "Metadata_Batch",

@@ -199,8 +199,21 @@ struct CorrectArgs {
 
 #[derive(Args, Debug)]
 struct InspectArgs {
-    #[command(flatten)]
-    input: InputArgs,
+    /// Input: a file, directory, glob, or file://, s3://, https:// URL (or use --input).
+    #[arg(value_name = "PATH_OR_URL")]
+    location: Option<String>,
+    /// Input, as for `correct`.
+    #[arg(long = "input", short = 'i', conflicts_with = "location")]
+    input: Option<String>,
+    /// Feature columns to use (names or regexes).
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
+    /// Feature columns to leave out (names or regexes).
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// S3 endpoint override.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
     /// Batch key column(s) whose sizes to report.
     #[arg(long, short, value_delimiter = ',')]
     batch: Vec<String>,
@@ -315,9 +328,18 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
 }
 
 async fn run_inspect(a: InspectArgs) -> Result<()> {
+    let location = a.location.or(a.input).ok_or_else(|| {
+        BalansError::InvalidArgument("inspect needs a location: balans inspect PATH_OR_URL".into())
+    })?;
+    let input = InputArgs {
+        input: location,
+        features: a.features,
+        exclude: a.exclude,
+        s3_endpoint: a.s3_endpoint,
+    };
     let ctx = build_session(&SessionSettings::default())?;
-    let table = register_profiles(&ctx, &a.input.input, "profiles", &a.input.source()).await?;
-    let report = inspect(&ctx, &table, &a.input.selection(), &a.batch).await?;
+    let table = register_profiles(&ctx, &input.input, "profiles", &input.source()).await?;
+    let report = inspect(&ctx, &table, &input.selection(), &a.batch).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {
