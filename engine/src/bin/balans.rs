@@ -424,9 +424,18 @@ fn main() -> ExitCode {
                 Command::Bench(a) => run_bench(a, threads),
             }
         };
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             r = job => Some(r),
             _ = tokio::signal::ctrl_c() => None,
+            _ = terminate => None,
         }
     });
     // Waits for blocking workers to notice cancellation and delete their working files.

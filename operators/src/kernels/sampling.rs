@@ -83,7 +83,10 @@ impl AdaptiveSampler {
         }
         // Probability proportional to 1 / c: per-chunk sums (fixed chunks, so the result does
         // not depend on the thread count), then a scan inside the chosen chunk.
-        let sums: Vec<f64> = c.par_chunks(CHUNK).map(|ch| ch.iter().map(|&v| 1.0 / v).sum()).collect();
+        let sums: Vec<f64> = c
+            .par_chunks(CHUNK)
+            .map(|ch| ch.iter().map(|&v| 1.0 / v).sum())
+            .collect();
         let total: f64 = sums.iter().sum();
         let mut u = self.rng.random::<f64>() * total;
         for (k, &w) in sums.iter().enumerate() {
@@ -195,7 +198,11 @@ const CHUNK: usize = 64 * 1024;
 fn count_chunks(n: usize, pred: impl Fn(usize) -> bool + Sync) -> Vec<usize> {
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|k| (k * CHUNK..((k + 1) * CHUNK).min(n)).filter(|&j| pred(j)).count())
+        .map(|k| {
+            (k * CHUNK..((k + 1) * CHUNK).min(n))
+                .filter(|&j| pred(j))
+                .count()
+        })
         .collect()
 }
 
@@ -203,7 +210,10 @@ fn count_chunks(n: usize, pred: impl Fn(usize) -> bool + Sync) -> Vec<usize> {
 fn nth_in_chunks(counts: &[usize], mut r: usize, pred: impl Fn(usize) -> bool) -> usize {
     for (k, &c) in counts.iter().enumerate() {
         if r < c {
-            return (k * CHUNK..).filter(|&j| pred(j)).nth(r).expect("r < count");
+            return (k * CHUNK..)
+                .filter(|&j| pred(j))
+                .nth(r)
+                .expect("r < count");
         }
         r -= c;
     }

@@ -43,12 +43,19 @@ pub fn batch_scales(
             let (_, kth, _) = scratch.select_nth_unstable_by(k_used - 1, f64::total_cmp);
             *kth
         };
-        BatchScale { k_used, sigma2_kth, sigma2: sigma2_kth.max(floor) }
+        BatchScale {
+            k_used,
+            sigma2_kth,
+            sigma2: sigma2_kth.max(floor),
+        }
     };
     if windows.len() == 1 {
         return vec![one(windows[0], scratch)];
     }
-    windows.into_par_iter().map_init(Vec::new, |scr, w| one(w, scr)).collect()
+    windows
+        .into_par_iter()
+        .map_init(Vec::new, |scr, w| one(w, scr))
+        .collect()
 }
 
 /// Writes the scaled distances `s_j = d2_j / sigma2_{b(j)}` (and `s_self = 0`).
