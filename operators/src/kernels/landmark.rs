@@ -505,73 +505,6 @@ impl LandmarkIndex {
     }
 }
 
-impl LandmarkIndex {
-    /// The nonzero entries of `A_S` restricted to a chunk of points, per landmark: for each
-    /// landmark, `(row in chunk, A_lj)` in ascending row order.
-    ///
-    /// Points are sorted by their first pivot distance once per chunk; each landmark then
-    /// searches only its own radius, so wide outlying landmarks do not widen the search of the
-    /// others. Exactly the entries of [`Self::column_entries`].
-    pub fn chunk_entries(
-        &self,
-        landmarks: &[Landmark],
-        points: &[(&[f32], usize)],
-    ) -> Vec<Vec<(u32, f64)>> {
-        let m = self.order.len();
-        if m == 0 {
-            return Vec::new();
-        }
-        let q: Vec<[f64; PIVOTS]> = points
-            .par_iter()
-            .map(|(z, _)| std::array::from_fn(|k| dist(z, &self.pivots[k])))
-            .collect();
-        let mut by_q0: Vec<u32> = (0..points.len() as u32).collect();
-        by_q0.sort_by(|&a, &b| {
-            q[a as usize][0]
-                .total_cmp(&q[b as usize][0])
-                .then(a.cmp(&b))
-        });
-        let q0: Vec<f64> = by_q0.iter().map(|&r| q[r as usize][0]).collect();
-        (0..m)
-            .into_par_iter()
-            .map(|li| {
-                let r_l = self.reach[li];
-                let pd = &self.pivot_dist[li];
-                let lo = q0.partition_point(|&v| v < pd[0] - r_l);
-                let hi = q0.partition_point(|&v| v <= pd[0] + r_l);
-                let mut out = Vec::new();
-                for &r in &by_q0[lo..hi] {
-                    let qr = &q[r as usize];
-                    if (1..PIVOTS).any(|k| (qr[k] - pd[k]).abs() > r_l) {
-                        continue;
-                    }
-                    let (z, b) = points[r as usize];
-                    if sq_dist_f32(z, &self.coords_f32[li]) > self.radius2_f32[li][b] {
-                        continue;
-                    }
-                    let a = landmarks[li].affinity(z, b);
-                    if a > 0.0 {
-                        out.push((r, a));
-                    }
-                }
-                out.sort_unstable_by_key(|e| e.0);
-                out
-            })
-            .collect()
-    }
-}
-
-/// Turns per-landmark entry lists into per-point lists `(landmark, A_lj)` in landmark order.
-pub fn entries_by_point(by_landmark: &[Vec<(u32, f64)>], n_points: usize) -> Vec<Vec<(u32, f64)>> {
-    let mut out: Vec<Vec<(u32, f64)>> = vec![Vec::new(); n_points];
-    for (l, list) in by_landmark.iter().enumerate() {
-        for &(r, a) in list {
-            out[r as usize].push((l as u32, a));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod index_tests {
     use super::*;
@@ -614,15 +547,5 @@ mod index_tests {
             total += brute.len();
         }
         assert_eq!(total, r.nnz());
-        // The per-chunk form finds the same entries.
-        let points: Vec<(&[f32], usize)> = (0..n).map(|j| (z.row(j), batch_of(j))).collect();
-        for chunk in points.chunks(700).enumerate() {
-            let (c, pts) = chunk;
-            let per_point = entries_by_point(&index.chunk_entries(&r.landmarks, pts), pts.len());
-            for (i, got) in per_point.iter().enumerate() {
-                column_entries(&r.landmarks, pts[i].0, pts[i].1, &mut brute);
-                assert_eq!(&brute, got, "column {}", c * 700 + i);
-            }
-        }
     }
 }

@@ -7,7 +7,7 @@
 //! (Nyström); a point no landmark keeps keeps its input value.
 
 use crate::config::Estimator;
-use crate::kernels::landmark::{Landmark, LandmarkIndex, entries_by_point};
+use crate::kernels::landmark::{Landmark, LandmarkIndex};
 use rayon::prelude::*;
 
 /// One point of a chunk: its reduced coordinates and batch.
@@ -48,7 +48,20 @@ impl SmoothAccumulator {
     pub fn add_chunk(&mut self, landmarks: &[Landmark], points: &[PointRef<'_>], x: &[f32]) {
         assert_eq!(landmarks.len(), self.m);
         assert_eq!(x.len(), points.len() * self.d);
-        let by_landmark = self.index.chunk_entries(landmarks, points);
+        let entries: Vec<Vec<(u32, f64)>> = points
+            .par_iter()
+            .map(|&(z, b)| {
+                let mut e = Vec::new();
+                self.index.column_entries(landmarks, z, b, &mut e);
+                e
+            })
+            .collect();
+        let mut by_landmark: Vec<Vec<(u32, f64)>> = vec![Vec::new(); self.m];
+        for (r, e) in entries.iter().enumerate() {
+            for &(l, a) in e {
+                by_landmark[l as usize].push((r as u32, a));
+            }
+        }
         let d = self.d;
         self.y
             .par_chunks_mut(d.max(1))
@@ -145,13 +158,13 @@ impl FittedSmoother {
     ) -> (usize, usize) {
         let d = self.d;
         assert_eq!(out.len(), points.len() * d);
-        let entries = entries_by_point(&self.index.chunk_entries(landmarks, points), points.len());
         let stats: (usize, usize) = out
             .par_chunks_mut(d.max(1))
-            .zip(entries.par_iter())
+            .zip(points.par_iter())
             .zip(x.par_chunks(d.max(1)))
             .zip(covered.par_iter_mut())
-            .map(|(((o, entries), xr), cov)| {
+            .map_init(Vec::new, |entries, (((o, &(z, b)), xr), cov)| {
+                self.index.column_entries(landmarks, z, b, entries);
                 if entries.is_empty() {
                     o.copy_from_slice(xr);
                     *cov = false;
