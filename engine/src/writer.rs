@@ -8,6 +8,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::schema::types::ColumnPath;
 use futures::StreamExt;
 
 use crate::error::{BalansError, Result};
@@ -83,9 +84,20 @@ pub async fn write_parquet_atomic(
             message: e.to_string(),
         })?;
     let file: File = tmp.reopen()?;
-    let props = WriterProperties::builder()
+    // Float columns are not dictionary-encoded (it never pays for measurements and holds a
+    // dictionary page per column in memory); row groups are capped in rows and bytes so the
+    // writer's buffer stays small for wide tables.
+    let mut builder = WriterProperties::builder();
+    for field in stream.schema().fields() {
+        if field.data_type().is_floating() {
+            builder = builder
+                .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        }
+    }
+    let props = builder
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(Some(65_536))
+        .set_max_row_group_bytes(Some(64 << 20))
         .set_key_value_metadata(Some(
             metadata
                 .into_iter()
@@ -105,6 +117,12 @@ pub async fn write_parquet_atomic(
         writer.write(&batch)?;
     }
     writer.close()?;
+    // Temporary files are private (0600); the result gets ordinary file permissions.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     tmp.persist(output).map_err(|e| BalansError::Output {
         path: output.display().to_string(),
         message: e.to_string(),

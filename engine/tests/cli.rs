@@ -665,6 +665,9 @@ fn existing_output_and_input_are_protected() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 90);
     assert_dir_holds(dir.path(), &["in.parquet", "out.parquet"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "the result is an ordinary file, not a private temp file");
 }
 
 #[test]
