@@ -42,6 +42,13 @@ fn balans(args: &[&str]) -> Output {
         .expect("run balans")
 }
 
+/// Runs `balans correct -i INPUT -b Metadata_Batch -o OUTPUT EXTRA...`.
+fn correct(input: &str, output: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["correct", "-i", input, "-b", "Metadata_Batch", "-o", output];
+    args.extend_from_slice(extra);
+    balans(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -211,17 +218,7 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
     assert!((100..=200).contains(&m), "m = {m}");
     // Another seed gives another landmark sequence, hence other bytes.
     let out3 = dir.path().join("t3.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out3.to_str().unwrap(),
-        "--seed",
-        "4",
-    ]);
+    let o = correct(&input, out3.to_str().unwrap(), &["--seed", "4"]);
     assert!(o.status.success());
     assert_ne!(std::fs::read(&out1).unwrap(), std::fs::read(&out3).unwrap());
 }
@@ -231,15 +228,7 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("c.parquet");
     let input = synthetic_path();
-    let o = balans(&[
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = correct(&input, out.to_str().unwrap(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = read(Path::new(&input));
     let after = read(&out);
@@ -392,17 +381,7 @@ fn non_finite_features_error_or_follow_the_policy() {
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
     let (inp, outp) = (p.to_str().unwrap(), out.to_str().unwrap());
-    let o = balans(&[
-        "correct",
-        "-i",
-        inp,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        outp,
-        "--k",
-        "5",
-    ]);
+    let o = correct(inp, outp, &["--k", "5"]);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
@@ -410,35 +389,10 @@ fn non_finite_features_error_or_follow_the_policy() {
         "{e}"
     );
     assert_dir_holds(dir.path(), &["nan.parquet"]);
-    let o = balans(&[
-        "correct",
-        "-i",
-        inp,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        outp,
-        "--k",
-        "5",
-        "--nan",
-        "drop-rows",
-    ]);
+    let o = correct(inp, outp, &["--k", "5", "--nan", "drop-rows"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 88);
-    let o = balans(&[
-        "correct",
-        "-i",
-        inp,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        outp,
-        "--k",
-        "5",
-        "--nan",
-        "zero",
-        "--overwrite",
-    ]);
+    let o = correct(inp, outp, &["--k", "5", "--nan", "zero", "--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 90);
 }
@@ -453,15 +407,7 @@ fn small_batch_clips_k_and_single_batch_fails() {
     let p = dir.path().join("small.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
-        p.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = correct(p.to_str().unwrap(), out.to_str().unwrap(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("'tiny' has 4 rows") && stderr(&o).contains("clipped"),
@@ -494,17 +440,7 @@ fn constant_features_pass_through_and_all_constant_fails() {
     let p = dir.path().join("const.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
-        p.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-        "--k",
-        "5",
-    ]);
+    let o = correct(p.to_str().unwrap(), out.to_str().unwrap(), &["--k", "5"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("constant feature"), "{}", stderr(&o));
     let after = read(&out);
@@ -622,15 +558,7 @@ fn existing_output_and_input_are_protected() {
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
     std::fs::write(&out, b"keep me").unwrap();
-    let o = balans(&[
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = correct(&input, out.to_str().unwrap(), &[]);
     assert!(
         !o.status.success() && stderr(&o).contains("--overwrite"),
         "{}",
@@ -652,22 +580,16 @@ fn existing_output_and_input_are_protected() {
         "{}",
         stderr(&o)
     );
-    let o = balans(&[
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-        "--overwrite",
-    ]);
+    let o = correct(&input, out.to_str().unwrap(), &["--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 90);
     assert_dir_holds(dir.path(), &["in.parquet", "out.parquet"]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o644, "the result is an ordinary file, not a private temp file");
+    assert_eq!(
+        mode, 0o644,
+        "the result is an ordinary file, not a private temp file"
+    );
 }
 
 #[test]
@@ -689,38 +611,27 @@ fn runs_under_a_memory_limit_below_the_input_size() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out.parquet");
     let tmp = dir.path().join("work");
-    let o = balans(&[
-        "correct",
-        "-i",
+    let o = correct(
         input.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
         out.to_str().unwrap(),
-        "--memory-limit",
-        "8MB",
-        "--temp-dir",
-        tmp.to_str().unwrap(),
-        "--pca",
-        "10",
-    ]);
+        &[
+            "--memory-limit",
+            "8MB",
+            "--temp-dir",
+            tmp.to_str().unwrap(),
+            "--pca",
+            "10",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read(&out).num_rows(), 100_000);
     // A limit that cannot hold the sampler's per-row state fails with a clear message.
     let out2 = dir.path().join("out2.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
+    let o = correct(
         input.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
         out2.to_str().unwrap(),
-        "--memory-limit",
-        "1MB",
-        "--temp-dir",
-        tmp.to_str().unwrap(),
-    ]);
+        &["--memory-limit", "1MB", "--temp-dir", tmp.to_str().unwrap()],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
     assert!(!out2.exists());
@@ -841,35 +752,21 @@ fn every_option_runs_end_to_end() {
         );
     }
     // Bad parameter values are rejected before any work.
-    let o = balans(&[
-        "correct",
-        "-i",
+    let o = correct(
         &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
         dir.path().join("x.parquet").to_str().unwrap(),
-        "--k",
-        "0",
-    ]);
+        &["--k", "0"],
+    );
     assert!(
         !o.status.success() && stderr(&o).contains("k must be at least 1"),
         "{}",
         stderr(&o)
     );
-    let o = balans(&[
-        "correct",
-        "-i",
+    let o = correct(
         &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
         dir.path().join("y.parquet").to_str().unwrap(),
-        "--output-space",
-        "pca",
-        "--pca",
-        "off",
-    ]);
+        &["--output-space", "pca", "--pca", "off"],
+    );
     assert!(
         !o.status.success() && stderr(&o).contains("needs PCA"),
         "{}",

@@ -71,6 +71,13 @@ struct InputArgs {
     /// s3:// or https:// URL.
     #[arg(long, short)]
     input: String,
+    #[command(flatten)]
+    select: SelectionArgs,
+}
+
+/// Column selection and object-store options shared by the commands that read a table.
+#[derive(Args, Debug, Clone)]
+struct SelectionArgs {
     /// Feature columns to use (names or regexes; default: every numeric non-Metadata_ column).
     #[arg(long, value_delimiter = ',')]
     features: Vec<String>,
@@ -82,7 +89,7 @@ struct InputArgs {
     s3_endpoint: Option<String>,
 }
 
-impl InputArgs {
+impl SelectionArgs {
     fn selection(&self) -> FeatureSelection {
         FeatureSelection {
             include: self.features.clone(),
@@ -205,15 +212,8 @@ struct InspectArgs {
     /// Input, as for `correct`.
     #[arg(long = "input", short = 'i', conflicts_with = "location")]
     input: Option<String>,
-    /// Feature columns to use (names or regexes).
-    #[arg(long, value_delimiter = ',')]
-    features: Vec<String>,
-    /// Feature columns to leave out (names or regexes).
-    #[arg(long, value_delimiter = ',')]
-    exclude: Vec<String>,
-    /// S3 endpoint override.
-    #[arg(long)]
-    s3_endpoint: Option<String>,
+    #[command(flatten)]
+    select: SelectionArgs,
     /// Batch key column(s) whose sizes to report.
     #[arg(long, short, value_delimiter = ',')]
     batch: Vec<String>,
@@ -301,10 +301,10 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         input: a.input.input.clone(),
         output: a.output.clone(),
         batch: a.batch.clone(),
-        selection: a.input.selection(),
+        selection: a.input.select.selection(),
         config,
         overwrite: a.overwrite,
-        source: a.input.source(),
+        source: a.input.select.source(),
     };
     let outcome = run_correct(&ctx, &request, progress.clone()).await?;
     let total = started.elapsed().as_secs_f64();
@@ -331,15 +331,9 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
     let location = a.location.or(a.input).ok_or_else(|| {
         BalansError::InvalidArgument("inspect needs a location: balans inspect PATH_OR_URL".into())
     })?;
-    let input = InputArgs {
-        input: location,
-        features: a.features,
-        exclude: a.exclude,
-        s3_endpoint: a.s3_endpoint,
-    };
     let ctx = build_session(&SessionSettings::default())?;
-    let table = register_profiles(&ctx, &input.input, "profiles", &input.source()).await?;
-    let report = inspect(&ctx, &table, &input.selection(), &a.batch).await?;
+    let table = register_profiles(&ctx, &location, "profiles", &a.select.source()).await?;
+    let report = inspect(&ctx, &table, &a.select.selection(), &a.batch).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {
