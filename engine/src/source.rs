@@ -342,7 +342,11 @@ pub async fn register_profiles(
 /// Checks each Parquet file's trailer (size, magic, footer length) before any reader sees it,
 /// so a truncated or foreign file gets an error naming it (the Parquet reader can panic on a
 /// footer length larger than the file).
-async fn check_parquet_footers(location: &str, resolved: &ResolvedLocation, metas: &[ObjectMeta]) -> Result<()> {
+async fn check_parquet_footers(
+    location: &str,
+    resolved: &ResolvedLocation,
+    metas: &[ObjectMeta],
+) -> Result<()> {
     for meta in metas {
         let size = meta.size;
         let name = display_path(resolved, &meta.location);
@@ -351,7 +355,9 @@ async fn check_parquet_footers(location: &str, resolved: &ResolvedLocation, meta
             message: format!("corrupt Parquet file {name}: {m}"),
         };
         if size < 12 {
-            return Err(bad(format!("{size} bytes is too small for a Parquet file (empty or truncated)")));
+            return Err(bad(format!(
+                "{size} bytes is too small for a Parquet file (empty or truncated)"
+            )));
         }
         let tail = resolved
             .store
@@ -359,11 +365,15 @@ async fn check_parquet_footers(location: &str, resolved: &ResolvedLocation, meta
             .await
             .map_err(|e| read_failure(location, "could not read", e))?;
         if &tail[4..8] != b"PAR1" {
-            return Err(bad("no Parquet magic bytes at the end (not Parquet, or truncated)".into()));
+            return Err(bad(
+                "no Parquet magic bytes at the end (not Parquet, or truncated)".into(),
+            ));
         }
         let footer = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
         if footer + 12 > size {
-            return Err(bad(format!("footer length {footer} exceeds the file size {size} (truncated or corrupt)")));
+            return Err(bad(format!(
+                "footer length {footer} exceeds the file size {size} (truncated or corrupt)"
+            )));
         }
     }
     Ok(())
