@@ -159,10 +159,9 @@ fn small_table(dir: &Path, name: &str, batches: usize, per: usize) -> String {
     p.display().to_string()
 }
 
-/// Runs a failing command and checks the message and that nothing was written.
-fn assert_fails_cleanly(args: &[&str], dir: &Path, inputs: &[&str], needle: &str) {
-    let o = balans(args);
-    assert!(!o.status.success(), "expected failure for {args:?}");
+/// Checks that a finished command failed with `needle` in its message and wrote nothing.
+fn assert_fails_cleanly(o: Output, dir: &Path, inputs: &[&str], needle: &str) {
+    assert!(!o.status.success(), "expected failure");
     let e = stderr(&o);
     assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
     assert_dir_holds(dir, inputs);
@@ -326,7 +325,7 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
     assert_fails_cleanly(
-        &[
+        balans(&[
             "correct",
             "-i",
             &input,
@@ -334,7 +333,7 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
             "Metadata_Plate",
             "-o",
             out.to_str().unwrap(),
-        ],
+        ]),
         dir.path(),
         &["in.parquet"],
         "Metadata_Plate",
@@ -356,15 +355,7 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
     w.write(&rb).unwrap();
     w.close().unwrap();
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            p.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+        correct(p.to_str().unwrap(), out.to_str().unwrap(), &[]),
         dir.path(),
         &["in.parquet", "nofeat.parquet"],
         "numeric",
@@ -417,15 +408,7 @@ fn small_batch_clips_k_and_single_batch_fails() {
     let single = small_table(dir.path(), "single.parquet", 1, 40);
     let out2 = dir.path().join("out2.parquet");
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            &single,
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out2.to_str().unwrap(),
-        ],
+        correct(&single, out2.to_str().unwrap(), &[]),
         dir.path(),
         &["small.parquet", "out.parquet", "single.parquet"],
         "only one batch",
@@ -456,15 +439,7 @@ fn constant_features_pass_through_and_all_constant_fails() {
     write_table(&p2, &b, &l, &c);
     let out2 = dir.path().join("out2.parquet");
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            p2.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out2.to_str().unwrap(),
-        ],
+        correct(p2.to_str().unwrap(), out2.to_str().unwrap(), &[]),
         dir.path(),
         &["const.parquet", "out.parquet", "allconst.parquet"],
         "constant",
@@ -479,15 +454,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     write_table(&empty, &b, &l, &c);
     let out = dir.path().join("out.parquet");
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            empty.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+        correct(empty.to_str().unwrap(), out.to_str().unwrap(), &[]),
         dir.path(),
         &["empty.parquet"],
         "no rows",
@@ -495,15 +462,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     let corrupt = dir.path().join("corrupt.parquet");
     std::fs::write(&corrupt, b"PAR1 this is not really parquet PAR1").unwrap();
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            corrupt.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+        correct(corrupt.to_str().unwrap(), out.to_str().unwrap(), &[]),
         dir.path(),
         &["empty.parquet", "corrupt.parquet"],
         "corrupt.parquet",
@@ -511,15 +470,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     let zero = dir.path().join("zero.parquet");
     std::fs::write(&zero, b"").unwrap();
     assert_fails_cleanly(
-        &[
-            "correct",
-            "-i",
-            zero.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+        correct(zero.to_str().unwrap(), out.to_str().unwrap(), &[]),
         dir.path(),
         &["empty.parquet", "corrupt.parquet", "zero.parquet"],
         "zero.parquet",

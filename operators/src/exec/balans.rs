@@ -557,6 +557,7 @@ impl Run {
         // Smoothing pass 2: corrected rows joined with the metadata, in input order.
         self.start_stage("write", Some(n as u64));
         let meta = MappedIpcFile::open(&ing.meta.path)?;
+        let plan = self.output_columns(meta.schema())?;
         let mut row = 0usize;
         let mut uncovered = 0usize;
         for mb in meta.batches() {
@@ -572,7 +573,7 @@ impl Run {
                 let (unc, _) = fitted.apply_chunk(&landmarks, &points, &x, &mut out, &mut covered);
                 uncovered += unc;
                 let meta_slice = mb.slice(start - row, stop - start);
-                let batch = self.assemble(&meta_slice, &out, dx, covered)?;
+                let batch = self.assemble(&plan, &meta_slice, &out, dx, covered)?;
                 if self.tx.blocking_send(Ok(batch)).is_err() {
                     return Err(OperatorError::Cancelled);
                 }
@@ -847,53 +848,68 @@ impl Run {
         Ok(())
     }
 
+    /// Where each output column comes from, in output-schema order.
+    fn output_columns(&self, meta_schema: &Schema) -> Result<Vec<OutputColumn>> {
+        let mut next_value = 0usize;
+        self.schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let name = field.name().as_str();
+                if name == COVERED_COLUMN && self.spec.emits_covered_column() {
+                    return Ok(OutputColumn::Covered);
+                }
+                let value = match self.spec.config.output_space {
+                    OutputSpace::Features => self.spec.features.iter().position(|f| f == name),
+                    OutputSpace::Pca if meta_schema.index_of(name).is_err() => {
+                        next_value += 1;
+                        Some(next_value - 1)
+                    }
+                    OutputSpace::Pca => None,
+                };
+                Ok(match value {
+                    Some(f) => OutputColumn::Value(f),
+                    None => OutputColumn::Meta(meta_schema.index_of(name)?),
+                })
+            })
+            .collect()
+    }
+
     /// Builds one output batch from metadata rows and corrected values.
     fn assemble(
         &self,
+        plan: &[OutputColumn],
         meta: &RecordBatch,
         values: &[f32],
         d: usize,
         covered: Vec<bool>,
     ) -> Result<RecordBatch> {
         let r = meta.num_rows();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        let mut next_value_col = 0usize;
-        let feature_pos: HashMap<&str, usize> = self
-            .spec
-            .features
+        let columns: Vec<ArrayRef> = plan
             .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
+            .map(|c| -> ArrayRef {
+                match *c {
+                    OutputColumn::Covered => Arc::new(BooleanArray::from(covered.clone())),
+                    OutputColumn::Meta(i) => meta.column(i).clone(),
+                    OutputColumn::Value(f) => Arc::new(Float32Array::from(
+                        (0..r).map(|i| values[i * d + f]).collect::<Vec<f32>>(),
+                    )),
+                }
+            })
             .collect();
-        for field in self.schema.fields() {
-            if field.name() == COVERED_COLUMN && self.spec.emits_covered_column() {
-                columns.push(Arc::new(BooleanArray::from(covered.clone())));
-                continue;
-            }
-            let col_of_values = match self.spec.config.output_space {
-                OutputSpace::Features => feature_pos.get(field.name().as_str()).copied(),
-                OutputSpace::Pca => {
-                    if meta.schema().index_of(field.name()).is_ok() {
-                        None
-                    } else {
-                        next_value_col += 1;
-                        Some(next_value_col - 1)
-                    }
-                }
-            };
-            match col_of_values {
-                Some(f) => {
-                    let v: Float32Array = (0..r)
-                        .map(|i| values[i * d + f])
-                        .collect::<Vec<f32>>()
-                        .into();
-                    columns.push(Arc::new(v));
-                }
-                None => columns.push(meta.column(meta.schema().index_of(field.name())?).clone()),
-            }
-        }
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
+}
+
+/// The source of one output column.
+#[derive(Debug, Clone, Copy)]
+enum OutputColumn {
+    /// A metadata column (index in the metadata working file).
+    Meta(usize),
+    /// Corrected value column `f`.
+    Value(usize),
+    /// The coverage flag.
+    Covered,
 }
 
 /// Copies rows `start..end` of a blocked matrix into one row-major vector.
