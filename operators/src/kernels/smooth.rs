@@ -20,7 +20,6 @@ pub struct SmoothAccumulator {
     d: usize,
     y: Vec<f64>,
     row_sum: Vec<f64>,
-    rows_seen: usize,
     index: LandmarkIndex,
 }
 
@@ -33,7 +32,6 @@ impl SmoothAccumulator {
             d,
             y: vec![0.0; m * d],
             row_sum: vec![0.0; m],
-            rows_seen: 0,
             index: LandmarkIndex::new(landmarks),
         }
     }
@@ -76,7 +74,6 @@ impl SmoothAccumulator {
                     }
                 }
             });
-        self.rows_seen += points.len();
     }
 
     /// Finishes pass 1 into the per-landmark values used by pass 2.
