@@ -1,0 +1,23 @@
+//! The one error type of the metrics crate.
+
+/// Errors raised by the metric kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The input is unusable as given (shape mismatch, too few rows, bad parameter).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Some rows of the embedding hold NaN or infinite values.
+    #[error("the embedding has non-finite values in {count} row(s), first rows: {rows:?}")]
+    NonFinite {
+        /// Number of rows with at least one NaN / inf.
+        count: usize,
+        /// The first offending rows (0-based), at most ten.
+        rows: Vec<usize>,
+    },
+    /// A numeric procedure failed (e.g. an eigen-decomposition or solver did not converge).
+    #[error("numeric failure: {0}")]
+    Numeric(String),
+}
+
+/// Result alias of the metrics crate.
+pub type Result<T, E = MetricsError> = std::result::Result<T, E>;
