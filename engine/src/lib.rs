@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod correct;
 pub mod error;
+pub mod evaluate;
 pub mod progress;
 pub mod session;
 pub mod source;
@@ -17,4 +18,5 @@ pub mod writer;
 
 pub use correct::{CorrectOutcome, CorrectRequest, run_correct};
 pub use error::{BalansError, Result};
+pub use evaluate::{EvaluateRequest, Evaluation, run_evaluate};
 pub use session::{SessionSettings, build_session};

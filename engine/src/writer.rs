@@ -129,3 +129,31 @@ pub async fn write_parquet_atomic(
     })?;
     Ok(stats)
 }
+
+/// Writes `bytes` to `output` atomically (temporary file beside it, then rename), mode 0644.
+pub fn write_bytes_atomic(output: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    let err = |e: std::io::Error| BalansError::Output {
+        path: output.display().to_string(),
+        message: e.to_string(),
+    };
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "output".into());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".balans-tmp")
+        .tempfile_in(parent_dir(output))
+        .map_err(err)?;
+    tmp.write_all(bytes).map_err(err)?;
+    tmp.flush().map_err(err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(err)?;
+    }
+    tmp.persist(output).map_err(|e| err(e.error))?;
+    Ok(())
+}

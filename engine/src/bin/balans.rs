@@ -8,10 +8,16 @@ use std::time::Instant;
 use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
 use balans_engine::session::{SessionSettings, build_session, parse_bytes};
 use balans_engine::source::{FeatureSelection, SourceOptions, inspect, register_profiles};
-use balans_engine::{BalansError, CorrectRequest, Result, run_correct};
+use balans_engine::correct::CorrectOutcome;
+use balans_engine::evaluate::{Evaluation, LoadedEmbedding, format_scores, format_timings, render_report};
+use balans_engine::writer::{check_output, write_bytes_atomic};
+use balans_engine::{BalansError, CorrectRequest, EvaluateRequest, Result, run_correct, run_evaluate};
+use balans_metrics::suite::{EvalOptions, MetricSelection};
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
+use balans_operators::exec::COVERED_COLUMN;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use datafusion::prelude::SessionContext;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +40,8 @@ struct Cli {
 enum Command {
     /// Batch-correct a profile table and write corrected profiles as Parquet.
     Correct(CorrectArgs),
+    /// Score batch mixing and biology preservation of an embedding (scib metrics + mAP).
+    Evaluate(EvaluateArgs),
     /// Print the detected schema, batches and data problems of a profile table.
     Inspect(InspectArgs),
     /// Generate the synthetic Cell Painting-like benchmark data set.
@@ -202,6 +210,143 @@ struct CorrectArgs {
     /// Also write the run summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Evaluate the input and the corrected output and print the metrics side by side
+    /// (needs --label; see `balans evaluate --help` for the metric options).
+    #[arg(long)]
+    evaluate: bool,
+    #[command(flatten)]
+    eval: EvalArgs,
+}
+
+/// Metric-suite options shared by `evaluate` and `correct --evaluate`.
+#[derive(Args, Debug, Clone)]
+struct EvalArgs {
+    /// Biological label column (perturbation, compound or MoA).
+    #[arg(long)]
+    label: Option<String>,
+    /// SQL predicate marking negative-control rows, e.g. "Metadata_PertType = 'negcon'".
+    #[arg(long)]
+    negcon: Option<String>,
+    /// Plate column (default: Metadata_Plate when present); mAP negatives come from the same plate.
+    #[arg(long)]
+    plate: Option<String>,
+    /// Well column (default: Metadata_Well when present); negcon-mAP positives differ in well.
+    #[arg(long)]
+    well: Option<String>,
+    /// Metric families to leave out: silhouette, graph, kbet, lisi, map, classifier.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    skip: Vec<MetricFamily>,
+    /// Neighbours of the kNN graph, the row itself included.
+    #[arg(long, default_value_t = 25)]
+    neighbors: usize,
+    /// Neighbours for LISI (the row itself excluded).
+    #[arg(long, default_value_t = 90)]
+    lisi_neighbors: usize,
+    /// LISI perplexity.
+    #[arg(long, default_value_t = 30.0)]
+    perplexity: f64,
+    /// Leiden resolution.
+    #[arg(long, default_value_t = 1.0)]
+    resolution: f64,
+    /// Size of the mAP null distribution.
+    #[arg(long, default_value_t = 10_000)]
+    null_size: usize,
+    /// Folds of the batch classifier's cross-validation.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Evaluate the clustering and mixing metrics on at most N random cells (mAP uses all rows).
+    #[arg(long, value_name = "N")]
+    subsample: Option<usize>,
+    /// Seed of Leiden, the folds, the mAP null and subsampling.
+    #[arg(long = "eval-seed", default_value_t = 0)]
+    eval_seed: u64,
+    /// Write the evaluation as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report (figures embedded) to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum MetricFamily {
+    Silhouette,
+    Graph,
+    Kbet,
+    Lisi,
+    Map,
+    Classifier,
+}
+
+impl EvalArgs {
+    fn options(&self) -> EvalOptions {
+        let mut metrics = MetricSelection::default();
+        for family in &self.skip {
+            match family {
+                MetricFamily::Silhouette => metrics.silhouette = false,
+                MetricFamily::Graph => metrics.graph = false,
+                MetricFamily::Kbet => metrics.kbet = false,
+                MetricFamily::Lisi => metrics.lisi = false,
+                MetricFamily::Map => metrics.map = false,
+                MetricFamily::Classifier => metrics.classifier = false,
+            }
+        }
+        EvalOptions {
+            n_neighbors: self.neighbors,
+            lisi_neighbors: self.lisi_neighbors,
+            perplexity: self.perplexity,
+            resolution: self.resolution,
+            seed: self.eval_seed,
+            null_size: self.null_size,
+            cv_folds: self.folds,
+            subsample: self.subsample,
+            metrics,
+            ..EvalOptions::default()
+        }
+    }
+
+    fn request(
+        &self,
+        input: String,
+        batch: Vec<String>,
+        selection: FeatureSelection,
+        source: SourceOptions,
+    ) -> Result<EvaluateRequest> {
+        let label = self.label.clone().ok_or_else(|| {
+            BalansError::InvalidArgument(
+                "the evaluation needs --label COL (the biological label, e.g. Metadata_MoA)".into(),
+            )
+        })?;
+        Ok(EvaluateRequest {
+            input,
+            batch,
+            label,
+            negcon: self.negcon.clone(),
+            plate: self.plate.clone(),
+            well: self.well.clone(),
+            selection,
+            options: self.options(),
+            source,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Batch key column(s), comma-separated.
+    #[arg(long, short, value_delimiter = ',', required = true)]
+    batch: Vec<String>,
+    /// A second table (e.g. the uncorrected profiles) to evaluate with the same columns and
+    /// show side by side as "before".
+    #[arg(long)]
+    compare: Option<String>,
+    /// Replace existing --json / --report files.
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    eval: EvalArgs,
 }
 
 #[derive(Args, Debug)]
@@ -290,6 +435,18 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
     let Method::Balans = a.method;
     let started = Instant::now();
     let config = correct_config(&a)?;
+    if a.evaluate {
+        if a.eval.label.is_none() {
+            return Err(BalansError::InvalidArgument(
+                "--evaluate needs --label COL (the biological label, e.g. Metadata_MoA)".into(),
+            ));
+        }
+        check_eval_outputs(&a.eval, a.overwrite, std::slice::from_ref(&a.input.input))?;
+    } else if a.eval.json.is_some() || a.eval.report.is_some() {
+        return Err(BalansError::InvalidArgument(
+            "--json and --report of `correct` need --evaluate".into(),
+        ));
+    }
     let settings = SessionSettings {
         memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
         temp_dir: a.temp_dir.clone(),
@@ -324,7 +481,155 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         value["peak_rss_bytes"] = serde_json::json!(peak);
         std::fs::write(path, serde_json::to_string_pretty(&value).expect("json"))?;
     }
+    if a.evaluate {
+        evaluate_correction(&a, &ctx, &outcome, quiet).await?;
+    }
     Ok(())
+}
+
+/// Prints each evaluation step to stderr (unless quiet).
+fn step_printer(quiet: bool, what: &str) -> Arc<dyn Fn(&str) + Send + Sync> {
+    let what = what.to_string();
+    Arc::new(move |step: &str| {
+        if !quiet {
+            eprintln!("balans: evaluate {what}: {step}");
+        }
+    })
+}
+
+/// Checks the `--json` / `--report` outputs before any work is done.
+fn check_eval_outputs(eval: &EvalArgs, overwrite: bool, inputs: &[String]) -> Result<()> {
+    for path in [&eval.json, &eval.report].into_iter().flatten() {
+        check_output(path, overwrite, inputs)?;
+    }
+    Ok(())
+}
+
+/// Prints the score table and writes the JSON and HTML outputs of one or two evaluations.
+fn present_evaluations(
+    eval: &EvalArgs,
+    columns: &[(&str, &LoadedEmbedding, &Evaluation)],
+    quiet: bool,
+) -> Result<()> {
+    let table: Vec<(&str, &Evaluation)> = columns.iter().map(|(n, _, e)| (*n, *e)).collect();
+    print!("{}", format_scores(&table));
+    if !quiet {
+        for (name, _, evaluation) in columns {
+            eprintln!("balans: evaluate {name}: timings");
+            eprint!("{}", format_timings(evaluation));
+        }
+    }
+    if let Some(path) = &eval.json {
+        let value = if columns.len() == 1 {
+            serde_json::to_value(columns[0].2)
+        } else {
+            serde_json::to_value(
+                columns
+                    .iter()
+                    .map(|(n, _, e)| (n.to_string(), *e))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+        }
+        .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&value).expect("json");
+        write_bytes_atomic(path, text.as_bytes())?;
+        eprintln!("balans: wrote {}", path.display());
+    }
+    if let Some(path) = &eval.report {
+        let html = render_report(columns, eval.eval_seed)?;
+        write_bytes_atomic(path, html.as_bytes())?;
+        eprintln!("balans: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_evaluate_command(a: EvaluateArgs, quiet: bool) -> Result<()> {
+    let mut inputs = vec![a.input.input.clone()];
+    inputs.extend(a.compare.clone());
+    check_eval_outputs(&a.eval, a.overwrite, &inputs)?;
+    let request = a.eval.request(
+        a.input.input.clone(),
+        a.batch.clone(),
+        a.input.select.selection(),
+        a.input.select.source(),
+    )?;
+    let ctx = build_session(&SessionSettings::default())?;
+    let before = match &a.compare {
+        Some(baseline) => {
+            let baseline_request = EvaluateRequest {
+                input: baseline.clone(),
+                ..request.clone()
+            };
+            Some(
+                run_evaluate(&ctx, &baseline_request, "baseline", step_printer(quiet, "before"))
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let what = if before.is_some() { "after" } else { "" };
+    let after = run_evaluate(&ctx, &request, "profiles", step_printer(quiet, what)).await?;
+    let mut columns: Vec<(&str, &LoadedEmbedding, &Evaluation)> = Vec::new();
+    if let Some((loaded, evaluation)) = &before {
+        columns.push(("before", loaded, evaluation));
+        columns.push(("after", &after.0, &after.1));
+    } else {
+        columns.push(("value", &after.0, &after.1));
+    }
+    present_evaluations(&a.eval, &columns, quiet)
+}
+
+/// `correct --evaluate`: the input and the corrected output, side by side.
+async fn evaluate_correction(
+    a: &CorrectArgs,
+    ctx: &SessionContext,
+    outcome: &CorrectOutcome,
+    quiet: bool,
+) -> Result<()> {
+    let before_request = a.eval.request(
+        a.input.input.clone(),
+        a.batch.clone(),
+        a.input.select.selection(),
+        a.input.select.source(),
+    )?;
+    let before = run_evaluate(ctx, &before_request, "eval_before", step_printer(quiet, "before"))
+        .await?;
+    // The output holds the input's non-feature columns plus the corrected features.
+    let output_features: Vec<String> = {
+        let table = register_profiles(
+            ctx,
+            &a.output.display().to_string(),
+            "eval_output_schema",
+            &SourceOptions::default(),
+        )
+        .await?;
+        table
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|name| !outcome.roles.metadata.contains(name) && name != COVERED_COLUMN)
+            .collect()
+    };
+    let after_request = EvaluateRequest {
+        input: a.output.display().to_string(),
+        selection: FeatureSelection {
+            include: output_features,
+            exclude: Vec::new(),
+        },
+        source: SourceOptions::default(),
+        ..before_request.clone()
+    };
+    let after = run_evaluate(ctx, &after_request, "eval_after", step_printer(quiet, "after"))
+        .await?;
+    present_evaluations(
+        &a.eval,
+        &[
+            ("before", &before.0, &before.1),
+            ("after", &after.0, &after.1),
+        ],
+        quiet,
+    )
 }
 
 async fn run_inspect(a: InspectArgs) -> Result<()> {
@@ -413,6 +718,7 @@ fn main() -> ExitCode {
         let job = async move {
             match cli.command {
                 Command::Correct(a) => correct(a, quiet).await,
+                Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
                 Command::Inspect(a) => run_inspect(a).await,
                 Command::Synth(a) => run_synth(a),
                 Command::Bench(a) => run_bench(a, threads),

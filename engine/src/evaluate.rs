@@ -1,0 +1,398 @@
+//! The `evaluate` job: read an embedding (a profile table), run the metric suite of
+//! [`balans_metrics::suite`], and present the results (text table, JSON, HTML report).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, BooleanArray};
+use arrow::datatypes::{DataType, Float64Type};
+use balans_metrics::suite::{EvalInput, EvalOptions, EvalReport, evaluate};
+use balans_metrics::{Codes, MetricsError};
+use datafusion::functions::core::expr_fn::coalesce;
+use datafusion::prelude::{SessionContext, cast, ident, lit};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::error::{BalansError, Result};
+use crate::source::{FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns};
+
+/// Default plate column, used when present and none is named.
+pub const DEFAULT_PLATE_COLUMN: &str = "Metadata_Plate";
+/// Default well column, used when present and none is named.
+pub const DEFAULT_WELL_COLUMN: &str = "Metadata_Well";
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvaluateRequest {
+    /// Input location (as for `correct`).
+    pub input: String,
+    /// Batch column(s); several are combined into one key.
+    pub batch: Vec<String>,
+    /// Biological label column (perturbation, compound, MoA).
+    pub label: String,
+    /// SQL predicate over the columns that marks negative-control rows.
+    pub negcon: Option<String>,
+    /// Plate column (default `Metadata_Plate` when present).
+    pub plate: Option<String>,
+    /// Well column (default `Metadata_Well` when present).
+    pub well: Option<String>,
+    /// Embedding columns.
+    pub selection: FeatureSelection,
+    /// Suite parameters.
+    pub options: EvalOptions,
+    /// Object-store options.
+    pub source: SourceOptions,
+}
+
+/// An embedding read into memory with the metadata the metrics need.
+#[derive(Debug, Clone)]
+pub struct LoadedEmbedding {
+    /// The table read.
+    pub table: ProfileTable,
+    /// Embedding columns, in order.
+    pub features: Vec<String>,
+    /// Row-major embedding, `n * d`.
+    pub x: Vec<f64>,
+    /// Batch of each row.
+    pub batch: Codes,
+    /// Label of each row.
+    pub label: Codes,
+    /// Plate of each row, if a plate column exists.
+    pub plate: Option<Codes>,
+    /// Well of each row, if a well column exists.
+    pub well: Option<Codes>,
+    /// Negative-control flag of each row.
+    pub is_negcon: Vec<bool>,
+    /// The plate column used.
+    pub plate_column: Option<String>,
+    /// The well column used.
+    pub well_column: Option<String>,
+}
+
+impl LoadedEmbedding {
+    /// Rows read.
+    pub fn n_rows(&self) -> usize {
+        self.is_negcon.len()
+    }
+
+    /// Embedding dimensions.
+    pub fn d(&self) -> usize {
+        self.features.len()
+    }
+
+    /// The suite's view of this embedding.
+    pub fn as_input(&self) -> EvalInput<'_> {
+        EvalInput {
+            x: &self.x,
+            d: self.d(),
+            batch: &self.batch,
+            label: &self.label,
+            is_negcon: &self.is_negcon,
+            plate: self.plate.as_ref(),
+            well: self.well.as_ref(),
+        }
+    }
+}
+
+/// The result of one evaluation, as written to `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The input location.
+    pub input: String,
+    /// Batch column(s).
+    pub batch: Vec<String>,
+    /// Label column.
+    pub label: String,
+    /// Negative-control predicate.
+    pub negcon: Option<String>,
+    /// Plate column used.
+    pub plate: Option<String>,
+    /// Well column used.
+    pub well: Option<String>,
+    /// Embedding columns used.
+    pub n_features: usize,
+    /// Everything the suite computed.
+    pub report: EvalReport,
+}
+
+/// Reads the embedding and metadata of `request` from a table registered as `table_name`.
+pub async fn load_embedding(
+    ctx: &SessionContext,
+    request: &EvaluateRequest,
+    table_name: &str,
+) -> Result<LoadedEmbedding> {
+    let table = register_profiles(ctx, &request.input, table_name, &request.source).await?;
+    let schema = table.schema.clone();
+    let require = |name: &str, role: &str| -> Result<()> {
+        if schema.index_of(name).is_err() {
+            return Err(BalansError::BadInput(format!(
+                "{role} column '{name}' is not in {} (columns: {})",
+                request.input,
+                column_preview(&schema)
+            )));
+        }
+        Ok(())
+    };
+    require(&request.label, "label")?;
+    let optional_column = |given: &Option<String>, default: &str, role: &str| -> Result<Option<String>> {
+        match given {
+            Some(name) => {
+                require(name, role)?;
+                Ok(Some(name.clone()))
+            }
+            None => Ok(schema.index_of(default).is_ok().then(|| default.to_string())),
+        }
+    };
+    let plate_column = optional_column(&request.plate, DEFAULT_PLATE_COLUMN, "plate")?;
+    let well_column = optional_column(&request.well, DEFAULT_WELL_COLUMN, "well")?;
+    if request.options.metrics.map && plate_column.is_none() {
+        return Err(BalansError::BadInput(format!(
+            "mAP needs a plate column (negatives come from the same plate) and {} has no \
+             '{DEFAULT_PLATE_COLUMN}': name one with --plate COL, or skip mAP with --skip map",
+            request.input
+        )));
+    }
+    let mut roles = resolve_columns(&schema, &request.selection, &request.batch)?;
+    let metadata_roles: Vec<&String> = [Some(&request.label), plate_column.as_ref(), well_column.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    roles.features.retain(|f| !metadata_roles.contains(&f));
+    if roles.features.is_empty() {
+        return Err(BalansError::BadInput(
+            "no embedding columns left after removing the label, plate and well columns".into(),
+        ));
+    }
+
+    let df = ctx.table(table_name).await?;
+    let negcon_expr = match &request.negcon {
+        Some(predicate) => {
+            let expr = df.parse_sql_expr(predicate).map_err(|e| {
+                BalansError::InvalidArgument(format!(
+                    "--negcon '{predicate}' is not a valid SQL predicate over the columns: {e}"
+                ))
+            })?;
+            coalesce(vec![expr, lit(false)])
+        }
+        None => lit(false),
+    };
+    let mut select = Vec::with_capacity(roles.features.len() + 6);
+    for f in &roles.features {
+        select.push(cast(ident(f.as_str()), DataType::Float64).alias(format!("f{}", select.len())));
+    }
+    let as_text = |name: &str, alias: &str| cast(ident(name), DataType::Utf8).alias(alias);
+    for (i, b) in roles.batch.iter().enumerate() {
+        select.push(as_text(b, &format!("__batch{i}")));
+    }
+    select.push(as_text(&request.label, "__label"));
+    if let Some(p) = &plate_column {
+        select.push(as_text(p, "__plate"));
+    }
+    if let Some(w) = &well_column {
+        select.push(as_text(w, "__well"));
+    }
+    select.push(negcon_expr.alias("__negcon"));
+    let df = df.select(select).map_err(|e| match &request.negcon {
+        Some(p) => BalansError::InvalidArgument(format!("--negcon '{p}' cannot be evaluated: {e}")),
+        None => BalansError::DataFusion(e),
+    })?;
+    let negcon_type = df.schema().field_with_unqualified_name("__negcon")?.data_type().clone();
+    if negcon_type != DataType::Boolean {
+        return Err(BalansError::InvalidArgument(format!(
+            "--negcon must be a boolean predicate (e.g. \"Metadata_PertType = 'negcon'\"), \
+             but it has type {negcon_type}"
+        )));
+    }
+
+    let d = roles.features.len();
+    let mut x: Vec<f64> = Vec::new();
+    let mut batch_values: Vec<String> = Vec::new();
+    let mut label_values: Vec<String> = Vec::new();
+    let mut plate_values: Vec<String> = Vec::new();
+    let mut well_values: Vec<String> = Vec::new();
+    let mut is_negcon: Vec<bool> = Vec::new();
+    let mut stream = df.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let rows = batch.num_rows();
+        let start = x.len();
+        x.resize(start + rows * d, 0.0);
+        for j in 0..d {
+            let column = batch.column(j).as_primitive::<Float64Type>();
+            for i in 0..rows {
+                x[start + i * d + j] = if column.is_null(i) {
+                    f64::NAN
+                } else {
+                    column.value(i)
+                };
+            }
+        }
+        let text = |name: &str| -> Vec<String> {
+            let column = batch.column_by_name(name).expect("selected column");
+            let column = column.as_string::<i32>();
+            (0..rows)
+                .map(|i| {
+                    if column.is_null(i) {
+                        "(null)".to_string()
+                    } else {
+                        column.value(i).to_string()
+                    }
+                })
+                .collect()
+        };
+        let mut keys: Vec<String> = vec![String::new(); rows];
+        for i in 0..roles.batch.len() {
+            for (key, value) in keys.iter_mut().zip(text(&format!("__batch{i}"))) {
+                if i > 0 {
+                    key.push_str(" / ");
+                }
+                key.push_str(&value);
+            }
+        }
+        batch_values.extend(keys);
+        label_values.extend(text("__label"));
+        if plate_column.is_some() {
+            plate_values.extend(text("__plate"));
+        }
+        if well_column.is_some() {
+            well_values.extend(text("__well"));
+        }
+        let flags: &BooleanArray = batch
+            .column_by_name("__negcon")
+            .expect("selected column")
+            .as_boolean();
+        is_negcon.extend((0..rows).map(|i| flags.is_valid(i) && flags.value(i)));
+    }
+    if is_negcon.is_empty() {
+        return Err(BalansError::BadInput(format!("{} has no rows", request.input)));
+    }
+    Ok(LoadedEmbedding {
+        table,
+        features: roles.features,
+        x,
+        batch: Codes::from_strings(&batch_values),
+        label: Codes::from_strings(&label_values),
+        plate: plate_column.as_ref().map(|_| Codes::from_strings(&plate_values)),
+        well: well_column.as_ref().map(|_| Codes::from_strings(&well_values)),
+        is_negcon,
+        plate_column,
+        well_column,
+    })
+}
+
+/// Runs the suite on a loaded embedding (CPU-bound; call it from a blocking task).
+pub fn evaluate_loaded(
+    request: &EvaluateRequest,
+    loaded: &LoadedEmbedding,
+    on_step: &dyn Fn(&str),
+) -> Result<Evaluation> {
+    if request.negcon.is_some() && !loaded.is_negcon.iter().any(|&c| c) {
+        return Err(BalansError::BadInput(format!(
+            "--negcon '{}' matches no row of {}",
+            request.negcon.as_deref().unwrap_or_default(),
+            request.input
+        )));
+    }
+    let report = evaluate(&loaded.as_input(), &request.options, on_step).map_err(|e| match e {
+        MetricsError::NonFinite { count, rows } => BalansError::BadInput(format!(
+            "the embedding of {} has NaN or infinite values in {count} row(s) (0-based rows \
+             {}): drop or impute them first (e.g. `balans correct --nan drop-rows`)",
+            request.input,
+            rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+        )),
+        other => BalansError::BadInput(other.to_string()),
+    })?;
+    Ok(Evaluation {
+        input: request.input.clone(),
+        batch: request.batch.clone(),
+        label: request.label.clone(),
+        negcon: request.negcon.clone(),
+        plate: loaded.plate_column.clone(),
+        well: loaded.well_column.clone(),
+        n_features: loaded.d(),
+        report,
+    })
+}
+
+/// Loads and evaluates `request`; `on_step` is told each metric step as it starts. The metrics
+/// run on a blocking thread.
+pub async fn run_evaluate(
+    ctx: &SessionContext,
+    request: &EvaluateRequest,
+    table_name: &str,
+    on_step: Arc<dyn Fn(&str) + Send + Sync>,
+) -> Result<(LoadedEmbedding, Evaluation)> {
+    let loaded = load_embedding(ctx, request, table_name).await?;
+    let request = request.clone();
+    tokio::task::spawn_blocking(move || {
+        let evaluation = evaluate_loaded(&request, &loaded, &*on_step)?;
+        Ok((loaded, evaluation))
+    })
+    .await
+    .map_err(|e| BalansError::BadInput(format!("the evaluation failed: {e}")))?
+}
+
+/// A plain-text table of the scores of one or more evaluations, side by side.
+pub fn format_scores(columns: &[(&str, &Evaluation)]) -> String {
+    let mut out = String::new();
+    let width = columns.iter().map(|(name, _)| name.len()).max().unwrap_or(0).max(9);
+    let _ = write!(out, "{:<20}", "metric");
+    for (name, _) in columns {
+        let _ = write!(out, " {name:>width$}");
+    }
+    out.push('\n');
+    let rows: Vec<Vec<(&str, &str, Option<f64>)>> =
+        columns.iter().map(|(_, e)| e.report.scores.rows()).collect();
+    let mut last_group = "";
+    for (i, (metric, group, _)) in rows[0].iter().enumerate() {
+        if *group != last_group {
+            let _ = writeln!(out, "[{group}]");
+            last_group = group;
+        }
+        let _ = write!(out, "  {metric:<18}");
+        for column in &rows {
+            match column[i].2 {
+                Some(v) => {
+                    let _ = write!(out, " {v:>width$.4}");
+                }
+                None => {
+                    let _ = write!(out, " {:>width$}", "-");
+                }
+            }
+        }
+        out.push('\n');
+    }
+    for (name, evaluation) in columns {
+        let r = &evaluation.report;
+        let _ = writeln!(
+            out,
+            "{name}: {} rows, {} negative controls, {} cells, {} batches, {} labels, {} dims",
+            r.n_rows, r.n_negcon, r.n_cells, r.n_batches, r.n_labels, r.n_dims
+        );
+        if let Some(s) = &r.subsampled {
+            let _ = writeln!(out, "{name}: subsampled: {s}");
+        }
+        for w in &r.warnings {
+            let _ = writeln!(out, "{name}: warning: {w}");
+        }
+    }
+    out
+}
+
+/// Stage timings of an evaluation as `step seconds` lines.
+pub fn format_timings(evaluation: &Evaluation) -> String {
+    let mut out = String::new();
+    for t in &evaluation.report.timings {
+        let _ = writeln!(out, "  {:<28} {:>8.2} s", t.step, t.seconds);
+    }
+    out
+}
+
+fn column_preview(schema: &arrow::datatypes::Schema) -> String {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    if names.len() > 12 {
+        format!("{}, ... ({} in all)", names[..12].join(", "), names.len())
+    } else {
+        names.join(", ")
+    }
+}

@@ -1,0 +1,649 @@
+//! The whole evaluation suite: every metric of the reference benchmark on one embedding, with the
+//! batch / bio / overall aggregates (Arevalo et al. 2024; definitions in `shared/specs/metrics.md`).
+//!
+//! Negative-control rows are excluded from every clustering and mixing metric ("cells" below are
+//! the other rows); they are used only as the negatives of the phenotypic-activity mAP.
+
+use std::time::Instant;
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::classifier::{batch_classifier, stratified_folds};
+use crate::cluster::{ari, modularity, nmi};
+use crate::error::{MetricsError, Result};
+use crate::graph::{graph_connectivity, umap_connectivities};
+use crate::kbet::kbet_per_label;
+use crate::knn::exact_knn;
+use crate::leiden::leiden;
+use crate::lisi::{clisi_score, ilisi_score, lisi};
+use crate::map::{
+    MapMetadata, MapSummary, average_precision_negcon, average_precision_nonrep,
+    mean_average_precision, summarize,
+};
+use crate::silhouette::{silhouette_batch, silhouette_samples};
+use crate::types::{Codes, CsrGraph, Distance};
+
+/// One embedding with its metadata, all rows (negative controls included).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalInput<'a> {
+    /// Row-major embedding, `n * d`.
+    pub x: &'a [f64],
+    /// Embedding dimensions.
+    pub d: usize,
+    /// Batch of each row.
+    pub batch: &'a Codes,
+    /// Biological label (perturbation, MoA) of each row.
+    pub label: &'a Codes,
+    /// Whether each row is a negative control.
+    pub is_negcon: &'a [bool],
+    /// Plate of each row (needed by mAP).
+    pub plate: Option<&'a Codes>,
+    /// Well position of each row (negcon mAP positives must differ in well).
+    pub well: Option<&'a Codes>,
+}
+
+/// Which metric families to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MetricSelection {
+    /// Silhouette label and silhouette batch.
+    pub silhouette: bool,
+    /// Graph connectivity, Leiden NMI / ARI (25-NN graph).
+    pub graph: bool,
+    /// kBET.
+    pub kbet: bool,
+    /// iLISI and cLISI.
+    pub lisi: bool,
+    /// Phenotypic activity (negcon) and consistency (nonrep) mAP.
+    pub map: bool,
+    /// Batch classifier (not part of the aggregates).
+    pub classifier: bool,
+}
+
+impl Default for MetricSelection {
+    fn default() -> Self {
+        Self {
+            silhouette: true,
+            graph: true,
+            kbet: true,
+            lisi: true,
+            map: true,
+            classifier: true,
+        }
+    }
+}
+
+/// Parameters of the suite; the defaults are the reference benchmark's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalOptions {
+    /// Neighbours of the kNN graph, the row itself included (scanpy's `n_neighbors`).
+    pub n_neighbors: usize,
+    /// Neighbours for LISI (the row itself excluded).
+    pub lisi_neighbors: usize,
+    /// LISI perplexity.
+    pub perplexity: f64,
+    /// Leiden resolution.
+    pub resolution: f64,
+    /// Seed of every random choice (Leiden, folds, mAP null, subsampling).
+    pub seed: u64,
+    /// Size of the mAP null distribution.
+    pub null_size: usize,
+    /// Significance threshold for the mAP p / q values and kBET.
+    pub alpha: f64,
+    /// Folds of the batch classifier's cross-validation.
+    pub cv_folds: usize,
+    /// Evaluate the clustering / mixing metrics on at most this many cells, drawn at random.
+    pub subsample: Option<usize>,
+    /// Which metrics to compute.
+    pub metrics: MetricSelection,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            n_neighbors: 25,
+            lisi_neighbors: 90,
+            perplexity: 30.0,
+            resolution: 1.0,
+            seed: 0,
+            null_size: 10_000,
+            alpha: 0.05,
+            cv_folds: 5,
+            subsample: None,
+            metrics: MetricSelection::default(),
+        }
+    }
+}
+
+/// Every scalar the suite reports; `None` where a metric was not computed or is undefined.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Scores {
+    /// Silhouette batch (1 - |s| within labels).
+    pub silhouette_batch: Option<f64>,
+    /// Graph connectivity.
+    pub graph_connectivity: Option<f64>,
+    /// kBET acceptance (1 - rejection).
+    pub kbet: Option<f64>,
+    /// Scaled iLISI.
+    pub ilisi: Option<f64>,
+    /// Scaled cLISI.
+    pub clisi: Option<f64>,
+    /// Leiden NMI against the labels.
+    pub nmi: Option<f64>,
+    /// Leiden ARI against the labels.
+    pub ari: Option<f64>,
+    /// Rescaled cosine silhouette on labels, `(s + 1) / 2`.
+    pub silhouette_label: Option<f64>,
+    /// Phenotypic activity mAP (positives vs negative controls).
+    pub negcon_map: Option<f64>,
+    /// Consistency mAP (positives vs other labels).
+    pub nonrep_map: Option<f64>,
+    /// Batch classifier score, `1 - macro F1` (not in the aggregates).
+    pub batch_classifier: Option<f64>,
+    /// Mean of the available batch metrics.
+    pub batch_score: Option<f64>,
+    /// Mean of the available biology metrics.
+    pub bio_score: Option<f64>,
+    /// `0.4 batch + 0.6 bio`.
+    pub overall: Option<f64>,
+}
+
+impl Scores {
+    /// `(name, group, value)` of every score in report order.
+    pub fn rows(&self) -> Vec<(&'static str, &'static str, Option<f64>)> {
+        vec![
+            ("silhouette_batch", "batch", self.silhouette_batch),
+            ("graph_connectivity", "batch", self.graph_connectivity),
+            ("kbet", "batch", self.kbet),
+            ("ilisi", "batch", self.ilisi),
+            ("clisi", "bio", self.clisi),
+            ("nmi", "bio", self.nmi),
+            ("ari", "bio", self.ari),
+            ("silhouette_label", "bio", self.silhouette_label),
+            ("negcon_map", "bio", self.negcon_map),
+            ("nonrep_map", "bio", self.nonrep_map),
+            ("batch_score", "aggregate", self.batch_score),
+            ("bio_score", "aggregate", self.bio_score),
+            ("overall", "aggregate", self.overall),
+            ("batch_classifier", "other", self.batch_classifier),
+        ]
+    }
+}
+
+/// Per-label details.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelDetail {
+    /// Label name.
+    pub label: String,
+    /// Cells with this label.
+    pub n_cells: usize,
+    /// Batches these cells span.
+    pub n_batches: usize,
+    /// Silhouette batch of the label (None: skipped).
+    pub silhouette_batch: Option<f64>,
+    /// Graph connectivity of the label.
+    pub graph_connectivity: Option<f64>,
+    /// kBET acceptance of the label (None: skipped).
+    pub kbet: Option<f64>,
+    /// Phenotypic-activity mAP of the label, its p and q values.
+    pub negcon_map: Option<(f64, f64, f64)>,
+    /// Consistency mAP of the label, its p and q values.
+    pub nonrep_map: Option<(f64, f64, f64)>,
+}
+
+/// Wall time of one metric family.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Timing {
+    /// Step name.
+    pub step: String,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// Everything the suite computed.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The scores and aggregates.
+    pub scores: Scores,
+    /// Rows of the input.
+    pub n_rows: usize,
+    /// Negative-control rows.
+    pub n_negcon: usize,
+    /// Cells (non-control rows) used for the clustering and mixing metrics.
+    pub n_cells: usize,
+    /// Cells before subsampling.
+    pub n_cells_total: usize,
+    /// Distinct batches among the cells.
+    pub n_batches: usize,
+    /// Distinct labels among the cells.
+    pub n_labels: usize,
+    /// Embedding dimensions.
+    pub n_dims: usize,
+    /// Leiden clusters found.
+    pub leiden_clusters: Option<usize>,
+    /// Modularity of the Leiden partition.
+    pub leiden_modularity: Option<f64>,
+    /// Aggregated batch metrics (out of 4).
+    pub batch_components: usize,
+    /// Aggregated biology metrics (out of 6).
+    pub bio_components: usize,
+    /// Fractions of labels with p < alpha and q < alpha, negcon mAP.
+    pub negcon_significance: Option<MapSummary>,
+    /// Same for the consistency mAP.
+    pub nonrep_significance: Option<MapSummary>,
+    /// Per-label details.
+    pub labels: Vec<LabelDetail>,
+    /// What was subsampled, if anything.
+    pub subsampled: Option<String>,
+    /// Things the user should know (skipped metrics and why).
+    pub warnings: Vec<String>,
+    /// Seconds per step.
+    pub timings: Vec<Timing>,
+    /// The options used.
+    pub options: EvalOptions,
+    /// Per-cell outputs, for reports.
+    #[serde(skip)]
+    pub cells: CellOutputs,
+}
+
+/// Per-cell intermediate results a report can draw.
+#[derive(Debug, Clone, Default)]
+pub struct CellOutputs {
+    /// Input rows of the cells used.
+    pub rows: Vec<usize>,
+    /// The UMAP connectivities of the cells (for a 2-D layout).
+    pub graph: Option<CsrGraph>,
+    /// Leiden cluster of each cell.
+    pub leiden: Option<Vec<u32>>,
+}
+
+/// Runs every selected metric on `input`. `on_step` is told the name of each step as it starts.
+pub fn evaluate(
+    input: &EvalInput<'_>,
+    options: &EvalOptions,
+    on_step: &dyn Fn(&str),
+) -> Result<EvalReport> {
+    let n = input.is_negcon.len();
+    validate(input, n)?;
+    let mut warnings = Vec::new();
+    let mut timings = Vec::new();
+    let mut clock = |step: &str, start: Instant| {
+        timings.push(Timing {
+            step: step.to_string(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    };
+
+    // Cells: non-control rows, optionally subsampled (sorted, so row order is kept).
+    let all_cells: Vec<usize> = (0..n).filter(|&i| !input.is_negcon[i]).collect();
+    let n_cells_total = all_cells.len();
+    let (rows, subsampled) = match options.subsample {
+        Some(limit) if limit < n_cells_total => {
+            let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+            let mut picked: Vec<usize> = sample(&mut rng, n_cells_total, limit)
+                .into_iter()
+                .map(|i| all_cells[i])
+                .collect();
+            picked.sort_unstable();
+            let note = format!(
+                "clustering and mixing metrics on {limit} of {n_cells_total} cells drawn at \
+                 random (seed {}); mAP on all rows",
+                options.seed
+            );
+            (picked, Some(note))
+        }
+        _ => (all_cells, None),
+    };
+    let n_cells = rows.len();
+    if n_cells < 3 {
+        return Err(MetricsError::InvalidInput(format!(
+            "only {n_cells} non-control rows: at least 3 are needed"
+        )));
+    }
+    let d = input.d;
+    let mut cells_x = Vec::with_capacity(n_cells * d);
+    for &r in &rows {
+        cells_x.extend_from_slice(&input.x[r * d..(r + 1) * d]);
+    }
+    let batch = recode(&rows, input.batch);
+    let label = recode(&rows, input.label);
+    let n_batches = batch.n_categories();
+    let n_labels = label.n_categories();
+    if n_batches < 2 {
+        warnings.push(format!(
+            "the cells come from a single batch ({}): batch-mixing metrics are undefined",
+            batch.names.first().map(String::as_str).unwrap_or("")
+        ));
+    }
+
+    let mut scores = Scores::default();
+    let mut label_details: Vec<LabelDetail> = label
+        .names
+        .iter()
+        .enumerate()
+        .map(|(code, name)| {
+            let members: Vec<usize> = (0..n_cells)
+                .filter(|&i| label.codes[i] as usize == code)
+                .collect();
+            let mut batches: Vec<u32> = members.iter().map(|&i| batch.codes[i]).collect();
+            batches.sort_unstable();
+            batches.dedup();
+            LabelDetail {
+                label: name.clone(),
+                n_cells: members.len(),
+                n_batches: batches.len(),
+                silhouette_batch: None,
+                graph_connectivity: None,
+                kbet: None,
+                negcon_map: None,
+                nonrep_map: None,
+            }
+        })
+        .collect();
+    let mut outputs = CellOutputs {
+        rows: rows.clone(),
+        ..CellOutputs::default()
+    };
+    let mut leiden_clusters = None;
+    let mut leiden_modularity = None;
+
+    let need_knn = options.metrics.graph || options.metrics.kbet;
+    if need_knn {
+        on_step("kNN graph");
+        let start = Instant::now();
+        let k = options.n_neighbors.min(n_cells);
+        let nn = exact_knn(&cells_x, d, k, Distance::Cosine, false)?;
+        clock("knn", start);
+        if options.metrics.graph {
+            on_step("UMAP connectivities and Leiden");
+            let start = Instant::now();
+            let graph = umap_connectivities(&nn)?;
+            let connectivity = graph_connectivity(&graph, &label.codes, n_labels)?;
+            for (detail, value) in label_details.iter_mut().zip(&connectivity.per_label) {
+                detail.graph_connectivity = finite(*value);
+            }
+            scores.graph_connectivity = finite(connectivity.score);
+            let clusters = leiden(&graph, options.resolution, options.seed)?;
+            scores.nmi = finite(nmi(&label.codes, &clusters)?);
+            scores.ari = finite(ari(&label.codes, &clusters)?);
+            leiden_modularity = Some(modularity(&graph, &clusters, options.resolution));
+            leiden_clusters = Some(clusters.iter().map(|&c| c as usize + 1).max().unwrap_or(0));
+            outputs.leiden = Some(clusters);
+            outputs.graph = Some(graph);
+            clock("graph connectivity + leiden", start);
+        }
+        if options.metrics.kbet {
+            on_step("kBET");
+            let start = Instant::now();
+            if n_batches < 2 {
+                warnings.push("kBET skipped: a single batch".into());
+            } else {
+                let kbet = kbet_per_label(&nn, &batch.codes, &label.codes, options.alpha)?;
+                for (detail, value) in label_details.iter_mut().zip(&kbet.per_label) {
+                    detail.kbet = finite(*value);
+                }
+                scores.kbet = finite(kbet.score);
+                if scores.kbet.is_none() {
+                    warnings.push(
+                        "kBET undefined: no label has at least 10 cells in more than one batch"
+                            .into(),
+                    );
+                }
+            }
+            clock("kbet", start);
+        }
+    }
+
+    if options.metrics.lisi {
+        on_step("LISI");
+        let start = Instant::now();
+        let k = options.lisi_neighbors.min(n_cells - 1);
+        let nn = exact_knn(&cells_x, d, k, Distance::Cosine, true)?;
+        let per_batch = lisi(&nn, &batch.codes, n_batches, options.perplexity)?;
+        let per_label = lisi(&nn, &label.codes, n_labels, options.perplexity)?;
+        if n_batches >= 2 {
+            scores.ilisi = finite(ilisi_score(&per_batch, n_batches));
+        }
+        if n_labels >= 2 {
+            scores.clisi = finite(clisi_score(&per_label, n_labels));
+        }
+        clock("lisi", start);
+    }
+
+    if options.metrics.silhouette {
+        on_step("silhouettes");
+        let start = Instant::now();
+        if n_labels >= 2 {
+            let s = silhouette_samples(&cells_x, d, &label.codes, Distance::Cosine)?;
+            let mean = s.iter().sum::<f64>() / s.len() as f64;
+            scores.silhouette_label = finite((mean + 1.0) / 2.0);
+        } else {
+            warnings.push("silhouette label skipped: a single label".into());
+        }
+        if n_batches >= 2 {
+            let sb = silhouette_batch(&cells_x, d, &batch.codes, &label.codes, Distance::Cosine)?;
+            for (detail, value) in label_details.iter_mut().zip(&sb.per_label) {
+                detail.silhouette_batch = finite(*value);
+            }
+            scores.silhouette_batch = finite(sb.score);
+        }
+        clock("silhouettes", start);
+    }
+
+    let mut negcon_significance = None;
+    let mut nonrep_significance = None;
+    if options.metrics.map {
+        on_step("mAP");
+        let start = Instant::now();
+        let plate = input.plate.ok_or_else(|| {
+            MetricsError::InvalidInput(
+                "mAP needs a plate column (negatives are drawn from the same plate)".into(),
+            )
+        })?;
+        let wells_as_rows;
+        let well = match input.well {
+            Some(well) => well,
+            None => {
+                warnings.push(
+                    "no well column: every row counts as its own well for the negcon mAP".into(),
+                );
+                wells_as_rows = Codes {
+                    codes: (0..n as u32).collect(),
+                    names: (0..n).map(|i| i.to_string()).collect(),
+                };
+                &wells_as_rows
+            }
+        };
+        let meta = MapMetadata {
+            labels: &input.label.codes,
+            plates: &plate.codes,
+            wells: &well.codes,
+            is_negcon: input.is_negcon,
+        };
+        if input.is_negcon.iter().any(|&c| c) {
+            let ap = average_precision_negcon(input.x, d, &meta)?;
+            let maps = mean_average_precision(
+                &ap,
+                &input.label.codes,
+                options.null_size,
+                options.alpha,
+                options.seed,
+            )?;
+            let summary = summarize(&maps);
+            scores.negcon_map = finite(summary.mean_map);
+            for m in &maps {
+                if let Some(detail) = label_details
+                    .iter_mut()
+                    .find(|dtl| dtl.label == input.label.names[m.label as usize])
+                {
+                    detail.negcon_map = Some((m.mean_average_precision, m.p_value, m.corrected_p_value));
+                }
+            }
+            negcon_significance = Some(summary);
+        } else {
+            warnings.push("negcon mAP skipped: no negative-control rows (see --negcon)".into());
+        }
+        let ap = average_precision_nonrep(input.x, d, &meta)?;
+        let maps = mean_average_precision(
+            &ap,
+            &input.label.codes,
+            options.null_size,
+            options.alpha,
+            options.seed,
+        )?;
+        let summary = summarize(&maps);
+        scores.nonrep_map = finite(summary.mean_map);
+        for m in &maps {
+            if let Some(detail) = label_details
+                .iter_mut()
+                .find(|dtl| dtl.label == input.label.names[m.label as usize])
+            {
+                detail.nonrep_map = Some((m.mean_average_precision, m.p_value, m.corrected_p_value));
+            }
+        }
+        nonrep_significance = Some(summary);
+        clock("map", start);
+    }
+
+    if options.metrics.classifier {
+        on_step("batch classifier");
+        let start = Instant::now();
+        if n_batches >= 2 {
+            let folds = stratified_folds(&batch.codes, options.cv_folds, options.seed)?;
+            let result = batch_classifier(&cells_x, d, &batch.codes, n_batches, &folds)?;
+            scores.batch_classifier = finite(result.score);
+        } else {
+            warnings.push("batch classifier skipped: a single batch".into());
+        }
+        clock("batch classifier", start);
+    }
+
+    let batch_parts = [
+        scores.silhouette_batch,
+        scores.graph_connectivity,
+        scores.kbet,
+        scores.ilisi,
+    ];
+    let bio_parts = [
+        scores.clisi,
+        scores.negcon_map,
+        scores.nonrep_map,
+        scores.nmi,
+        scores.ari,
+        scores.silhouette_label,
+    ];
+    let (batch_score, batch_components) = mean_of_available(&batch_parts);
+    let (bio_score, bio_components) = mean_of_available(&bio_parts);
+    scores.batch_score = batch_score;
+    scores.bio_score = bio_score;
+    scores.overall = match (batch_score, bio_score) {
+        (Some(b), Some(c)) => Some(0.4 * b + 0.6 * c),
+        _ => None,
+    };
+    if batch_components < batch_parts.len() && batch_components > 0 {
+        warnings.push(format!(
+            "batch score averages {batch_components} of {} metrics",
+            batch_parts.len()
+        ));
+    }
+    if bio_components < bio_parts.len() && bio_components > 0 {
+        warnings.push(format!(
+            "bio score averages {bio_components} of {} metrics",
+            bio_parts.len()
+        ));
+    }
+
+    Ok(EvalReport {
+        scores,
+        n_rows: n,
+        n_negcon: input.is_negcon.iter().filter(|&&c| c).count(),
+        n_cells,
+        n_cells_total,
+        n_batches,
+        n_labels,
+        n_dims: d,
+        leiden_clusters,
+        leiden_modularity,
+        batch_components,
+        bio_components,
+        negcon_significance,
+        nonrep_significance,
+        labels: label_details,
+        subsampled,
+        warnings,
+        timings,
+        options: options.clone(),
+        cells: outputs,
+    })
+}
+
+fn validate(input: &EvalInput<'_>, n: usize) -> Result<()> {
+    let d = input.d;
+    if d == 0 {
+        return Err(MetricsError::InvalidInput("the embedding has no dimensions".into()));
+    }
+    if input.x.len() != n * d {
+        return Err(MetricsError::InvalidInput(format!(
+            "embedding has {} values, expected {n} rows x {d} dims",
+            input.x.len()
+        )));
+    }
+    for (name, codes) in [("batch", Some(input.batch)), ("label", Some(input.label)), ("plate", input.plate), ("well", input.well)] {
+        if let Some(codes) = codes
+            && codes.codes.len() != n
+        {
+            return Err(MetricsError::InvalidInput(format!(
+                "{name} has {} rows, the embedding {n}",
+                codes.codes.len()
+            )));
+        }
+    }
+    let bad: Vec<usize> = (0..n)
+        .filter(|&i| input.x[i * d..(i + 1) * d].iter().any(|v| !v.is_finite()))
+        .collect();
+    if !bad.is_empty() {
+        return Err(MetricsError::NonFinite {
+            count: bad.len(),
+            rows: bad.into_iter().take(10).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// Codes of `rows` re-encoded densely over the categories present among them.
+fn recode(rows: &[usize], codes: &Codes) -> Codes {
+    let mut present = vec![false; codes.n_categories()];
+    for &r in rows {
+        present[codes.codes[r] as usize] = true;
+    }
+    let mut new_code = vec![u32::MAX; present.len()];
+    let mut names = Vec::new();
+    for (old, &p) in present.iter().enumerate() {
+        if p {
+            new_code[old] = names.len() as u32;
+            names.push(codes.names[old].clone());
+        }
+    }
+    Codes {
+        codes: rows.iter().map(|&r| new_code[codes.codes[r] as usize]).collect(),
+        names,
+    }
+}
+
+fn finite(value: f64) -> Option<f64> {
+    value.is_finite().then_some(value)
+}
+
+fn mean_of_available(parts: &[Option<f64>]) -> (Option<f64>, usize) {
+    let present: Vec<f64> = parts.iter().flatten().copied().collect();
+    if present.is_empty() {
+        (None, 0)
+    } else {
+        (
+            Some(present.iter().sum::<f64>() / present.len() as f64),
+            present.len(),
+        )
+    }
+}
