@@ -1,1 +1,462 @@
+//! Exact k-nearest neighbours and tiled pairwise distances by blocked matrix products.
+//!
+//! [`DistanceTiles`] prepares an embedding once (unit rows for cosine, squared norms for
+//! Euclidean) and streams every pairwise distance tile by tile: query blocks run in parallel
+//! with rayon, each visiting its reference tiles in ascending order, so memory stays at one
+//! `query_block x ref_block` tile per thread and results do not depend on the thread count.
+//! Tiles are Gram products (faer, sequential within a tile).
+//!
+//! [`exact_knn`] screens candidates on the Gram tiles with a bounded buffer per query row,
+//! keeping a few more than `k`, then recomputes the kept candidates' distances directly in
+//! f64 ([`DistanceTiles::pair_distance`]) and sorts them by (distance, index). The reported
+//! distances therefore do not depend on tile sizes, and the Euclidean ones do not suffer the
+//! cancellation of `|x|^2 + |y|^2 - 2 x.y`.
 
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::error::{MetricsError, Result};
+use crate::types::{Distance, Neighbors};
+
+/// Default number of query rows per block (one parallel task).
+pub const DEFAULT_QUERY_BLOCK: usize = 256;
+/// Default number of reference rows per tile.
+pub const DEFAULT_REF_BLOCK: usize = 1024;
+/// Extra candidates kept per row while screening on Gram tiles, beyond `k`, so that a
+/// rounding difference between the tile value and the direct distance cannot push a true
+/// neighbour out.
+const SCREEN_MARGIN: usize = 8;
+
+/// Checks a row-major embedding: `d > 0`, length a multiple of `d`, fewer than 2^32 rows,
+/// every value finite. Returns the number of rows.
+pub fn check_embedding(x: &[f64], d: usize) -> Result<usize> {
+    if d == 0 {
+        return Err(MetricsError::InvalidInput(
+            "the embedding has zero features".into(),
+        ));
+    }
+    if x.len() % d != 0 {
+        return Err(MetricsError::InvalidInput(format!(
+            "embedding length {} is not a multiple of d = {d}",
+            x.len()
+        )));
+    }
+    let n = x.len() / d;
+    if u32::try_from(n).is_err() {
+        return Err(MetricsError::InvalidInput(format!(
+            "{n} rows exceed the u32 index range"
+        )));
+    }
+    let bad: Vec<usize> = x
+        .chunks_exact(d)
+        .enumerate()
+        .filter(|(_, row)| row.iter().any(|v| !v.is_finite()))
+        .map(|(i, _)| i)
+        .collect();
+    if !bad.is_empty() {
+        return Err(MetricsError::NonFinite {
+            count: bad.len(),
+            rows: bad.into_iter().take(10).collect(),
+        });
+    }
+    Ok(n)
+}
+
+/// One tile of pairwise distances: rows `queries` against rows `refs`, row-major.
+#[derive(Debug, Clone)]
+pub struct DistanceTile<'t> {
+    /// Global indices of the tile's query rows.
+    pub queries: Range<usize>,
+    /// Global indices of the tile's reference rows.
+    pub refs: Range<usize>,
+    /// `queries.len() x refs.len()` distances, row-major.
+    pub values: &'t [f64],
+}
+
+impl DistanceTile<'_> {
+    /// Distances from global query row `q` (in `queries`) to every reference row of the tile.
+    pub fn row(&self, q: usize) -> &[f64] {
+        let width = self.refs.len();
+        let local = q - self.queries.start;
+        &self.values[local * width..(local + 1) * width]
+    }
+}
+
+/// An embedding prepared for tiled pairwise distances (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct DistanceTiles<'a> {
+    n: usize,
+    d: usize,
+    distance: Distance,
+    /// Unit rows (cosine) or the rows as given (Euclidean), row-major.
+    rows: Cow<'a, [f64]>,
+    /// Squared row norms (Euclidean only; empty for cosine).
+    sq_norms: Vec<f64>,
+    query_block: usize,
+    ref_block: usize,
+}
+
+impl<'a> DistanceTiles<'a> {
+    /// Validates `x` (`n x d`, row-major) and prepares it. Cosine needs every row to have a
+    /// non-zero norm (an error names the first such row); its rows are normalised once.
+    pub fn new(x: &'a [f64], d: usize, distance: Distance) -> Result<Self> {
+        let n = check_embedding(x, d)?;
+        let (rows, sq_norms) = match distance {
+            Distance::Cosine => {
+                let mut unit = x.to_vec();
+                for (i, row) in unit.chunks_exact_mut(d).enumerate() {
+                    let norm = dot(row, row).sqrt();
+                    if norm == 0.0 {
+                        return Err(MetricsError::InvalidInput(format!(
+                            "row {i} has zero norm: cosine distance is undefined"
+                        )));
+                    }
+                    row.iter_mut().for_each(|v| *v /= norm);
+                }
+                (Cow::Owned(unit), Vec::new())
+            }
+            Distance::Euclidean => {
+                let sq = x.chunks_exact(d).map(|row| dot(row, row)).collect();
+                (Cow::Borrowed(x), sq)
+            }
+        };
+        Ok(Self {
+            n,
+            d,
+            distance,
+            rows,
+            sq_norms,
+            query_block: DEFAULT_QUERY_BLOCK,
+            ref_block: DEFAULT_REF_BLOCK,
+        })
+    }
+
+    /// Sets the query block (rows per parallel task) and reference tile width (both >= 1).
+    /// Results of [`Self::knn`] do not depend on them; tile values may differ in the last bits.
+    pub fn with_blocks(mut self, query_block: usize, ref_block: usize) -> Self {
+        self.query_block = query_block.max(1);
+        self.ref_block = ref_block.max(1);
+        self
+    }
+
+    /// Number of rows.
+    pub fn n_rows(&self) -> usize {
+        self.n
+    }
+
+    /// The distance in use.
+    pub fn distance(&self) -> Distance {
+        self.distance
+    }
+
+    /// Distance between rows `i` and `j` computed directly in f64 (not from a tile):
+    /// cosine `1 - u_i.u_j` on unit rows clamped to `[0, 2]`, Euclidean `sqrt(sum (x - y)^2)`;
+    /// exactly 0 when `i == j`.
+    pub fn pair_distance(&self, i: usize, j: usize) -> f64 {
+        if i == j {
+            return 0.0;
+        }
+        let (a, b) = (self.row(i), self.row(j));
+        match self.distance {
+            Distance::Cosine => (1.0 - dot(a, b)).clamp(0.0, 2.0),
+            Distance::Euclidean => squared_difference(a, b).sqrt(),
+        }
+    }
+
+    fn row(&self, i: usize) -> &[f64] {
+        &self.rows[i * self.d..(i + 1) * self.d]
+    }
+
+    /// Streams all `n x n` pairwise distances. For each query block (in parallel), `init`
+    /// makes a state from the block's global row range, then `visit` sees the block's tiles in
+    /// ascending reference order (each tile's distances: cosine `1 - u.v` clamped to `[0, 2]`,
+    /// Euclidean `sqrt(max(|x|^2 + |y|^2 - 2 x.y, 0))`, exactly 0 on the diagonal). Returns
+    /// the states in query block order. Deterministic for fixed block sizes.
+    pub fn map_query_blocks<T, I, V>(&self, init: I, visit: V) -> Vec<T>
+    where
+        T: Send,
+        I: Fn(Range<usize>) -> T + Sync,
+        V: Fn(&mut T, &DistanceTile<'_>) + Sync,
+    {
+        self.fold_gram_blocks(
+            init,
+            |state, queries, refs, gram| {
+                self.gram_to_distances(queries.clone(), refs.clone(), gram);
+                visit(
+                    state,
+                    &DistanceTile {
+                        queries,
+                        refs,
+                        values: gram,
+                    },
+                );
+            },
+            |_, state| state,
+        )
+    }
+
+    /// Converts a Gram tile into distances in place.
+    fn gram_to_distances(&self, queries: Range<usize>, refs: Range<usize>, tile: &mut [f64]) {
+        let width = refs.len();
+        for (local, q) in queries.enumerate() {
+            let row = &mut tile[local * width..(local + 1) * width];
+            match self.distance {
+                Distance::Cosine => row.iter_mut().for_each(|g| *g = (1.0 - *g).clamp(0.0, 2.0)),
+                Distance::Euclidean => {
+                    let qn = self.sq_norms[q];
+                    for (g, &rn) in row.iter_mut().zip(&self.sq_norms[refs.clone()]) {
+                        *g = (qn + rn - 2.0 * *g).max(0.0).sqrt();
+                    }
+                }
+            }
+            if refs.contains(&q) {
+                row[q - refs.start] = 0.0;
+            }
+        }
+    }
+
+    /// The engine: parallel over query blocks, sequential over reference tiles of Gram
+    /// products `rows[queries] . rows[refs]^T` (row-major, faer, no inner parallelism).
+    fn fold_gram_blocks<T, U, I, V, F>(&self, init: I, visit: V, finish: F) -> Vec<U>
+    where
+        U: Send,
+        I: Fn(Range<usize>) -> T + Sync,
+        V: Fn(&mut T, Range<usize>, Range<usize>, &mut [f64]) + Sync,
+        F: Fn(Range<usize>, T) -> U + Sync,
+    {
+        let (n, d) = (self.n, self.d);
+        let starts: Vec<usize> = (0..n).step_by(self.query_block).collect();
+        starts
+            .into_par_iter()
+            .map(|qs| {
+                let queries = qs..(qs + self.query_block).min(n);
+                let mut state = init(queries.clone());
+                let mut buffer = vec![0.0; queries.len() * self.ref_block.min(n)];
+                let lhs = MatRef::from_row_major_slice(
+                    &self.rows[queries.start * d..queries.end * d],
+                    queries.len(),
+                    d,
+                );
+                for rs in (0..n).step_by(self.ref_block) {
+                    let refs = rs..(rs + self.ref_block).min(n);
+                    let rhs = MatRef::from_row_major_slice(
+                        &self.rows[rs * d..refs.end * d],
+                        refs.len(),
+                        d,
+                    );
+                    let tile = &mut buffer[..queries.len() * refs.len()];
+                    matmul(
+                        MatMut::from_row_major_slice_mut(tile, queries.len(), refs.len()),
+                        Accum::Replace,
+                        lhs,
+                        rhs.transpose(),
+                        1.0,
+                        Par::Seq,
+                    );
+                    visit(&mut state, queries.clone(), refs, tile);
+                }
+                finish(queries, state)
+            })
+            .collect()
+    }
+
+    /// The `k` nearest rows of every row (see [`exact_knn`]).
+    pub fn knn(&self, k: usize, exclude_self: bool) -> Result<Neighbors> {
+        let n = self.n;
+        let available = if exclude_self { n.saturating_sub(1) } else { n };
+        if k == 0 || k > available {
+            return Err(MetricsError::InvalidInput(format!(
+                "k = {k} neighbours requested but each of the {n} rows has {available} candidates{}",
+                if exclude_self { " (self excluded)" } else { "" }
+            )));
+        }
+        let capacity = (k + SCREEN_MARGIN).min(available);
+        let blocks = self.fold_gram_blocks(
+            |queries| vec![Candidates::new(capacity); queries.len()],
+            |cands, queries, refs, gram| {
+                let width = refs.len();
+                for (local, q) in queries.enumerate() {
+                    let row = &gram[local * width..(local + 1) * width];
+                    let cand = &mut cands[local];
+                    // Screening keys are monotone in the distance within a query row.
+                    match self.distance {
+                        Distance::Cosine => {
+                            for (j, &g) in (refs.start..).zip(row) {
+                                if -g <= cand.bound && !(exclude_self && j == q) {
+                                    cand.offer(-g, j);
+                                }
+                            }
+                        }
+                        Distance::Euclidean => {
+                            for ((j, &g), &rn) in
+                                (refs.start..).zip(row).zip(&self.sq_norms[refs.clone()])
+                            {
+                                let key = rn - 2.0 * g;
+                                if key <= cand.bound && !(exclude_self && j == q) {
+                                    cand.offer(key, j);
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+            |queries, cands| {
+                let mut indices = Vec::with_capacity(queries.len() * k);
+                let mut distances = Vec::with_capacity(queries.len() * k);
+                let mut exact: Vec<(f64, u32)> = Vec::with_capacity(capacity * 2);
+                for (q, cand) in queries.zip(cands) {
+                    exact.clear();
+                    exact.extend(
+                        cand.items
+                            .iter()
+                            .map(|&(_, j)| (self.pair_distance(q, j as usize), j)),
+                    );
+                    exact.sort_unstable_by(by_key_then_index);
+                    for &(dist, j) in &exact[..k] {
+                        indices.push(j);
+                        distances.push(dist);
+                    }
+                }
+                (indices, distances)
+            },
+        );
+        let mut indices = Vec::with_capacity(n * k);
+        let mut distances = Vec::with_capacity(n * k);
+        for (block_indices, block_distances) in blocks {
+            indices.extend(block_indices);
+            distances.extend(block_distances);
+        }
+        Ok(Neighbors {
+            n,
+            k,
+            indices,
+            distances,
+        })
+    }
+}
+
+/// Exact `k` nearest neighbours of every row of `x` (`n x d`, row-major) among all rows:
+/// ascending distance, ties broken by smaller index. With `exclude_self = false` the row itself
+/// is a candidate like any other (at distance exactly 0), as in scanpy's neighbour graph; with
+/// `true` it is skipped (other rows identical to it are kept), as sklearn's `kneighbors()`.
+///
+/// Cosine distance is `1 - x.y / (|x| |y|)` (zero-norm rows are an error); Euclidean `|x - y|`.
+/// Errors: non-finite values ([`MetricsError::NonFinite`]), `k == 0` or `k` above the number
+/// of candidates, bad shape.
+pub fn exact_knn(
+    x: &[f64],
+    d: usize,
+    k: usize,
+    distance: Distance,
+    exclude_self: bool,
+) -> Result<Neighbors> {
+    DistanceTiles::new(x, d, distance)?.knn(k, exclude_self)
+}
+
+/// Bounded candidate buffer for one query row: keeps at least the `capacity` smallest
+/// (key, index) pairs offered, pruning to `capacity` whenever it reaches twice that.
+#[derive(Debug, Clone)]
+struct Candidates {
+    capacity: usize,
+    items: Vec<(f64, u32)>,
+    /// Every pair with a key above this is known to be outside the `capacity` smallest.
+    bound: f64,
+}
+
+impl Candidates {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            items: Vec::with_capacity(2 * capacity),
+            bound: f64::INFINITY,
+        }
+    }
+
+    fn offer(&mut self, key: f64, index: usize) {
+        // Indices fit u32: checked by `check_embedding`.
+        self.items.push((key, index as u32));
+        if self.items.len() >= 2 * self.capacity {
+            self.prune();
+        }
+    }
+
+    fn prune(&mut self) {
+        let last = self.capacity - 1;
+        self.items.select_nth_unstable_by(last, by_key_then_index);
+        self.items.truncate(self.capacity);
+        self.bound = self.items[last].0;
+    }
+}
+
+fn by_key_then_index(a: &(f64, u32), b: &(f64, u32)) -> Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// Dot product with four interleaved accumulators (fixed order, so deterministic).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = a4
+        .remainder()
+        .iter()
+        .zip(b4.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a4.zip(b4) {
+        for lane in 0..4 {
+            acc[lane] += x[lane] * y[lane];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// `sum (a - b)^2` with four interleaved accumulators.
+fn squared_difference(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = a4
+        .remainder()
+        .iter()
+        .zip(b4.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in a4.zip(b4) {
+        for lane in 0..4 {
+            let diff = x[lane] - y[lane];
+            acc[lane] += diff * diff;
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_keep_the_smallest_by_key_then_index() {
+        let mut c = Candidates::new(2);
+        for (key, idx) in [(3.0, 0), (1.0, 1), (1.0, 5), (0.5, 7), (1.0, 2), (2.0, 3)] {
+            if key <= c.bound {
+                c.offer(key, idx);
+            }
+        }
+        c.items.sort_unstable_by(by_key_then_index);
+        assert_eq!(&c.items[..2], &[(0.5, 7), (1.0, 1)]);
+    }
+
+    #[test]
+    fn dot_and_squared_difference_match_naive_sums() {
+        let a: Vec<f64> = (0..11).map(|i| i as f64 * 0.5 - 2.0).collect();
+        let b: Vec<f64> = (0..11).map(|i| (i * i) as f64 * 0.1).collect();
+        let naive_dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let naive_sq: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+        assert!((dot(&a, &b) - naive_dot).abs() < 1e-12);
+        assert!((squared_difference(&a, &b) - naive_sq).abs() < 1e-12);
+    }
+}
