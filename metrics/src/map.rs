@@ -1,1 +1,552 @@
+//! Mean average precision (mAP) as copairs 0.5.5 computes it, with the pair rules of
+//! Arevalo et al. 2024 (`metrics/map.py`): phenotypic activity against negative controls
+//! ("negcon") and phenotypic consistency against other labels ("nonrep").
+//!
+//! Per query profile, its positive and negative partners are ranked by cosine similarity,
+//! descending, and the average precision (AP) is the mean over positives of the precision at
+//! each positive's rank. As in copairs, the similarities are rounded to `f32` and ranked by the
+//! `f32` key `1 - similarity`; on equal keys positives come before negatives (copairs' stable
+//! `lexsort` over the positive pairs listed first). The cosine itself is computed like numpy
+//! (rows divided by their norms, products summed with numpy's pairwise summation), so the
+//! `f32` rounding, and hence the ties, are the same as copairs'.
+//!
+//! Similarities are computed per query against its candidate rows only (same label, same
+//! plate), never as an `n x n` matrix; queries run in parallel and are independent, so the
+//! result does not depend on the thread count.
+//!
+//! Significance: for every distinct `(n_pos, n_total)` configuration, `null_size` random
+//! rankings give null APs; the null mAP of a label is, sample by sample, the mean over its
+//! queries of the null AP of the query's configuration (queries with the same configuration
+//! share one null sample, as in copairs). `p = (#{null mAP > mAP} + 1) / (null_size + 1)`,
+//! q-values by Benjamini-Hochberg (statsmodels `fdr_bh`). The random stream is ChaCha8, one
+//! stream per configuration, so p-values differ from copairs' (numpy PCG64) by sampling noise
+//! only (|dp| of order `sqrt(p (1 - p) / null_size)`).
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::error::{MetricsError, Result};
+
+/// Integer-coded metadata of every row of the table (negative controls included).
+#[derive(Debug, Clone, Copy)]
+pub struct MapMetadata<'a> {
+    /// Label of each row (compound, MoA, ...); negative-control rows may share one code.
+    pub labels: &'a [u32],
+    /// Plate of each row.
+    pub plates: &'a [u32],
+    /// Well position name of each row (equal codes = same well name, on any plate).
+    pub wells: &'a [u32],
+    /// Whether each row is a negative control.
+    pub is_negcon: &'a [bool],
+}
+
+/// Average precision of one query profile (copairs' `average_precision` row).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryAp {
+    /// Row of the query in the input table.
+    pub row: usize,
+    /// Number of positive pairs of the query.
+    pub n_pos: usize,
+    /// Number of positive plus negative pairs of the query.
+    pub n_total: usize,
+    /// Average precision; NaN when the query has no positive pair. A query with positives but
+    /// no negatives gets 1, as in copairs.
+    pub average_precision: f64,
+}
+
+/// Per-query APs of one mAP flavour, with what the caller may want to warn about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApOutput {
+    /// One entry per query row, in row order (negative-control rows are never queries).
+    pub queries: Vec<QueryAp>,
+    /// Label codes occurring in a single row of the table; those rows were dropped.
+    pub single_replicate_labels: Vec<u32>,
+    /// Plate codes holding a query without any negative pair (negcon: a plate without
+    /// negative controls; nonrep: a plate with a single label). Their queries get AP 1 when
+    /// they have positives, exactly as copairs does.
+    pub plates_without_negatives: Vec<u32>,
+}
+
+/// mAP and significance of one label (copairs' `mean_average_precision` row).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LabelMap {
+    /// Label code.
+    pub label: u32,
+    /// Number of queries of the label with an AP (at least one positive pair).
+    pub n_profiles: usize,
+    /// Mean AP over those queries.
+    pub mean_average_precision: f64,
+    /// `(#{null mAP > mAP} + 1) / (null_size + 1)`.
+    pub p_value: f64,
+    /// Benjamini-Hochberg q-value over all labels.
+    pub corrected_p_value: f64,
+    /// `p_value < threshold`.
+    pub below_p: bool,
+    /// `corrected_p_value < threshold`.
+    pub below_corrected_p: bool,
+}
+
+/// Aggregate of a per-label mAP table, as Arevalo et al. report it (labels with NaN dropped).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapSummary {
+    /// Mean over labels of the mAP.
+    pub mean_map: f64,
+    /// Fraction of labels with `p < threshold`.
+    pub fraction_below_p: f64,
+    /// Fraction of labels with `q < threshold`.
+    pub fraction_below_corrected_p: f64,
+    /// Number of labels aggregated.
+    pub n_groups: usize,
+    /// Number of query profiles behind them (sum of `n_profiles`).
+    pub n_profiles: usize,
+    /// Number of labels skipped because they occur in a single row.
+    pub n_single_replicate_labels: usize,
+}
+
+/// Which pair rules to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PairRules {
+    /// Positives: same label, different well name. Negatives: negative controls on the same plate.
+    Negcon,
+    /// Negative controls removed. Positives: same label. Negatives: other labels on the same plate.
+    Nonrep,
+}
+
+/// Phenotypic activity APs: for every non-control row, positives are the rows with the same
+/// label in a different well name (a same-name well on another plate is not a positive),
+/// negatives are the negative-control rows on the same plate. Rows whose label occurs once in
+/// the whole table are dropped first (Arevalo's rule; a lone negative control included).
+///
+/// `x` is row-major `n x d` with `n = meta.labels.len()`. Errors on inconsistent lengths,
+/// non-finite or all-zero rows among those used, or when the table has no positive or no
+/// negative pair at all (copairs' `UnpairedException`).
+pub fn average_precision_negcon(x: &[f64], d: usize, meta: &MapMetadata) -> Result<ApOutput> {
+    average_precision_with(x, d, meta, PairRules::Negcon)
+}
+
+/// Phenotypic consistency APs: negative-control rows are removed; positives are the rows with
+/// the same label (any well, any plate), negatives the rows of other labels on the same plate.
+/// Rows whose label occurs once in the whole table are dropped first. Inputs and errors as
+/// [`average_precision_negcon`].
+pub fn average_precision_nonrep(x: &[f64], d: usize, meta: &MapMetadata) -> Result<ApOutput> {
+    average_precision_with(x, d, meta, PairRules::Nonrep)
+}
+
+fn average_precision_with(
+    x: &[f64],
+    d: usize,
+    meta: &MapMetadata,
+    rules: PairRules,
+) -> Result<ApOutput> {
+    let n = meta.labels.len();
+    validate_inputs(x, d, meta)?;
+
+    let mut label_counts: BTreeMap<u32, usize> = BTreeMap::new();
+    for &label in meta.labels {
+        *label_counts.entry(label).or_default() += 1;
+    }
+    let single_replicate_labels: Vec<u32> = label_counts
+        .iter()
+        .filter(|&(_, &count)| count == 1)
+        .map(|(&label, _)| label)
+        .collect();
+    let kept = |row: usize| label_counts[&meta.labels[row]] > 1;
+    let is_query = |row: usize| kept(row) && !meta.is_negcon[row];
+    let is_negative_candidate = |row: usize| match rules {
+        PairRules::Negcon => kept(row) && meta.is_negcon[row],
+        PairRules::Nonrep => is_query(row),
+    };
+
+    let queries: Vec<usize> = (0..n).filter(|&row| is_query(row)).collect();
+    let used: Vec<usize> = (0..n)
+        .filter(|&row| is_query(row) || is_negative_candidate(row))
+        .collect();
+    let unit = UnitRows::new(x, d, n, &used)?;
+
+    let mut rows_by_label: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for &row in &queries {
+        rows_by_label.entry(meta.labels[row]).or_default().push(row);
+    }
+    let mut negatives_by_plate: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for row in (0..n).filter(|&row| is_negative_candidate(row)) {
+        negatives_by_plate
+            .entry(meta.plates[row])
+            .or_default()
+            .push(row);
+    }
+
+    let results: Vec<(QueryAp, usize)> = queries
+        .par_iter()
+        .map(|&query| {
+            let mut ranked: Vec<(f32, bool)> = Vec::new();
+            for &other in &rows_by_label[&meta.labels[query]] {
+                let positive = other != query
+                    && (rules == PairRules::Nonrep || meta.wells[other] != meta.wells[query]);
+                if positive {
+                    ranked.push((unit.rank_key(query, other), true));
+                }
+            }
+            let n_pos = ranked.len();
+            if let Some(candidates) = negatives_by_plate.get(&meta.plates[query]) {
+                for &other in candidates {
+                    if rules == PairRules::Negcon || meta.labels[other] != meta.labels[query] {
+                        ranked.push((unit.rank_key(query, other), false));
+                    }
+                }
+            }
+            let n_neg = ranked.len() - n_pos;
+            let ap = QueryAp {
+                row: query,
+                n_pos,
+                n_total: ranked.len(),
+                average_precision: average_precision_of_ranking(&mut ranked, n_pos),
+            };
+            (ap, n_neg)
+        })
+        .collect();
+
+    if results.iter().all(|(ap, _)| ap.n_pos == 0) {
+        return Err(MetricsError::InvalidInput(
+            "unable to find positive pairs: no label has two rows that qualify as replicates"
+                .into(),
+        ));
+    }
+    if results.iter().all(|&(_, n_neg)| n_neg == 0) {
+        return Err(MetricsError::InvalidInput(match rules {
+            PairRules::Negcon => {
+                "unable to find negative pairs: no negative-control row shares a plate with a query"
+                    .into()
+            }
+            PairRules::Nonrep => {
+                "unable to find negative pairs: no plate holds two different labels".into()
+            }
+        }));
+    }
+    let plates_without_negatives: BTreeSet<u32> = results
+        .iter()
+        .filter(|&&(_, n_neg)| n_neg == 0)
+        .map(|(ap, _)| meta.plates[ap.row])
+        .collect();
+    Ok(ApOutput {
+        queries: results.into_iter().map(|(ap, _)| ap).collect(),
+        single_replicate_labels,
+        plates_without_negatives: plates_without_negatives.into_iter().collect(),
+    })
+}
+
+fn validate_inputs(x: &[f64], d: usize, meta: &MapMetadata) -> Result<()> {
+    let n = meta.labels.len();
+    if d == 0 {
+        return Err(MetricsError::InvalidInput(
+            "the embedding needs at least one feature".into(),
+        ));
+    }
+    if x.len() != n * d {
+        return Err(MetricsError::InvalidInput(format!(
+            "the embedding has {} values, expected {n} rows x {d} features",
+            x.len()
+        )));
+    }
+    for (name, len) in [
+        ("plates", meta.plates.len()),
+        ("wells", meta.wells.len()),
+        ("is_negcon", meta.is_negcon.len()),
+    ] {
+        if len != n {
+            return Err(MetricsError::InvalidInput(format!(
+                "metadata `{name}` has {len} rows, `labels` has {n}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Unit-norm copies of the rows in use, computed as numpy does (`x / norm(x)`).
+struct UnitRows {
+    d: usize,
+    /// Slot of each input row in `values` (`usize::MAX` when unused).
+    slot: Vec<usize>,
+    values: Vec<f64>,
+}
+
+impl UnitRows {
+    fn new(x: &[f64], d: usize, n: usize, used: &[usize]) -> Result<Self> {
+        let bad: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|&row| x[row * d..(row + 1) * d].iter().any(|v| !v.is_finite()))
+            .collect();
+        if !bad.is_empty() {
+            return Err(MetricsError::NonFinite {
+                count: bad.len(),
+                rows: bad.into_iter().take(10).collect(),
+            });
+        }
+        let mut slot = vec![usize::MAX; n];
+        let mut values = vec![0.0; used.len() * d];
+        for (k, (&row, out)) in used.iter().zip(values.chunks_exact_mut(d)).enumerate() {
+            let features = &x[row * d..(row + 1) * d];
+            let norm = numpy_pairwise_sum(d, |i| features[i] * features[i]).sqrt();
+            if norm == 0.0 {
+                return Err(MetricsError::InvalidInput(format!(
+                    "row {row} is all zeros: its cosine similarity is undefined"
+                )));
+            }
+            for (o, &v) in out.iter_mut().zip(features) {
+                *o = v / norm;
+            }
+            slot[row] = k;
+        }
+        Ok(Self { d, slot, values })
+    }
+
+    fn row(&self, row: usize) -> &[f64] {
+        let k = self.slot[row];
+        &self.values[k * self.d..(k + 1) * self.d]
+    }
+
+    /// copairs' ranking key: `1 - cosine` in `f32`, the similarity rounded to `f32` first.
+    fn rank_key(&self, a: usize, b: usize) -> f32 {
+        let (u, v) = (self.row(a), self.row(b));
+        // Rounding to f32 is copairs' own storage precision.
+        let similarity = numpy_pairwise_sum(self.d, |i| u[i] * v[i]) as f32;
+        1.0 - similarity
+    }
+}
+
+/// Sum of `term(0..n)` in numpy's pairwise order (blocks of 128 with eight accumulators), so
+/// reductions agree with numpy's to the last bit.
+fn numpy_pairwise_sum(n: usize, term: impl Fn(usize) -> f64 + Copy) -> f64 {
+    fn sum_range(start: usize, n: usize, term: impl Fn(usize) -> f64 + Copy) -> f64 {
+        if n < 8 {
+            (start..start + n).fold(0.0, |acc, i| acc + term(i))
+        } else if n <= 128 {
+            let mut acc = [0.0; 8];
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = term(start + j);
+            }
+            let full = n - n % 8;
+            for block in (8..full).step_by(8) {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a += term(start + block + j);
+                }
+            }
+            let head =
+                ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            (full..n).fold(head, |s, i| s + term(start + i))
+        } else {
+            let half = n / 2 - (n / 2) % 8;
+            sum_range(start, half, term) + sum_range(start + half, n - half, term)
+        }
+    }
+    sum_range(0, n, term)
+}
+
+/// Sorts `(key, is_positive)` by key, positives first on ties, and returns the AP (NaN without
+/// positives).
+fn average_precision_of_ranking(ranked: &mut [(f32, bool)], n_pos: usize) -> f64 {
+    if n_pos == 0 {
+        return f64::NAN;
+    }
+    ranked.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut hits = 0usize;
+    let mut precision_sum = 0.0;
+    for (rank, &(_, positive)) in ranked.iter().enumerate() {
+        if positive {
+            hits += 1;
+            precision_sum += hits as f64 / (rank + 1) as f64;
+        }
+    }
+    precision_sum / n_pos as f64
+}
+
+/// Null APs of one configuration: `null_size` rankings with `n_pos` positives placed uniformly
+/// at random among `n_total` positions. Seeded by `seed` and the configuration alone.
+fn null_average_precisions(n_pos: u32, n_total: u32, null_size: usize, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream((u64::from(n_pos) << 32) | u64::from(n_total));
+    let (n_pos, n_total) = (n_pos as usize, n_total as usize);
+    // Draw the smaller side (Floyd's algorithm), then read the ranking off the marks.
+    let n_negative = n_total - n_pos;
+    let (n_marked, marks_positives) = if n_pos <= n_negative {
+        (n_pos, true)
+    } else {
+        (n_negative, false)
+    };
+    let mut marked = vec![false; n_total];
+    (0..null_size)
+        .map(|_| {
+            for j in n_total - n_marked..n_total {
+                let t = rng.random_range(0..=j);
+                let pick = if marked[t] { j } else { t };
+                marked[pick] = true;
+            }
+            let mut hits = 0usize;
+            let mut precision_sum = 0.0;
+            for (position, mark) in marked.iter_mut().enumerate() {
+                if *mark == marks_positives {
+                    hits += 1;
+                    precision_sum += hits as f64 / (position + 1) as f64;
+                }
+                *mark = false;
+            }
+            precision_sum / n_pos as f64
+        })
+        .collect()
+}
+
+/// Mean average precision per label with permutation p-values (copairs'
+/// `mean_average_precision`). `labels` is indexed by [`QueryAp::row`] (pass the table's label
+/// column, or any other grouping of the rows). Queries without a positive pair or with a NaN
+/// AP are ignored; labels are returned in ascending code order.
+///
+/// Each distinct `(n_pos, n_total)` configuration gets `null_size` null APs (cached once,
+/// `null_size` values each); a label's null mAP is the mean over its queries of their
+/// configuration's null AP, sample by sample, and
+/// `p = (#{null mAP > mAP} + 1) / (null_size + 1)`. q-values: [`benjamini_hochberg`].
+pub fn mean_average_precision(
+    ap: &[QueryAp],
+    labels: &[u32],
+    null_size: usize,
+    threshold: f64,
+    seed: u64,
+) -> Result<Vec<LabelMap>> {
+    if null_size == 0 {
+        return Err(MetricsError::InvalidInput(
+            "null_size must be at least 1".into(),
+        ));
+    }
+    if !threshold.is_finite() {
+        return Err(MetricsError::InvalidInput(format!(
+            "threshold must be finite, got {threshold}"
+        )));
+    }
+    let mut queries_by_label: BTreeMap<u32, Vec<&QueryAp>> = BTreeMap::new();
+    let mut configurations: BTreeSet<(u32, u32)> = BTreeSet::new();
+    for query in ap {
+        let label = *labels.get(query.row).ok_or_else(|| {
+            MetricsError::InvalidInput(format!(
+                "query row {} is outside the {} labels given",
+                query.row,
+                labels.len()
+            ))
+        })?;
+        if query.n_pos == 0 || query.average_precision.is_nan() {
+            continue;
+        }
+        if query.n_total < query.n_pos {
+            return Err(MetricsError::InvalidInput(format!(
+                "query row {} has more positive pairs ({}) than pairs ({})",
+                query.row, query.n_pos, query.n_total
+            )));
+        }
+        let configuration = match (u32::try_from(query.n_pos), u32::try_from(query.n_total)) {
+            (Ok(n_pos), Ok(n_total)) => (n_pos, n_total),
+            _ => {
+                return Err(MetricsError::InvalidInput(format!(
+                    "query row {} has more than 2^32 pairs",
+                    query.row
+                )));
+            }
+        };
+        configurations.insert(configuration);
+        queries_by_label.entry(label).or_default().push(query);
+    }
+    let configurations: Vec<(u32, u32)> = configurations.into_iter().collect();
+    let null_by_configuration: Vec<Vec<f64>> = configurations
+        .par_iter()
+        .map(|&(n_pos, n_total)| null_average_precisions(n_pos, n_total, null_size, seed))
+        .collect();
+    let configuration_index = |query: &QueryAp| -> usize {
+        // Both counts were checked to fit in u32 above.
+        let key = (query.n_pos as u32, query.n_total as u32);
+        configurations
+            .binary_search(&key)
+            .expect("every configuration was collected")
+    };
+
+    let groups: Vec<(u32, Vec<&QueryAp>)> = queries_by_label.into_iter().collect();
+    let scored: Vec<(u32, usize, f64, f64)> = groups
+        .par_iter()
+        .map(|(label, queries)| {
+            let m = queries.len();
+            let map = queries.iter().map(|q| q.average_precision).sum::<f64>() / m as f64;
+            let mut weights: BTreeMap<usize, f64> = BTreeMap::new();
+            for query in queries {
+                *weights.entry(configuration_index(query)).or_default() += 1.0;
+            }
+            let mut null_sum = vec![0.0; null_size];
+            for (&c, &count) in &weights {
+                for (acc, &v) in null_sum.iter_mut().zip(&null_by_configuration[c]) {
+                    *acc += count * v;
+                }
+            }
+            let above = null_sum.iter().filter(|&&sum| sum / m as f64 > map).count();
+            let p_value = (above + 1) as f64 / (null_size + 1) as f64;
+            (*label, m, map, p_value)
+        })
+        .collect();
+
+    let p_values: Vec<f64> = scored.iter().map(|s| s.3).collect();
+    let q_values = benjamini_hochberg(&p_values);
+    Ok(scored
+        .into_iter()
+        .zip(q_values)
+        .map(|((label, n_profiles, map, p_value), q_value)| LabelMap {
+            label,
+            n_profiles,
+            mean_average_precision: map,
+            p_value,
+            corrected_p_value: q_value,
+            below_p: p_value < threshold,
+            below_corrected_p: q_value < threshold,
+        })
+        .collect())
+}
+
+/// Benjamini-Hochberg adjusted p-values (statsmodels `multipletests(method="fdr_bh")`):
+/// `q_(i) = min_{j >= i} p_(j) m / j` over the ascending p-values, capped at 1, in input order.
+/// NaN p-values are left out of `m` and get NaN.
+pub fn benjamini_hochberg(p_values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p_values.len())
+        .filter(|&i| !p_values[i].is_nan())
+        .collect();
+    order.sort_by(|&a, &b| p_values[a].total_cmp(&p_values[b]));
+    let m = order.len() as f64;
+    let mut q_values = vec![f64::NAN; p_values.len()];
+    let mut running_min = f64::INFINITY;
+    for (rank, &i) in order.iter().enumerate().rev() {
+        let raw = p_values[i] / ((rank + 1) as f64 / m);
+        running_min = running_min.min(raw);
+        q_values[i] = running_min.min(1.0);
+    }
+    q_values
+}
+
+/// Mean mAP and the fractions of significant labels over the labels whose mAP, p and q are
+/// all finite (Arevalo's `dropna`); `n_single_replicate_labels` is carried through for the
+/// report (e.g. `ApOutput::single_replicate_labels.len()`). Empty input gives NaN fractions.
+pub fn summarize_map(per_label: &[LabelMap], n_single_replicate_labels: usize) -> MapSummary {
+    let valid: Vec<&LabelMap> = per_label
+        .iter()
+        .filter(|l| {
+            l.mean_average_precision.is_finite()
+                && l.p_value.is_finite()
+                && l.corrected_p_value.is_finite()
+        })
+        .collect();
+    let n = valid.len() as f64;
+    let fraction =
+        |pred: fn(&LabelMap) -> bool| valid.iter().filter(|l| pred(l)).count() as f64 / n;
+    MapSummary {
+        mean_map: valid.iter().map(|l| l.mean_average_precision).sum::<f64>() / n,
+        fraction_below_p: fraction(|l| l.below_p),
+        fraction_below_corrected_p: fraction(|l| l.below_corrected_p),
+        n_groups: valid.len(),
+        n_profiles: valid.iter().map(|l| l.n_profiles).sum(),
+        n_single_replicate_labels,
+    }
+}
