@@ -31,7 +31,9 @@
 //! Eigen-decomposition: subgraphs of up to [`DENSE_EIGEN_MAX_ROWS`] rows use faer's exact dense
 //! symmetric eigen-decomposition; larger ones use faer's restarted Lanczos (Krylov-Schur)
 //! solver for the largest-magnitude eigenpairs of the sparse matrix (residuals below
-//! `1e-10`), like scipy's `eigsh(which="LM")`, in `O(rows * c)` memory.
+//! `1e-10`), like scipy's `eigsh(which="LM")`, in `O(rows * c)` memory. The exact
+//! neighbour search costs `O(rows^2 * c)` time per label (`O(rows)` memory per thread), which
+//! dominates for labels of tens of thousands of rows.
 
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
@@ -65,8 +67,8 @@ const LANCZOS_TOLERANCE: f64 = 1e-10;
 /// kBET acceptance per label and overall.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KbetResult {
-    /// Per label code: acceptance rate (NaN for labels skipped: absent, fewer than 10 rows,
-    /// or a single batch).
+    /// Per label code `0..=max code`: acceptance rate (NaN for labels skipped: absent, fewer
+    /// than 10 rows, or a single batch).
     pub per_label: Vec<f64>,
     /// Mean of `per_label` over the labels that were not skipped (NaN if all were).
     pub score: f64,
@@ -97,12 +99,19 @@ pub fn kbet_per_label(
     }
     let graph = umap_connectivities(nn)?;
     let n_labels = labels.iter().max().map_or(0, |&l| l as usize + 1);
+    if n_labels > nn.n {
+        return Err(MetricsError::InvalidInput(format!(
+            "label code {} exceeds the row count {}: codes must be dense",
+            n_labels - 1,
+            nn.n
+        )));
+    }
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); n_labels];
     for (i, &label) in labels.iter().enumerate() {
         members[label as usize].push(i);
     }
 
-    // Cheap, sequential planning (the component count carries over between labels).
+    // Cheap planning per label, then the component count carried over in label order.
     let mut plans: Vec<Plan> = members
         .par_iter()
         .map(|rows| plan_label(&graph, rows, batches))
