@@ -289,7 +289,7 @@ impl UnitRows {
         let mut values = vec![0.0; used.len() * d];
         for (k, (&row, out)) in used.iter().zip(values.chunks_exact_mut(d)).enumerate() {
             let features = &x[row * d..(row + 1) * d];
-            let norm = numpy_pairwise_sum(d, |i| features[i] * features[i]).sqrt();
+            let norm = numpy_pairwise_dot(features, features).sqrt();
             if norm == 0.0 {
                 return Err(MetricsError::InvalidInput(format!(
                     "row {row} is all zeros: its cosine similarity is undefined"
@@ -312,37 +312,37 @@ impl UnitRows {
     fn rank_key(&self, a: usize, b: usize) -> f32 {
         let (u, v) = (self.row(a), self.row(b));
         // Rounding to f32 is copairs' own storage precision.
-        let similarity = numpy_pairwise_sum(self.d, |i| u[i] * v[i]) as f32;
+        let similarity = numpy_pairwise_dot(u, v) as f32;
         1.0 - similarity
     }
 }
 
-/// Sum of `term(0..n)` in numpy's pairwise order (blocks of 128 with eight accumulators), so
-/// reductions agree with numpy's to the last bit.
-fn numpy_pairwise_sum(n: usize, term: impl Fn(usize) -> f64 + Copy) -> f64 {
-    fn sum_range(start: usize, n: usize, term: impl Fn(usize) -> f64 + Copy) -> f64 {
-        if n < 8 {
-            (start..start + n).fold(0.0, |acc, i| acc + term(i))
-        } else if n <= 128 {
-            let mut acc = [0.0; 8];
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = term(start + j);
+/// `sum(u * v)` in numpy's pairwise summation order (blocks of at most 128 terms summed with
+/// eight accumulators), so the result agrees with numpy's to the last bit.
+fn numpy_pairwise_dot(u: &[f64], v: &[f64]) -> f64 {
+    let n = u.len();
+    if n < 8 {
+        u.iter().zip(v).fold(0.0, |sum, (a, b)| sum + a * b)
+    } else if n <= 128 {
+        let full = n - n % 8;
+        let (u_blocks, u_tail) = u.split_at(full);
+        let (v_blocks, v_tail) = v.split_at(full);
+        let mut acc = [0.0; 8];
+        for (bu, bv) in u_blocks.chunks_exact(8).zip(v_blocks.chunks_exact(8)) {
+            for ((sum, a), b) in acc.iter_mut().zip(bu).zip(bv) {
+                *sum += a * b;
             }
-            let full = n - n % 8;
-            for block in (8..full).step_by(8) {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a += term(start + block + j);
-                }
-            }
-            let head =
-                ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            (full..n).fold(head, |s, i| s + term(start + i))
-        } else {
-            let half = n / 2 - (n / 2) % 8;
-            sum_range(start, half, term) + sum_range(start + half, n - half, term)
         }
+        let head =
+            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        u_tail
+            .iter()
+            .zip(v_tail)
+            .fold(head, |sum, (a, b)| sum + a * b)
+    } else {
+        let half = n / 2 - (n / 2) % 8;
+        numpy_pairwise_dot(&u[..half], &v[..half]) + numpy_pairwise_dot(&u[half..], &v[half..])
     }
-    sum_range(0, n, term)
 }
 
 /// Sorts `(key, is_positive)` by key, positives first on ties, and returns the AP (NaN without
