@@ -90,7 +90,7 @@ pub struct LabelMap {
 }
 
 /// Aggregate of a per-label mAP table, as Arevalo et al. report it (labels with NaN dropped).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct MapSummary {
     /// Mean over labels of the mAP.
     pub mean_map: f64,

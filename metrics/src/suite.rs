@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use rand::seq::index::sample;
 use rand::SeedableRng;
+use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -20,11 +20,11 @@ use crate::knn::exact_knn;
 use crate::leiden::leiden;
 use crate::lisi::{clisi_score, ilisi_score, lisi};
 use crate::map::{
-    MapMetadata, MapSummary, average_precision_negcon, average_precision_nonrep,
-    mean_average_precision, summarize,
+    ApOutput, LabelMap, MapMetadata, MapSummary, average_precision_negcon,
+    average_precision_nonrep, mean_average_precision, summarize_map,
 };
 use crate::silhouette::{silhouette_batch, silhouette_samples};
-use crate::types::{Codes, CsrGraph, Distance};
+use crate::types::{Codes, CsrGraph, Distance, Neighbors};
 
 /// One embedding with its metadata, all rows (negative controls included).
 #[derive(Debug, Clone, Copy)]
@@ -349,15 +349,30 @@ pub fn evaluate(
     let mut leiden_clusters = None;
     let mut leiden_modularity = None;
 
-    let need_knn = options.metrics.graph || options.metrics.kbet;
-    if need_knn {
-        on_step("kNN graph");
+    // One exact neighbour search serves the kNN graph (the row itself included) and LISI (the
+    // row itself excluded): both are prefixes of the same ordered candidate list.
+    let need_graph = options.metrics.graph || options.metrics.kbet;
+    let graph_k = options.n_neighbors.min(n_cells);
+    let lisi_k = options.lisi_neighbors.min(n_cells - 1);
+    let search_k = match (need_graph, options.metrics.lisi) {
+        (true, true) => graph_k.max(lisi_k + 1),
+        (true, false) => graph_k,
+        (false, true) => lisi_k + 1,
+        (false, false) => 0,
+    };
+    let neighbors = if search_k > 0 {
+        on_step("exact kNN");
         let start = Instant::now();
-        let k = options.n_neighbors.min(n_cells);
-        let nn = exact_knn(&cells_x, d, k, Distance::Cosine, false)?;
-        clock("knn", start);
+        let nn = exact_knn(&cells_x, d, search_k, Distance::Cosine, false)?;
+        clock("exact knn", start);
+        Some(nn)
+    } else {
+        None
+    };
+    if need_graph && let Some(all) = &neighbors {
+        let nn = prefix(all, graph_k);
         if options.metrics.graph {
-            on_step("UMAP connectivities and Leiden");
+            on_step("UMAP connectivities, graph connectivity and Leiden");
             let start = Instant::now();
             let graph = umap_connectivities(&nn)?;
             let connectivity = graph_connectivity(&graph, &label.codes, n_labels)?;
@@ -396,11 +411,12 @@ pub fn evaluate(
         }
     }
 
-    if options.metrics.lisi {
+    if options.metrics.lisi
+        && let Some(all) = &neighbors
+    {
         on_step("LISI");
         let start = Instant::now();
-        let k = options.lisi_neighbors.min(n_cells - 1);
-        let nn = exact_knn(&cells_x, d, k, Distance::Cosine, true)?;
+        let nn = without_self(all, lisi_k);
         let per_batch = lisi(&nn, &batch.codes, n_batches, options.perplexity)?;
         let per_label = lisi(&nn, &label.codes, n_labels, options.perplexity)?;
         if n_batches >= 2 {
@@ -464,44 +480,34 @@ pub fn evaluate(
         };
         if input.is_negcon.iter().any(|&c| c) {
             let ap = average_precision_negcon(input.x, d, &meta)?;
-            let maps = mean_average_precision(
-                &ap,
-                &input.label.codes,
-                options.null_size,
-                options.alpha,
-                options.seed,
-            )?;
-            let summary = summarize(&maps);
+            let (maps, summary) = map_of(&ap, input, options, &mut warnings, "negcon", plate)?;
             scores.negcon_map = finite(summary.mean_map);
             for m in &maps {
-                if let Some(detail) = label_details
-                    .iter_mut()
-                    .find(|dtl| dtl.label == input.label.names[m.label as usize])
-                {
-                    detail.negcon_map = Some((m.mean_average_precision, m.p_value, m.corrected_p_value));
-                }
+                label_details_set(
+                    &mut label_details,
+                    &input.label.names[m.label as usize],
+                    |dtl| {
+                        dtl.negcon_map =
+                            Some((m.mean_average_precision, m.p_value, m.corrected_p_value))
+                    },
+                );
             }
             negcon_significance = Some(summary);
         } else {
             warnings.push("negcon mAP skipped: no negative-control rows (see --negcon)".into());
         }
         let ap = average_precision_nonrep(input.x, d, &meta)?;
-        let maps = mean_average_precision(
-            &ap,
-            &input.label.codes,
-            options.null_size,
-            options.alpha,
-            options.seed,
-        )?;
-        let summary = summarize(&maps);
+        let (maps, summary) = map_of(&ap, input, options, &mut warnings, "nonrep", plate)?;
         scores.nonrep_map = finite(summary.mean_map);
         for m in &maps {
-            if let Some(detail) = label_details
-                .iter_mut()
-                .find(|dtl| dtl.label == input.label.names[m.label as usize])
-            {
-                detail.nonrep_map = Some((m.mean_average_precision, m.p_value, m.corrected_p_value));
-            }
+            label_details_set(
+                &mut label_details,
+                &input.label.names[m.label as usize],
+                |dtl| {
+                    dtl.nonrep_map =
+                        Some((m.mean_average_precision, m.p_value, m.corrected_p_value))
+                },
+            );
         }
         nonrep_significance = Some(summary);
         clock("map", start);
@@ -582,7 +588,9 @@ pub fn evaluate(
 fn validate(input: &EvalInput<'_>, n: usize) -> Result<()> {
     let d = input.d;
     if d == 0 {
-        return Err(MetricsError::InvalidInput("the embedding has no dimensions".into()));
+        return Err(MetricsError::InvalidInput(
+            "the embedding has no dimensions".into(),
+        ));
     }
     if input.x.len() != n * d {
         return Err(MetricsError::InvalidInput(format!(
@@ -590,7 +598,12 @@ fn validate(input: &EvalInput<'_>, n: usize) -> Result<()> {
             input.x.len()
         )));
     }
-    for (name, codes) in [("batch", Some(input.batch)), ("label", Some(input.label)), ("plate", input.plate), ("well", input.well)] {
+    for (name, codes) in [
+        ("batch", Some(input.batch)),
+        ("label", Some(input.label)),
+        ("plate", input.plate),
+        ("well", input.well),
+    ] {
         if let Some(codes) = codes
             && codes.codes.len() != n
         {
@@ -627,8 +640,112 @@ fn recode(rows: &[usize], codes: &Codes) -> Codes {
         }
     }
     Codes {
-        codes: rows.iter().map(|&r| new_code[codes.codes[r] as usize]).collect(),
+        codes: rows
+            .iter()
+            .map(|&r| new_code[codes.codes[r] as usize])
+            .collect(),
         names,
+    }
+}
+
+/// Per-label mAP and its summary; warns about skipped labels and plates.
+fn map_of(
+    ap: &ApOutput,
+    input: &EvalInput<'_>,
+    options: &EvalOptions,
+    warnings: &mut Vec<String>,
+    kind: &str,
+    plate: &Codes,
+) -> Result<(Vec<LabelMap>, MapSummary)> {
+    if !ap.single_replicate_labels.is_empty() {
+        warnings.push(format!(
+            "{kind} mAP: {} label(s) with a single replicate skipped: {}",
+            ap.single_replicate_labels.len(),
+            name_list(&ap.single_replicate_labels, &input.label.names)
+        ));
+    }
+    if !ap.plates_without_negatives.is_empty() {
+        warnings.push(format!(
+            "{kind} mAP: {} plate(s) without negatives skipped: {}",
+            ap.plates_without_negatives.len(),
+            name_list(&ap.plates_without_negatives, &plate.names)
+        ));
+    }
+    let maps = mean_average_precision(
+        &ap.queries,
+        &input.label.codes,
+        options.null_size,
+        options.alpha,
+        options.seed,
+    )?;
+    let summary = summarize_map(&maps, ap.single_replicate_labels.len());
+    Ok((maps, summary))
+}
+
+fn name_list(codes: &[u32], names: &[String]) -> String {
+    let shown: Vec<&str> = codes
+        .iter()
+        .take(10)
+        .map(|&c| names[c as usize].as_str())
+        .collect();
+    if codes.len() > shown.len() {
+        format!(
+            "{}, ... ({} more)",
+            shown.join(", "),
+            codes.len() - shown.len()
+        )
+    } else {
+        shown.join(", ")
+    }
+}
+
+fn label_details_set(details: &mut [LabelDetail], name: &str, f: impl FnOnce(&mut LabelDetail)) {
+    if let Some(detail) = details.iter_mut().find(|d| d.label == name) {
+        f(detail);
+    }
+}
+
+/// The first `k` neighbours of each row.
+fn prefix(nn: &Neighbors, k: usize) -> Neighbors {
+    if k == nn.k {
+        return nn.clone();
+    }
+    let mut indices = Vec::with_capacity(nn.n * k);
+    let mut distances = Vec::with_capacity(nn.n * k);
+    for i in 0..nn.n {
+        indices.extend_from_slice(&nn.indices_of(i)[..k]);
+        distances.extend_from_slice(&nn.distances_of(i)[..k]);
+    }
+    Neighbors {
+        n: nn.n,
+        k,
+        indices,
+        distances,
+    }
+}
+
+/// The first `k` neighbours of each row other than the row itself (a list that includes the
+/// row itself, with at least `k + 1` entries).
+fn without_self(nn: &Neighbors, k: usize) -> Neighbors {
+    let mut indices = Vec::with_capacity(nn.n * k);
+    let mut distances = Vec::with_capacity(nn.n * k);
+    for i in 0..nn.n {
+        let kept = nn
+            .indices_of(i)
+            .iter()
+            .zip(nn.distances_of(i))
+            .filter(|(j, _)| **j as usize != i)
+            .take(k);
+        for (&j, &dist) in kept {
+            indices.push(j);
+            distances.push(dist);
+        }
+    }
+    Neighbors {
+        n: nn.n,
+        k,
+        indices,
+        distances,
     }
 }
 
