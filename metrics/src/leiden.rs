@@ -6,8 +6,9 @@
 //! One pass (leidenalg's `optimise_partition`) repeats, on ever coarser aggregate graphs:
 //! 1. **fast local moving**: nodes in random order in a queue; each moves to the neighbouring
 //!    community (or an empty one) with the largest quality gain, if that gain exceeds
-//!    `10 * f64::EPSILON`; when a node moves, its neighbours outside the new community are
-//!    queued again;
+//!    `1e-12` times the node's degree (leidenalg: `10 * f64::EPSILON` absolute; the relative
+//!    threshold keeps rounding noise from ever counting as a gain, whatever the weight scale);
+//!    when a node moves, its neighbours outside the new community are queued again;
 //! 2. **refinement** (leidenalg's default `merge_nodes_constrained` with random neighbour
 //!    communities): starting from singletons, each node still alone in its refined community,
 //!    in random order, draws one of the `k` distinct refined communities among its neighbours
@@ -36,8 +37,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{MetricsError, Result};
 use crate::types::CsrGraph;
 
-/// Smallest quality gain that counts as an improvement in local moving (as leidenalg).
-const MIN_GAIN: f64 = 10.0 * f64::EPSILON;
+/// Smallest quality gain, relative to the moving node's degree, that counts as an improvement
+/// in local moving.
+const MIN_RELATIVE_GAIN: f64 = 1e-12;
 
 /// A weighted symmetric graph at one aggregation level, with node degrees kept from level 0.
 struct Level {
@@ -209,7 +211,7 @@ fn move_nodes(level: &Level, membership: &mut [u32], scale: f64, rng: &mut ChaCh
         let w_current = neighbours.weight_to(current);
         let degree_rest = community_degree[current as usize] - k_v;
         let mut best = current;
-        let mut best_gain = MIN_GAIN;
+        let mut best_gain = MIN_RELATIVE_GAIN * k_v;
         for &c in &neighbours.communities {
             if c == current {
                 continue;
@@ -451,8 +453,8 @@ pub fn leiden(g: &CsrGraph, resolution: f64, seed: u64) -> Result<Vec<u32>> {
     let scale = if two_m > 0.0 { resolution / two_m } else { 0.0 };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut membership: Vec<u32> = (0..g.n as u32).collect();
-    // n_iterations = -1: passes until one improves nothing. The gain of a pass is a sum of
-    // moves each above MIN_GAIN while the quality is bounded, so this terminates.
+    // n_iterations = -1: passes until one improves nothing. Every move gains more than its
+    // rounding error while the quality is bounded, so this terminates.
     while optimise_pass(&base, &mut membership, scale, &mut rng) > 0.0 {}
     Ok(renumber_by_size(&membership))
 }

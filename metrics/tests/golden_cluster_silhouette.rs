@@ -187,10 +187,14 @@ fn leiden_on_golden_graphs_matches_reference_quality() {
                 ));
             }
             if (got_nmi - golden_nmi).abs() > 0.03 {
-                failures.push(format!("{folder} seed {seed}: NMI {got_nmi} vs {golden_nmi}"));
+                failures.push(format!(
+                    "{folder} seed {seed}: NMI {got_nmi} vs {golden_nmi}"
+                ));
             }
             if (got_ari - golden_ari).abs() > 0.03 {
-                failures.push(format!("{folder} seed {seed}: ARI {got_ari} vs {golden_ari}"));
+                failures.push(format!(
+                    "{folder} seed {seed}: ARI {got_ari} vs {golden_ari}"
+                ));
             }
         }
     }
