@@ -6,15 +6,22 @@
 //! `query_block x ref_block` tile per thread and results do not depend on the thread count.
 //! Tiles are Gram products (faer, sequential within a tile).
 //!
-//! [`exact_knn`] screens candidates on the Gram tiles with a bounded buffer per query row,
-//! keeping a few more than `k`, then recomputes the kept candidates' distances directly in
-//! f64 ([`DistanceTiles::pair_distance`]) and sorts them by (distance, index). The reported
-//! distances therefore do not depend on tile sizes, and the Euclidean ones do not suffer the
-//! cancellation of `|x|^2 + |y|^2 - 2 x.y`.
+//! [`exact_knn`] uses square `query_block x query_block` Gram tiles over each unordered pair
+//! of row blocks once (half the products of a full sweep; pairs of blocks run in parallel) and
+//! screens every entry for both of its rows with a bounded candidate buffer per row, keeping a
+//! few more than `k`. The kept set is the smallest by (key, index), whatever order the tiles
+//! arrive in, so the result does not depend on the thread count. The kept candidates'
+//! distances are then recomputed directly in f64 ([`DistanceTiles::pair_distance`]) and sorted
+//! by (distance, index): the reported distances do not depend on tile sizes, and Euclidean
+//! ones do not suffer the cancellation of `|x|^2 + |y|^2 - 2 x.y`.
+//!
+//! Memory: the prepared rows (a copy for cosine), one tile per thread, and `2 (k + 8)`
+//! candidates per row while screening (about 300 MB for 100k rows and k = 90).
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::ops::Range;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -136,8 +143,10 @@ impl<'a> DistanceTiles<'a> {
         })
     }
 
-    /// Sets the query block (rows per parallel task) and reference tile width (both >= 1).
-    /// Results of [`Self::knn`] do not depend on them; tile values may differ in the last bits.
+    /// Sets the query block (rows per parallel task; also the side of [`Self::knn`]'s square
+    /// tiles) and the reference tile width of [`Self::map_query_blocks`], both at least 1.
+    /// Tile values may differ in the last bits between block sizes; the distances
+    /// [`Self::knn`] reports are computed directly and do not.
     pub fn with_blocks(mut self, query_block: usize, ref_block: usize) -> Self {
         self.query_block = query_block.max(1);
         self.ref_block = ref_block.max(1);
@@ -183,21 +192,17 @@ impl<'a> DistanceTiles<'a> {
         I: Fn(Range<usize>) -> T + Sync,
         V: Fn(&mut T, &DistanceTile<'_>) + Sync,
     {
-        self.fold_gram_blocks(
-            init,
-            |state, queries, refs, gram| {
-                self.gram_to_distances(queries.clone(), refs.clone(), gram);
-                visit(
-                    state,
-                    &DistanceTile {
-                        queries,
-                        refs,
-                        values: gram,
-                    },
-                );
-            },
-            |_, state| state,
-        )
+        self.map_gram_blocks(init, |state, queries, refs, gram| {
+            self.gram_to_distances(queries.clone(), refs.clone(), gram);
+            visit(
+                state,
+                &DistanceTile {
+                    queries,
+                    refs,
+                    values: gram,
+                },
+            );
+        })
     }
 
     /// Converts a Gram tile into distances in place.
@@ -220,16 +225,34 @@ impl<'a> DistanceTiles<'a> {
         }
     }
 
-    /// The engine: parallel over query blocks, sequential over reference tiles of Gram
-    /// products `rows[queries] . rows[refs]^T` (row-major, faer, no inner parallelism).
-    fn fold_gram_blocks<T, U, I, V, F>(&self, init: I, visit: V, finish: F) -> Vec<U>
+    /// Gram product `rows[queries] . rows[refs]^T` into `tile` (row-major, faer, sequential).
+    fn gram_tile(&self, queries: &Range<usize>, refs: &Range<usize>, tile: &mut [f64]) {
+        let d = self.d;
+        let lhs = MatRef::from_row_major_slice(
+            &self.rows[queries.start * d..queries.end * d],
+            queries.len(),
+            d,
+        );
+        let rhs =
+            MatRef::from_row_major_slice(&self.rows[refs.start * d..refs.end * d], refs.len(), d);
+        matmul(
+            MatMut::from_row_major_slice_mut(tile, queries.len(), refs.len()),
+            Accum::Replace,
+            lhs,
+            rhs.transpose(),
+            1.0,
+            Par::Seq,
+        );
+    }
+
+    /// Parallel over query blocks, sequential over their reference tiles of Gram products.
+    fn map_gram_blocks<T, I, V>(&self, init: I, visit: V) -> Vec<T>
     where
-        U: Send,
+        T: Send,
         I: Fn(Range<usize>) -> T + Sync,
         V: Fn(&mut T, Range<usize>, Range<usize>, &mut [f64]) + Sync,
-        F: Fn(Range<usize>, T) -> U + Sync,
     {
-        let (n, d) = (self.n, self.d);
+        let n = self.n;
         let starts: Vec<usize> = (0..n).step_by(self.query_block).collect();
         starts
             .into_par_iter()
@@ -237,30 +260,13 @@ impl<'a> DistanceTiles<'a> {
                 let queries = qs..(qs + self.query_block).min(n);
                 let mut state = init(queries.clone());
                 let mut buffer = vec![0.0; queries.len() * self.ref_block.min(n)];
-                let lhs = MatRef::from_row_major_slice(
-                    &self.rows[queries.start * d..queries.end * d],
-                    queries.len(),
-                    d,
-                );
                 for rs in (0..n).step_by(self.ref_block) {
                     let refs = rs..(rs + self.ref_block).min(n);
-                    let rhs = MatRef::from_row_major_slice(
-                        &self.rows[rs * d..refs.end * d],
-                        refs.len(),
-                        d,
-                    );
                     let tile = &mut buffer[..queries.len() * refs.len()];
-                    matmul(
-                        MatMut::from_row_major_slice_mut(tile, queries.len(), refs.len()),
-                        Accum::Replace,
-                        lhs,
-                        rhs.transpose(),
-                        1.0,
-                        Par::Seq,
-                    );
+                    self.gram_tile(&queries, &refs, tile);
                     visit(&mut state, queries.clone(), refs, tile);
                 }
-                finish(queries, state)
+                state
             })
             .collect()
     }
@@ -276,58 +282,43 @@ impl<'a> DistanceTiles<'a> {
             )));
         }
         let capacity = (k + SCREEN_MARGIN).min(available);
-        let blocks = self.fold_gram_blocks(
-            |queries| vec![Candidates::new(capacity); queries.len()],
-            |cands, queries, refs, gram| {
-                let width = refs.len();
-                for (local, q) in queries.enumerate() {
-                    let row = &gram[local * width..(local + 1) * width];
-                    let cand = &mut cands[local];
-                    // Screening keys are monotone in the distance within a query row.
-                    match self.distance {
-                        Distance::Cosine => {
-                            for (j, &g) in (refs.start..).zip(row) {
-                                if -g <= cand.bound && !(exclude_self && j == q) {
-                                    cand.offer(-g, j);
-                                }
-                            }
-                        }
-                        Distance::Euclidean => {
-                            for ((j, &g), &rn) in
-                                (refs.start..).zip(row).zip(&self.sq_norms[refs.clone()])
-                            {
-                                let key = rn - 2.0 * g;
-                                if key <= cand.bound && !(exclude_self && j == q) {
-                                    cand.offer(key, j);
-                                }
-                            }
-                        }
-                    }
+        let block = self.query_block;
+        let blocks: Vec<Range<usize>> = (0..n)
+            .step_by(block)
+            .map(|start| start..(start + block).min(n))
+            .collect();
+        let states: Vec<Mutex<BlockCandidates>> = blocks
+            .iter()
+            .map(|rows| Mutex::new(BlockCandidates::new(rows.len(), capacity)))
+            .collect();
+        // Each unordered pair of blocks once: tile (a, b), b >= a, feeds a's rows and b's rows.
+        (0..blocks.len()).into_par_iter().for_each(|a| {
+            let mut tile = vec![0.0; block * block];
+            for b in a..blocks.len() {
+                let (rows_a, rows_b) = (&blocks[a], &blocks[b]);
+                let tile = &mut tile[..rows_a.len() * rows_b.len()];
+                self.gram_tile(rows_a, rows_b, tile);
+                // Locks are always taken in ascending block order, so they cannot deadlock.
+                let mut state_a = lock(&states[a]);
+                if a == b {
+                    self.screen_diagonal(rows_a, tile, &mut state_a, exclude_self);
+                } else {
+                    let mut state_b = lock(&states[b]);
+                    self.screen_pair(rows_a, rows_b, tile, &mut state_a, &mut state_b);
                 }
-            },
-            |queries, cands| {
-                let mut indices = Vec::with_capacity(queries.len() * k);
-                let mut distances = Vec::with_capacity(queries.len() * k);
-                let mut exact: Vec<(f64, u32)> = Vec::with_capacity(capacity * 2);
-                for (q, cand) in queries.zip(cands) {
-                    exact.clear();
-                    exact.extend(
-                        cand.items
-                            .iter()
-                            .map(|&(_, j)| (self.pair_distance(q, j as usize), j)),
-                    );
-                    exact.sort_unstable_by(by_key_then_index);
-                    for &(dist, j) in &exact[..k] {
-                        indices.push(j);
-                        distances.push(dist);
-                    }
-                }
-                (indices, distances)
-            },
-        );
+            }
+        });
+        let finished: Vec<(Vec<u32>, Vec<f64>)> = blocks
+            .into_par_iter()
+            .zip(states)
+            .map(|(rows, state)| {
+                let state = state.into_inner().unwrap_or_else(PoisonError::into_inner);
+                self.finish_block(rows, state, k)
+            })
+            .collect();
         let mut indices = Vec::with_capacity(n * k);
         let mut distances = Vec::with_capacity(n * k);
-        for (block_indices, block_distances) in blocks {
+        for (block_indices, block_distances) in finished {
             indices.extend(block_indices);
             distances.extend(block_distances);
         }
@@ -338,6 +329,97 @@ impl<'a> DistanceTiles<'a> {
             distances,
         })
     }
+
+    /// Screening key of the pair (query, reference) from their Gram entry: monotone in the
+    /// distance for a fixed query (`-u.v` for cosine, `|y|^2 - 2 x.y` for Euclidean).
+    #[inline]
+    fn screening_key(&self, reference: usize, gram: f64) -> f64 {
+        match self.distance {
+            Distance::Cosine => -gram,
+            Distance::Euclidean => self.sq_norms[reference] - 2.0 * gram,
+        }
+    }
+
+    /// Offers every entry of a diagonal tile (rows against themselves) to its query row.
+    fn screen_diagonal(
+        &self,
+        rows: &Range<usize>,
+        tile: &[f64],
+        state: &mut BlockCandidates,
+        exclude_self: bool,
+    ) {
+        let width = rows.len();
+        for (local, q) in rows.clone().enumerate() {
+            let gram_row = &tile[local * width..(local + 1) * width];
+            let mut bound = state.bounds[local];
+            for (j, &g) in rows.clone().zip(gram_row) {
+                let key = self.screening_key(j, g);
+                if key <= bound && !(exclude_self && j == q) {
+                    bound = state.offer(local, key, j);
+                }
+            }
+        }
+    }
+
+    /// Offers every entry of an off-diagonal tile both ways: to the rows of `rows_a` (against
+    /// `rows_b`) and to the rows of `rows_b` (against `rows_a`).
+    fn screen_pair(
+        &self,
+        rows_a: &Range<usize>,
+        rows_b: &Range<usize>,
+        tile: &[f64],
+        state_a: &mut BlockCandidates,
+        state_b: &mut BlockCandidates,
+    ) {
+        let width = rows_b.len();
+        for (local_a, q) in rows_a.clone().enumerate() {
+            let gram_row = &tile[local_a * width..(local_a + 1) * width];
+            let mut bound_a = state_a.bounds[local_a];
+            for ((local_b, j), &g) in rows_b.clone().enumerate().zip(gram_row) {
+                let key_a = self.screening_key(j, g);
+                if key_a <= bound_a {
+                    bound_a = state_a.offer(local_a, key_a, j);
+                }
+                let key_b = self.screening_key(q, g);
+                if key_b <= state_b.bounds[local_b] {
+                    state_b.offer(local_b, key_b, q);
+                }
+            }
+        }
+    }
+
+    /// Recomputes the kept candidates' distances directly, sorts by (distance, index) and
+    /// keeps the first `k` of each row.
+    fn finish_block(
+        &self,
+        rows: Range<usize>,
+        state: BlockCandidates,
+        k: usize,
+    ) -> (Vec<u32>, Vec<f64>) {
+        let mut indices = Vec::with_capacity(rows.len() * k);
+        let mut distances = Vec::with_capacity(rows.len() * k);
+        let mut exact: Vec<(f64, u32)> = Vec::new();
+        for (q, mut items) in rows.zip(state.items) {
+            // Visiting candidate rows in memory order helps the hardware prefetcher.
+            items.sort_unstable_by_key(|&(_, j)| j);
+            exact.clear();
+            exact.extend(
+                items
+                    .iter()
+                    .map(|&(_, j)| (self.pair_distance(q, j as usize), j)),
+            );
+            exact.sort_unstable_by(by_key_then_index);
+            for &(dist, j) in &exact[..k] {
+                indices.push(j);
+                distances.push(dist);
+            }
+        }
+        (indices, distances)
+    }
+}
+
+fn lock(state: &Mutex<BlockCandidates>) -> MutexGuard<'_, BlockCandidates> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Exact `k` nearest neighbours of every row of `x` (`n x d`, row-major) among all rows:
@@ -358,38 +440,38 @@ pub fn exact_knn(
     DistanceTiles::new(x, d, distance)?.knn(k, exclude_self)
 }
 
-/// Bounded candidate buffer for one query row: keeps at least the `capacity` smallest
-/// (key, index) pairs offered, pruning to `capacity` whenever it reaches twice that.
-#[derive(Debug, Clone)]
-struct Candidates {
+/// Bounded candidate buffers for the rows of one block: each keeps at least the `capacity`
+/// smallest (key, index) pairs offered to it, pruning back to `capacity` whenever it reaches
+/// twice that. The kept set does not depend on the order of the offers.
+#[derive(Debug)]
+struct BlockCandidates {
     capacity: usize,
-    items: Vec<(f64, u32)>,
-    /// Every pair with a key above this is known to be outside the `capacity` smallest.
-    bound: f64,
+    items: Vec<Vec<(f64, u32)>>,
+    /// Per row: any pair with a larger key is known to be outside the `capacity` smallest.
+    bounds: Vec<f64>,
 }
 
-impl Candidates {
-    fn new(capacity: usize) -> Self {
+impl BlockCandidates {
+    fn new(rows: usize, capacity: usize) -> Self {
         Self {
             capacity,
-            items: Vec::with_capacity(2 * capacity),
-            bound: f64::INFINITY,
+            items: vec![Vec::new(); rows],
+            bounds: vec![f64::INFINITY; rows],
         }
     }
 
-    fn offer(&mut self, key: f64, index: usize) {
+    /// Adds a pair to row `local` and returns that row's (possibly tightened) bound.
+    fn offer(&mut self, local: usize, key: f64, index: usize) -> f64 {
+        let items = &mut self.items[local];
         // Indices fit u32: checked by `check_embedding`.
-        self.items.push((key, index as u32));
-        if self.items.len() >= 2 * self.capacity {
-            self.prune();
+        items.push((key, index as u32));
+        if items.len() >= 2 * self.capacity {
+            let last = self.capacity - 1;
+            items.select_nth_unstable_by(last, by_key_then_index);
+            items.truncate(self.capacity);
+            self.bounds[local] = items[last].0;
         }
-    }
-
-    fn prune(&mut self) {
-        let last = self.capacity - 1;
-        self.items.select_nth_unstable_by(last, by_key_then_index);
-        self.items.truncate(self.capacity);
-        self.bound = self.items[last].0;
+        self.bounds[local]
     }
 }
 
@@ -440,14 +522,15 @@ mod tests {
 
     #[test]
     fn candidates_keep_the_smallest_by_key_then_index() {
-        let mut c = Candidates::new(2);
+        let mut c = BlockCandidates::new(1, 2);
         for (key, idx) in [(3.0, 0), (1.0, 1), (1.0, 5), (0.5, 7), (1.0, 2), (2.0, 3)] {
-            if key <= c.bound {
-                c.offer(key, idx);
+            if key <= c.bounds[0] {
+                c.offer(0, key, idx);
             }
         }
-        c.items.sort_unstable_by(by_key_then_index);
-        assert_eq!(&c.items[..2], &[(0.5, 7), (1.0, 1)]);
+        assert_eq!(c.bounds[0], 1.0);
+        c.items[0].sort_unstable_by(by_key_then_index);
+        assert_eq!(&c.items[0][..2], &[(0.5, 7), (1.0, 1)]);
     }
 
     #[test]

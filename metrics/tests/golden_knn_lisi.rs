@@ -311,3 +311,31 @@ fn golden_lisi_matches_scib_metrics() {
         }
     }
 }
+
+/// Scale check (run with `--ignored --nocapture`): n x 300 (n = 20k, or `$BALANS_KNN_SCALE_N`),
+/// k = 90, timed; a sample of rows checked against brute force.
+#[test]
+#[ignore]
+fn knn_scale_by_300() {
+    let n = std::env::var("BALANS_KNN_SCALE_N").map_or(20_000, |v| v.parse().unwrap());
+    let (d, k) = (300, 90);
+    let x = random_matrix(n, d, 3);
+    for distance in [Distance::Cosine, Distance::Euclidean] {
+        let start = std::time::Instant::now();
+        let nn = exact_knn(&x, d, k, distance, true).unwrap();
+        eprintln!("{distance:?}: {n} x {d}, k = {k}: {:.2?}", start.elapsed());
+        for i in (0..n).step_by(997) {
+            let mut all: Vec<(f64, u32)> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    let dist =
+                        brute_distance(&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d], distance);
+                    (dist, j as u32)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let want: Vec<u32> = all[..k].iter().map(|&(_, j)| j).collect();
+            assert_eq!(nn.indices_of(i), &want[..], "row {i}");
+        }
+    }
+}
