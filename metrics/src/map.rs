@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use serde::Serialize;
 
 use crate::error::{MetricsError, Result};
 
@@ -44,7 +45,7 @@ pub struct MapMetadata<'a> {
 }
 
 /// Average precision of one query profile (copairs' `average_precision` row).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct QueryAp {
     /// Row of the query in the input table.
     pub row: usize,
@@ -58,7 +59,7 @@ pub struct QueryAp {
 }
 
 /// Per-query APs of one mAP flavour, with what the caller may want to warn about.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ApOutput {
     /// One entry per query row, in row order (negative-control rows are never queries).
     pub queries: Vec<QueryAp>,
@@ -71,7 +72,7 @@ pub struct ApOutput {
 }
 
 /// mAP and significance of one label (copairs' `mean_average_precision` row).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LabelMap {
     /// Label code.
     pub label: u32,
@@ -90,7 +91,7 @@ pub struct LabelMap {
 }
 
 /// Aggregate of a per-label mAP table, as Arevalo et al. report it (labels with NaN dropped).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MapSummary {
     /// Mean over labels of the mAP.
     pub mean_map: f64,
