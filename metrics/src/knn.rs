@@ -104,7 +104,8 @@ pub struct DistanceTiles<'a> {
     distance: Distance,
     /// Unit rows (cosine) or the rows as given (Euclidean), row-major.
     rows: Cow<'a, [f64]>,
-    /// Squared row norms (Euclidean only; empty for cosine).
+    /// Squared row norms (Euclidean); zeros for cosine, where they are only the offsets of
+    /// the screening keys (see [`Self::screening_key`]).
     sq_norms: Vec<f64>,
     query_block: usize,
     ref_block: usize,
@@ -127,7 +128,7 @@ impl<'a> DistanceTiles<'a> {
                     }
                     row.iter_mut().for_each(|v| *v /= norm);
                 }
-                (Cow::Owned(unit), Vec::new())
+                (Cow::Owned(unit), vec![0.0; n])
             }
             Distance::Euclidean => {
                 let sq = x.chunks_exact(d).map(|row| dot(row, row)).collect();
@@ -298,7 +299,7 @@ impl<'a> DistanceTiles<'a> {
             .collect();
         // Each unordered pair of blocks once: tile (a, b), b >= a, feeds a's rows and b's rows.
         (0..blocks.len()).into_par_iter().for_each(|a| {
-            let mut tile = vec![0.0; block * block];
+            let mut tile = vec![0.0; blocks[a].len() * block.min(n)];
             for b in a..blocks.len() {
                 let (rows_a, rows_b) = (&blocks[a], &blocks[b]);
                 let tile = &mut tile[..rows_a.len() * rows_b.len()];
@@ -336,12 +337,17 @@ impl<'a> DistanceTiles<'a> {
     }
 
     /// Screening key of the pair (query, reference) from their Gram entry: monotone in the
-    /// distance for a fixed query (`-u.v` for cosine, `|y|^2 - 2 x.y` for Euclidean).
+    /// distance for a fixed query. `offset - factor * gram` with the reference's offset:
+    /// `0 - u.v` for cosine (exact), `|y|^2 - 2 x.y` for Euclidean.
     #[inline]
     fn screening_key(&self, reference: usize, gram: f64) -> f64 {
+        self.sq_norms[reference] - self.gram_factor() * gram
+    }
+
+    fn gram_factor(&self) -> f64 {
         match self.distance {
-            Distance::Cosine => -gram,
-            Distance::Euclidean => self.sq_norms[reference] - 2.0 * gram,
+            Distance::Cosine => 1.0,
+            Distance::Euclidean => 2.0,
         }
     }
 
@@ -367,7 +373,8 @@ impl<'a> DistanceTiles<'a> {
     }
 
     /// Offers every entry of an off-diagonal tile both ways: to the rows of `rows_a` (against
-    /// `rows_b`) and to the rows of `rows_b` (against `rows_a`).
+    /// `rows_b`) and to the rows of `rows_b` (against `rows_a`). Runs of entries that beat no
+    /// bound (nearly all once the buffers fill) are skipped by a branch-free check.
     fn screen_pair(
         &self,
         rows_a: &Range<usize>,
@@ -376,25 +383,44 @@ impl<'a> DistanceTiles<'a> {
         state_a: &mut BlockCandidates,
         state_b: &mut BlockCandidates,
     ) {
+        const RUN: usize = 16;
         let width = rows_b.len();
+        let factor = self.gram_factor();
+        let offsets_b = &self.sq_norms[rows_b.clone()];
         for (local_a, q) in rows_a.clone().enumerate() {
             let gram_row = &tile[local_a * width..(local_a + 1) * width];
+            let offset_q = self.sq_norms[q];
             let mut bound_a = state_a.bounds[local_a];
-            for ((local_b, j), &g) in rows_b.clone().enumerate().zip(gram_row) {
-                let key_a = self.screening_key(j, g);
-                if key_a <= bound_a {
-                    bound_a = state_a.offer(local_a, key_a, j);
+            for start in (0..width).step_by(RUN) {
+                let end = (start + RUN).min(width);
+                let any_hit = gram_row[start..end]
+                    .iter()
+                    .zip(&offsets_b[start..end])
+                    .zip(&state_b.bounds[start..end])
+                    .fold(false, |hit, ((&g, &offset_j), &bound_j)| {
+                        hit | (offset_j - factor * g <= bound_a)
+                            | (offset_q - factor * g <= bound_j)
+                    });
+                if !any_hit {
+                    continue;
                 }
-                let key_b = self.screening_key(q, g);
-                if key_b <= state_b.bounds[local_b] {
-                    state_b.offer(local_b, key_b, q);
+                for local_b in start..end {
+                    let g = gram_row[local_b];
+                    let key_a = offsets_b[local_b] - factor * g;
+                    if key_a <= bound_a {
+                        bound_a = state_a.offer(local_a, key_a, rows_b.start + local_b);
+                    }
+                    let key_b = offset_q - factor * g;
+                    if key_b <= state_b.bounds[local_b] {
+                        state_b.offer(local_b, key_b, q);
+                    }
                 }
             }
         }
     }
 
-    /// Recomputes the kept candidates' distances directly, sorts by (distance, index) and
-    /// keeps the first `k` of each row.
+    /// Turns each row's kept candidates into distances (cosine from the key, Euclidean
+    /// recomputed directly), sorts them by (distance, index) and keeps the first `k`.
     fn finish_block(
         &self,
         rows: Range<usize>,

@@ -96,6 +96,37 @@ fn knn_matches_brute_force_on_random_data_across_tile_sizes() {
 }
 
 #[test]
+fn knn_and_tiles_do_not_depend_on_the_thread_count() {
+    let (n, d) = (300, 9);
+    let x = random_matrix(n, d, 21);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let tiles = DistanceTiles::new(&x, d, Distance::Cosine)
+                .unwrap()
+                .with_blocks(32, 40);
+            let sums = tiles.map_query_blocks(
+                |queries| vec![0.0f64; queries.len()],
+                |acc, tile| {
+                    for q in tile.queries.clone() {
+                        acc[q - tile.queries.start] += tile.row(q).iter().sum::<f64>();
+                    }
+                },
+            );
+            (
+                tiles.knn(17, true).unwrap(),
+                exact_knn(&x, d, 17, Distance::Euclidean, false).unwrap(),
+                sums,
+            )
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
 fn knn_breaks_distance_ties_by_smaller_index() {
     // Points on a line: row 2 sits between 1 and 3 at equal distance; rows 0 and 4 duplicate.
     let x = [0.0, 1.0, 2.0, 3.0, 0.0];
@@ -312,6 +343,27 @@ fn golden_lisi_matches_scib_metrics() {
     }
 }
 
+/// User + system CPU seconds of this process (Linux `/proc`; NaN elsewhere).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name; utime and stime are the 12th and 13th, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Scale check (run with `--ignored --nocapture`): n x 300 (n = 20k, or `$BALANS_KNN_SCALE_N`),
 /// k = 90, timed; a sample of rows checked against brute force.
 #[test]
@@ -321,9 +373,13 @@ fn knn_scale_by_300() {
     let (d, k) = (300, 90);
     let x = random_matrix(n, d, 3);
     for distance in [Distance::Cosine, Distance::Euclidean] {
-        let start = std::time::Instant::now();
+        let (start, cpu_start) = (std::time::Instant::now(), process_cpu_seconds());
         let nn = exact_knn(&x, d, k, distance, true).unwrap();
-        eprintln!("{distance:?}: {n} x {d}, k = {k}: {:.2?}", start.elapsed());
+        eprintln!(
+            "{distance:?}: {n} x {d}, k = {k}: wall {:.2?}, process CPU {:.1} s",
+            start.elapsed(),
+            process_cpu_seconds() - cpu_start
+        );
         for i in (0..n).step_by(997) {
             let mut all: Vec<(f64, u32)> = (0..n)
                 .filter(|&j| j != i)
