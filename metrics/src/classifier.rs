@@ -10,9 +10,10 @@
 //! `mean_i loss_i + ||W||² / (2 C n)` (the same optimum as `C Σ_i loss_i + ||W||² / 2`). It is
 //! strictly convex in the coefficients, and it is solved here to convergence (L-BFGS, gradient
 //! max-norm below [`GRADIENT_TOLERANCE`]) instead of scikit-learn's loose `tol = 1e-4`, so the
-//! predictions are those of the exact optimum. Internally the features are centred and scaled
-//! to unit variance as a change of variables (penalty carried over, so the optimum is
-//! unchanged); this only conditions the solver.
+//! predictions are the optimum's, not those of wherever a solver happened to stop (on the golden
+//! data they equal scikit-learn's own at `tol = 1e-12`). The solver works in standardised and whitened
+//! coordinates, an invertible change of variables with the penalty carried over (so the optimum
+//! is unchanged) that only conditions the problem.
 //!
 //! Every sum over rows is taken over fixed tiles of [`TILE_ROWS`] rows and combined in tile order,
 //! so results do not depend on the number of threads.
@@ -28,8 +29,8 @@ use crate::error::{MetricsError, Result};
 /// Inverse regularisation strength, scikit-learn's default `C`.
 pub const INVERSE_REGULARISATION: f64 = 1.0;
 /// Convergence: largest absolute gradient component of the mean objective, with respect to the
-/// standardised coefficients and the intercepts.
-pub const GRADIENT_TOLERANCE: f64 = 1e-8;
+/// solver's (standardised, whitened) coefficients and the intercepts.
+pub const GRADIENT_TOLERANCE: f64 = 1e-7;
 /// L-BFGS iteration limit; exceeding it is a [`MetricsError::Numeric`] error.
 pub const MAX_ITERATIONS: usize = 20_000;
 /// Rows per tile of the loss / gradient sums (fixed, for thread-count-independent results).
@@ -169,10 +170,14 @@ pub fn macro_f1(truth: &[u32], predicted: &[u32], n_classes: usize) -> f64 {
     }
     let mut sum = 0.0;
     let mut present = 0usize;
-    for k in 0..n_classes {
-        let denominator = true_counts[k] + predicted_counts[k];
+    for ((&tp, &true_count), &predicted_count) in true_positives
+        .iter()
+        .zip(&true_counts)
+        .zip(&predicted_counts)
+    {
+        let denominator = true_count + predicted_count;
         if denominator > 0 {
-            sum += (2 * true_positives[k]) as f64 / denominator as f64;
+            sum += (2 * tp) as f64 / denominator as f64;
             present += 1;
         }
     }
@@ -191,6 +196,8 @@ pub fn macro_f1(truth: &[u32], predicted: &[u32], n_classes: usize) -> f64 {
 /// predicts that fold's rows; ties between classes go to the smaller class code, like
 /// scikit-learn's `argmax` over its sorted labels. `score` is `1 - macro F1` of the pooled
 /// predictions, `mean_over_folds` is `1 - mean` of each fold's macro F1 (both [`macro_f1`]).
+/// Each fold's solver starts from the previous fold's solution (same optimum, fewer
+/// iterations).
 ///
 /// Errors: shape mismatches, a class code `>= n_classes`, non-finite values, fewer than two
 /// folds, a training set with a single class, or a solver failure.
@@ -235,19 +242,34 @@ pub fn batch_classifier(
         )));
     }
 
+    // Rows grouped by fold (stable), so each training set is two contiguous blocks.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| folds[i]);
+    let sorted_classes: Vec<u32> = order.iter().map(|&i| classes[i]).collect();
+    let coordinates = Coordinates::new(x, d, &order);
+
     let mut predicted = vec![0u32; n];
     let mut fold_f1_sum = 0.0;
+    let mut previous: Option<Model> = None;
+    let mut block_start = 0;
     for &fold in &fold_ids {
-        let train: Vec<usize> = (0..n).filter(|&i| folds[i] != fold).collect();
-        let test: Vec<usize> = (0..n).filter(|&i| folds[i] == fold).collect();
-        let train_classes: Vec<u32> = train.iter().map(|&i| classes[i]).collect();
-        let model = LogisticRegression::fit(x, d, &train, &train_classes, n_classes)?;
-        let fold_predictions = model.predict(x, &test);
-        let fold_truth: Vec<u32> = test.iter().map(|&i| classes[i]).collect();
-        fold_f1_sum += macro_f1(&fold_truth, &fold_predictions, n_classes);
-        for (&i, &p) in test.iter().zip(&fold_predictions) {
+        let block_end = block_start + folds.iter().filter(|&&f| f == fold).count();
+        let train = [0..block_start, block_end..n];
+        let model = Model::fit(
+            &coordinates,
+            &sorted_classes,
+            &train,
+            n_classes,
+            previous.as_ref(),
+        )?;
+        let fold_predictions = model.predict(&coordinates, block_start..block_end);
+        let fold_truth = &sorted_classes[block_start..block_end];
+        fold_f1_sum += macro_f1(fold_truth, &fold_predictions, n_classes);
+        for (&i, &p) in order[block_start..block_end].iter().zip(&fold_predictions) {
             predicted[i] = p;
         }
+        previous = Some(model);
+        block_start = block_end;
     }
     let score = 1.0 - macro_f1(classes, &predicted, n_classes);
     let mean_over_folds = 1.0 - fold_f1_sum / fold_ids.len() as f64;
@@ -276,32 +298,207 @@ fn check_finite(x: &[f64], d: usize) -> Result<()> {
     }
 }
 
-/// A fitted L2-regularised logistic regression, in the standardised coordinates it was fitted in.
-struct LogisticRegression {
-    /// Class codes present in the training rows, ascending.
-    labels: Vec<u32>,
+/// The solver's coordinates: an invertible affine change of variables of the features, shared
+/// by all folds. It conditions the problem and leaves the optimum unchanged, because the
+/// penalty is carried over and the (unpenalised) intercept absorbs the shift.
+///
+/// Rows are standardised (`s = (x - mean) / scale`, all rows) and then whitened, `z = s T` with
+/// `T = L^-T` and `L Lᵀ = corr + δ λ diag(1 / scale²)`, an approximation of the Hessian of the
+/// objective in standardised coordinates (`corr` the correlation matrix, `λ = 1 / (C n)`,
+/// `δ` = [`WHITENING_CURVATURE`]⁻¹). Coefficients `V` on `z` are `W = diag(1/scale) T V` on `x`.
+/// If the Cholesky factorisation fails numerically, `T` is the identity (standardising only).
+struct Coordinates {
     /// Feature count.
     d: usize,
-    /// Training means of the features.
-    means: Vec<f64>,
-    /// Training standard deviations of the features (1 for constant features).
-    scales: Vec<f64>,
-    /// Coefficients of the standardised features then intercepts (see [`Objective`]).
+    /// Rows in fold order, transformed, row-major `n x d`.
+    rows: Vec<f64>,
+    /// `1 / scale²` per feature.
+    inverse_variance: Vec<f64>,
+    /// `T`, row-major `d x d` (upper triangular).
+    transform: Vec<f64>,
+}
+
+/// Curvature assumed for the loss when building the whitening transform.
+const WHITENING_CURVATURE: f64 = 1.0 / 16.0;
+/// Rows per task of the correlation sums.
+const CORRELATION_ROWS: usize = 16 * TILE_ROWS;
+
+impl Coordinates {
+    /// Transforms the rows `order` of `x` (all rows, in that order).
+    fn new(x: &[f64], d: usize, order: &[usize]) -> Self {
+        let n = order.len();
+        let (means, scales) = column_moments(x, d, order);
+        let mut rows = vec![0.0; n * d];
+        rows.par_chunks_mut(TILE_ROWS * d)
+            .zip(order.par_chunks(TILE_ROWS))
+            .for_each(|(out, tile)| {
+                for (row, &i) in out.chunks_exact_mut(d).zip(tile) {
+                    for (((o, &v), &m), &s) in
+                        row.iter_mut().zip(&x[i * d..]).zip(&means).zip(&scales)
+                    {
+                        *o = (v - m) / s;
+                    }
+                }
+            });
+        let inverse_variance: Vec<f64> = scales.iter().map(|s| 1.0 / (s * s)).collect();
+        let mut hessian = correlation(&rows, d);
+        let strength = 1.0 / (INVERSE_REGULARISATION * n as f64);
+        for (j, &inverse) in inverse_variance.iter().enumerate() {
+            hessian[j * d + j] += strength * inverse / WHITENING_CURVATURE;
+        }
+        let transform = match cholesky(&mut hessian, d) {
+            Some(()) => inverse_transpose_lower(&hessian, d),
+            None => identity(d),
+        };
+        let transform_ref = MatRef::from_row_major_slice(&transform, d, d);
+        rows.par_chunks_mut(TILE_ROWS * d).for_each(|tile| {
+            let count = tile.len() / d;
+            let standardised = tile.to_vec();
+            matmul(
+                MatMut::from_row_major_slice_mut(tile, count, d),
+                Accum::Replace,
+                MatRef::from_row_major_slice(&standardised, count, d),
+                transform_ref,
+                1.0,
+                Par::Seq,
+            );
+        });
+        Self {
+            d,
+            rows,
+            inverse_variance,
+            transform,
+        }
+    }
+}
+
+/// Means and standard deviations (population) of the features over `rows`; constant features
+/// get scale 1.
+fn column_moments(x: &[f64], d: usize, rows: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let count = rows.len() as f64;
+    let mut means = vec![0.0; d];
+    for &i in rows {
+        for (m, &v) in means.iter_mut().zip(&x[i * d..(i + 1) * d]) {
+            *m += v;
+        }
+    }
+    means.iter_mut().for_each(|m| *m /= count);
+    let mut variances = vec![0.0; d];
+    for &i in rows {
+        for ((s, &v), &m) in variances.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(&means) {
+            *s += (v - m) * (v - m);
+        }
+    }
+    let scales = variances
+        .into_iter()
+        .map(|s| {
+            let sd = (s / count).sqrt();
+            if sd > 0.0 { sd } else { 1.0 }
+        })
+        .collect();
+    (means, scales)
+}
+
+/// `rowsᵀ rows / n` of row-major `n x d` rows, summed over fixed chunks in order.
+fn correlation(rows: &[f64], d: usize) -> Vec<f64> {
+    let n = rows.len() / d;
+    let partials: Vec<Vec<f64>> = rows
+        .par_chunks(CORRELATION_ROWS * d)
+        .map(|chunk| {
+            let count = chunk.len() / d;
+            let block = MatRef::from_row_major_slice(chunk, count, d);
+            let mut product = vec![0.0; d * d];
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut product, d, d),
+                Accum::Replace,
+                block.transpose(),
+                block,
+                1.0,
+                Par::Seq,
+            );
+            product
+        })
+        .collect();
+    let mut total = vec![0.0; d * d];
+    for partial in &partials {
+        total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+    }
+    let inverse_n = 1.0 / n as f64;
+    total.iter_mut().for_each(|t| *t *= inverse_n);
+    total
+}
+
+/// In-place lower Cholesky factor of a symmetric row-major `d x d` matrix (upper part zeroed);
+/// `None` if a pivot is not positive.
+fn cholesky(a: &mut [f64], d: usize) -> Option<()> {
+    for j in 0..d {
+        let pivot = a[j * d + j] - dot(&a[j * d..j * d + j], &a[j * d..j * d + j]);
+        if !(pivot > 0.0 && pivot.is_finite()) {
+            return None;
+        }
+        let root = pivot.sqrt();
+        a[j * d + j] = root;
+        for i in j + 1..d {
+            let (upper, lower) = a.split_at_mut(i * d);
+            let value = lower[j] - dot(&upper[j * d..j * d + j], &lower[..j]);
+            lower[j] = value / root;
+        }
+        for i in 0..j {
+            a[i * d + j] = 0.0;
+        }
+    }
+    Some(())
+}
+
+/// `L^-T` (row-major, upper triangular) of a row-major lower-triangular `L`.
+fn inverse_transpose_lower(lower: &[f64], d: usize) -> Vec<f64> {
+    // Column c of L^-1 by forward substitution; it is row c of L^-T.
+    let mut result = vec![0.0; d * d];
+    for c in 0..d {
+        let row = &mut result[c * d..(c + 1) * d];
+        for i in c..d {
+            let mut value = if i == c { 1.0 } else { 0.0 };
+            for k in c..i {
+                value -= lower[i * d + k] * row[k];
+            }
+            row[i] = value / lower[i * d + i];
+        }
+    }
+    result
+}
+
+fn identity(d: usize) -> Vec<f64> {
+    let mut result = vec![0.0; d * d];
+    for j in 0..d {
+        result[j * d + j] = 1.0;
+    }
+    result
+}
+
+/// A fitted model in [`Coordinates`]: coefficients `V` (`d x m`, column-major) then
+/// intercepts `c` (`m`), `m` = [`output_count`] of its classes.
+struct Model {
+    /// Class codes present in the training rows, ascending.
+    labels: Vec<u32>,
+    /// Coefficients then intercepts.
     params: Vec<f64>,
 }
 
-impl LogisticRegression {
-    /// Fits on the rows `rows` of `x` with classes `row_classes` (one per listed row).
+impl Model {
+    /// Fits on the blocks `train` of the coordinates' rows (`classes` in the same row order),
+    /// starting the solver from `warm` (another fold's model) where its classes match, else zero.
     fn fit(
-        x: &[f64],
-        d: usize,
-        rows: &[usize],
-        row_classes: &[u32],
+        coordinates: &Coordinates,
+        classes: &[u32],
+        train: &[std::ops::Range<usize>],
         n_classes: usize,
+        warm: Option<&Self>,
     ) -> Result<Self> {
         let mut present = vec![false; n_classes];
-        for &c in row_classes {
-            present[c as usize] = true;
+        for range in train {
+            for &c in &classes[range.clone()] {
+                present[c as usize] = true;
+            }
         }
         let labels: Vec<u32> = (0..n_classes)
             .filter(|&k| present[k])
@@ -313,46 +510,56 @@ impl LogisticRegression {
                 labels.len()
             )));
         }
-        let mut index_of = vec![0u32; n_classes];
-        for (i, &k) in labels.iter().enumerate() {
-            index_of[k as usize] = i as u32;
-        }
-        let targets: Vec<u32> = row_classes.iter().map(|&c| index_of[c as usize]).collect();
-        let (means, scales) = column_moments(x, d, rows);
-        let standardised = standardise(x, d, rows, &means, &scales);
-        let objective = Objective::new(
-            &standardised,
-            d,
-            targets,
-            labels.len(),
-            &scales,
-            INVERSE_REGULARISATION,
-        );
-        let params = minimize_lbfgs(&objective, vec![0.0; objective.n_params()])?;
-        Ok(Self {
-            labels,
-            d,
-            means,
-            scales,
-            params,
-        })
+        let objective = Objective::new(coordinates, classes, train, &labels, n_classes);
+        let start = match warm {
+            Some(other) => other.transfer(&labels, coordinates.d),
+            None => vec![0.0; objective.n_params()],
+        };
+        let params = minimize_lbfgs(&objective, start)?;
+        Ok(Self { labels, params })
     }
 
-    /// Predicted class codes of the rows `rows` of `x`.
-    fn predict(&self, x: &[f64], rows: &[usize]) -> Vec<u32> {
-        let d = self.d;
+    /// This model's parameters for another class set: the columns of shared classes, zero
+    /// elsewhere (all zero when either model is binomial and the class sets differ).
+    fn transfer(&self, labels: &[u32], d: usize) -> Vec<f64> {
+        let outputs = output_count(labels.len());
+        let own_outputs = output_count(self.labels.len());
+        let mut params = vec![0.0; (d + 1) * outputs];
+        let binomial = outputs == 1 || own_outputs == 1;
+        if binomial && labels != self.labels {
+            return params;
+        }
+        for (k, label) in labels.iter().enumerate().take(outputs) {
+            let own = if binomial {
+                0
+            } else {
+                match self.labels.binary_search(label) {
+                    Ok(own) => own,
+                    Err(_) => continue,
+                }
+            };
+            params[k * d..(k + 1) * d].copy_from_slice(&self.params[own * d..(own + 1) * d]);
+            params[d * outputs + k] = self.params[d * own_outputs + own];
+        }
+        params
+    }
+
+    /// Predicted class codes of the coordinates' rows `rows`.
+    fn predict(&self, coordinates: &Coordinates, rows: std::ops::Range<usize>) -> Vec<u32> {
+        let d = coordinates.d;
         let outputs = output_count(self.labels.len());
         let (coefficients, intercepts) = self.params.split_at(d * outputs);
         let weights = MatRef::from_column_major_slice(coefficients, d, outputs);
-        let tiles: Vec<Vec<u32>> = rows
-            .par_chunks(TILE_ROWS)
-            .map(|tile_rows| {
-                let block = standardise(x, d, tile_rows, &self.means, &self.scales);
-                let mut logits = vec![0.0; tile_rows.len() * outputs];
+        let block = &coordinates.rows[rows.start * d..rows.end * d];
+        let tiles: Vec<Vec<u32>> = block
+            .par_chunks(TILE_ROWS * d)
+            .map(|tile| {
+                let count = tile.len() / d;
+                let mut logits = vec![0.0; count * outputs];
                 matmul(
-                    MatMut::from_row_major_slice_mut(&mut logits, tile_rows.len(), outputs),
+                    MatMut::from_row_major_slice_mut(&mut logits, count, outputs),
                     Accum::Replace,
-                    MatRef::from_row_major_slice(&block, tile_rows.len(), d),
+                    MatRef::from_row_major_slice(tile, count, d),
                     weights,
                     1.0,
                     Par::Seq,
@@ -387,68 +594,25 @@ fn output_count(n_labels: usize) -> usize {
     if n_labels == 2 { 1 } else { n_labels }
 }
 
-/// Means and standard deviations (population) of the features over `rows`; constant features
-/// get scale 1.
-fn column_moments(x: &[f64], d: usize, rows: &[usize]) -> (Vec<f64>, Vec<f64>) {
-    let count = rows.len() as f64;
-    let mut means = vec![0.0; d];
-    for &i in rows {
-        for (m, &v) in means.iter_mut().zip(&x[i * d..(i + 1) * d]) {
-            *m += v;
-        }
-    }
-    means.iter_mut().for_each(|m| *m /= count);
-    let mut variances = vec![0.0; d];
-    for &i in rows {
-        for ((s, &v), &m) in variances.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(&means) {
-            *s += (v - m) * (v - m);
-        }
-    }
-    let scales = variances
-        .into_iter()
-        .map(|s| {
-            let sd = (s / count).sqrt();
-            if sd > 0.0 { sd } else { 1.0 }
-        })
-        .collect();
-    (means, scales)
-}
-
-/// The rows `rows` of `x`, centred and scaled, row-major.
-fn standardise(x: &[f64], d: usize, rows: &[usize], means: &[f64], scales: &[f64]) -> Vec<f64> {
-    let mut out = Vec::with_capacity(rows.len() * d);
-    for &i in rows {
-        out.extend(
-            x[i * d..(i + 1) * d]
-                .iter()
-                .zip(means)
-                .zip(scales)
-                .map(|((&v, &m), &s)| (v - m) / s),
-        );
-    }
-    out
-}
-
-/// scikit-learn's logistic-regression objective in standardised coordinates.
+/// scikit-learn's logistic-regression objective over the training rows, in [`Coordinates`].
 ///
-/// With standardised rows `z_i = (x_i - mean) / scale`, coefficients `V` (`d x m`, column-major,
-/// one column per output) and intercepts `c` (`m`): `f = mean_i loss_i(z_i V + c) + λ/2 Σ_jk
-/// (V_jk / scale_j)²`, `λ = 1 / (C n)`. In the original coordinates `W_jk = V_jk / scale_j` and
-/// `b_k = c_k - Σ_j W_jk mean_j`, so `f` is scikit-learn's objective and the optima coincide.
-/// `loss_i` is the softmax cross-entropy for `m > 1` outputs, the binomial log-loss for `m = 1`.
+/// `f = mean_i loss_i(z_i V + c) + λ/2 Σ_jk W_jk²` with `W = diag(1/scale) T V` the
+/// coefficients on the original features and `λ = 1 / (C n_train)`; `loss_i` is the softmax
+/// cross-entropy for `m > 1` outputs, the binomial log-loss (larger class positive) for `m = 1`.
 struct Objective<'a> {
-    /// Standardised training rows, row-major `n x d`.
-    rows: &'a [f64],
-    /// Feature count.
-    d: usize,
+    coordinates: &'a Coordinates,
+    /// Class code of every row (coordinates' row order).
+    classes: &'a [u32],
+    /// Output index of every class code (meaningful for the training classes).
+    output_of_class: Vec<u32>,
+    /// Row ranges of the tiles, in order.
+    tiles: Vec<std::ops::Range<usize>>,
     /// Training row count.
     n: usize,
-    /// Class index (into the training labels) of every row.
-    targets: Vec<u32>,
     /// Outputs `m`.
     outputs: usize,
-    /// Per-feature penalty weight `λ / scale_j²`.
-    penalty: Vec<f64>,
+    /// `λ`.
+    strength: f64,
 }
 
 /// Loss and gradient sums of one tile.
@@ -460,81 +624,117 @@ struct TileSums {
 
 impl<'a> Objective<'a> {
     fn new(
-        rows: &'a [f64],
-        d: usize,
-        targets: Vec<u32>,
-        n_labels: usize,
-        scales: &[f64],
-        inverse_regularisation: f64,
+        coordinates: &'a Coordinates,
+        classes: &'a [u32],
+        train: &[std::ops::Range<usize>],
+        labels: &[u32],
+        n_classes: usize,
     ) -> Self {
-        let n = targets.len();
-        let strength = 1.0 / (inverse_regularisation * n as f64);
+        let mut output_of_class = vec![0u32; n_classes];
+        for (i, &k) in labels.iter().enumerate() {
+            output_of_class[k as usize] = i as u32;
+        }
+        let tiles: Vec<std::ops::Range<usize>> = train
+            .iter()
+            .flat_map(|range| {
+                (range.start..range.end)
+                    .step_by(TILE_ROWS)
+                    .map(move |s| s..(s + TILE_ROWS).min(range.end))
+            })
+            .collect();
+        let n: usize = train.iter().map(|r| r.len()).sum();
         Self {
-            rows,
-            d,
+            coordinates,
+            classes,
+            output_of_class,
+            tiles,
             n,
-            targets,
-            outputs: output_count(n_labels),
-            penalty: scales.iter().map(|s| strength / (s * s)).collect(),
+            outputs: output_count(labels.len()),
+            strength: 1.0 / (INVERSE_REGULARISATION * n as f64),
         }
     }
 
     /// Number of parameters: `d x m` coefficients then `m` intercepts.
     fn n_params(&self) -> usize {
-        (self.d + 1) * self.outputs
+        (self.coordinates.d + 1) * self.outputs
     }
 
     /// The objective at `params`; its gradient is written to `gradient`.
     fn value_gradient(&self, params: &[f64], gradient: &mut [f64]) -> f64 {
-        let (d, m) = (self.d, self.outputs);
+        let (d, m) = (self.coordinates.d, self.outputs);
         let (coefficients, intercepts) = params.split_at(d * m);
         let weights = MatRef::from_column_major_slice(coefficients, d, m);
         let sums: Vec<TileSums> = self
-            .rows
-            .par_chunks(TILE_ROWS * d)
-            .zip(self.targets.par_chunks(TILE_ROWS))
-            .map(|(block, targets)| self.tile_sums(block, targets, weights, intercepts))
+            .tiles
+            .par_iter()
+            .map(|tile| self.tile_sums(tile.clone(), weights, intercepts))
             .collect();
         let mut loss = 0.0;
         gradient.fill(0.0);
+        let (coefficient_gradient, intercept_gradient) = gradient.split_at_mut(d * m);
         for tile in &sums {
             loss += tile.loss;
-            let (gc, gi) = gradient.split_at_mut(d * m);
-            gc.iter_mut()
+            coefficient_gradient
+                .iter_mut()
                 .zip(&tile.coefficients)
                 .for_each(|(g, t)| *g += t);
-            gi.iter_mut()
+            intercept_gradient
+                .iter_mut()
                 .zip(&tile.intercepts)
                 .for_each(|(g, t)| *g += t);
         }
         let inverse_n = 1.0 / self.n as f64;
         loss *= inverse_n;
         gradient.iter_mut().for_each(|g| *g *= inverse_n);
+
+        // Penalty λ/2 Σ (T V)_jk² / scale_j², gradient Tᵀ (λ (T V) / scale²).
+        let transform = MatRef::from_row_major_slice(&self.coordinates.transform, d, d);
+        let mut standardised = vec![0.0; d * m];
+        matmul(
+            MatMut::from_column_major_slice_mut(&mut standardised, d, m),
+            Accum::Replace,
+            transform,
+            weights,
+            1.0,
+            Par::Seq,
+        );
         let mut penalty = 0.0;
-        for k in 0..m {
-            for j in 0..d {
-                let v = coefficients[k * d + j];
-                penalty += self.penalty[j] * v * v;
-                gradient[k * d + j] += self.penalty[j] * v;
+        for column in standardised.chunks_exact_mut(d) {
+            for (w, &inverse_variance) in column.iter_mut().zip(&self.coordinates.inverse_variance)
+            {
+                let scaled = self.strength * inverse_variance * *w;
+                penalty += scaled * *w;
+                *w = scaled;
             }
         }
+        matmul(
+            MatMut::from_column_major_slice_mut(&mut gradient[..d * m], d, m),
+            Accum::Add,
+            transform.transpose(),
+            MatRef::from_column_major_slice(&standardised, d, m),
+            1.0,
+            Par::Seq,
+        );
         loss + 0.5 * penalty
     }
 
     /// Unscaled loss sum and gradient sums over one tile of rows.
     fn tile_sums(
         &self,
-        block: &[f64],
-        targets: &[u32],
+        tile: std::ops::Range<usize>,
         weights: MatRef<'_, f64>,
         intercepts: &[f64],
     ) -> TileSums {
-        let (d, m) = (self.d, self.outputs);
-        let rows = targets.len();
-        let lhs = MatRef::from_row_major_slice(block, rows, d);
-        let mut logits = vec![0.0; rows * m];
+        let (d, m) = (self.coordinates.d, self.outputs);
+        let count = tile.len();
+        let lhs = MatRef::from_row_major_slice(
+            &self.coordinates.rows[tile.start * d..tile.end * d],
+            count,
+            d,
+        );
+        let mut logits = vec![0.0; count * m];
         matmul(
-            MatMut::from_row_major_slice_mut(&mut logits, rows, m),
+            MatMut::from_row_major_slice_mut(&mut logits, count, m),
             Accum::Replace,
             lhs,
             weights,
@@ -544,8 +744,8 @@ impl<'a> Objective<'a> {
         let mut loss = 0.0;
         let mut intercept_sums = vec![0.0; m];
         // Each row of `logits` becomes the derivative of its loss with respect to the logits.
-        for (z, &target) in logits.chunks_exact_mut(m).zip(targets) {
-            let target = target as usize;
+        for (z, &class) in logits.chunks_exact_mut(m).zip(&self.classes[tile]) {
+            let target = self.output_of_class[class as usize] as usize;
             if m == 1 {
                 let t = z[0] + intercepts[0];
                 let y = if target == 1 { 1.0 } else { 0.0 };
@@ -563,8 +763,8 @@ impl<'a> Objective<'a> {
                     *zk += bk;
                     top = top.max(*zk);
                 }
-                let mut total = 0.0;
                 let target_logit = z[target];
+                let mut total = 0.0;
                 for zk in z.iter_mut() {
                     *zk = (*zk - top).exp();
                     total += *zk;
@@ -579,12 +779,14 @@ impl<'a> Objective<'a> {
                 .zip(z.iter())
                 .for_each(|(s, &g)| *s += g);
         }
+        // Coefficient gradient (d x m, column-major) written as its transpose, G^T Z (m x d,
+        // row-major): the same memory, and the faster product shape.
         let mut coefficient_sums = vec![0.0; d * m];
         matmul(
-            MatMut::from_column_major_slice_mut(&mut coefficient_sums, d, m),
+            MatMut::from_row_major_slice_mut(&mut coefficient_sums, m, d),
             Accum::Replace,
-            lhs.transpose(),
-            MatRef::from_row_major_slice(&logits, rows, m),
+            MatRef::from_row_major_slice(&logits, count, m).transpose(),
+            lhs,
             1.0,
             Par::Seq,
         );
@@ -771,45 +973,106 @@ fn line_search(
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random data: `n x d` rows, classes with shifted means.
+    /// Deterministic pseudo-random data: `n x d` rows of classes `i % k`, with correlated
+    /// features of different scales; class `c` shifted by `shift` in feature `c % d`.
     fn toy(n: usize, d: usize, k: usize, shift: f64, seed: u64) -> (Vec<f64>, Vec<u32>) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let classes: Vec<u32> = (0..n).map(|i| (i % k) as u32).collect();
-        let x = (0..n * d)
-            .map(|idx| {
-                let (i, j) = (idx / d, idx % d);
-                let centre = if j % k == classes[i] as usize {
-                    shift
-                } else {
-                    0.0
-                };
-                centre + rng.random_range(-1.0..1.0) * (1.0 + j as f64)
-            })
-            .collect();
+        let mut x = Vec::with_capacity(n * d);
+        for &class in &classes {
+            let common: f64 = rng.random_range(-1.0..1.0);
+            for j in 0..d {
+                let centre = if j == class as usize % d { shift } else { 0.0 };
+                let noise: f64 = rng.random_range(-1.0..1.0);
+                x.push((centre + noise + 0.8 * common) * (1.0 + j as f64) + 3.0 * j as f64);
+            }
+        }
         (x, classes)
     }
 
-    fn objective_for<'a>(
-        standardised: &'a [f64],
+    /// Coordinates of all rows in order, one training block, every class.
+    fn setup(x: &[f64], d: usize) -> Coordinates {
+        let order: Vec<usize> = (0..x.len() / d).collect();
+        Coordinates::new(x, d, &order)
+    }
+
+    /// `V, c` in coordinates -> `W` (`d x m`, column-major) and `b` on the original features.
+    fn original_parameters(
+        x: &[f64],
+        d: usize,
+        coordinates: &Coordinates,
+        params: &[f64],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let order: Vec<usize> = (0..x.len() / d).collect();
+        let (means, scales) = column_moments(x, d, &order);
+        let m = params.len() / (d + 1);
+        let mut w = vec![0.0; d * m];
+        for k in 0..m {
+            for j in 0..d {
+                let standardised: f64 = (0..d)
+                    .map(|l| coordinates.transform[j * d + l] * params[k * d + l])
+                    .sum();
+                w[k * d + j] = standardised / scales[j];
+            }
+        }
+        let b = (0..m)
+            .map(|k| params[d * m + k] - (0..d).map(|j| w[k * d + j] * means[j]).sum::<f64>())
+            .collect();
+        (w, b)
+    }
+
+    /// scikit-learn's objective `mean loss + ||W||² / (2 n)` and its gradient, directly on `x`.
+    fn direct_objective(
+        x: &[f64],
         d: usize,
         classes: &[u32],
-        k: usize,
-        scales: &[f64],
-    ) -> Objective<'a> {
-        Objective::new(standardised, d, classes.to_vec(), k, scales, 1.0)
+        w: &[f64],
+        b: &[f64],
+    ) -> (f64, Vec<f64>, Vec<f64>) {
+        let n = classes.len();
+        let m = b.len();
+        let (mut loss, mut gw, mut gb) = (0.0, vec![0.0; d * m], vec![0.0; m]);
+        for i in 0..n {
+            let z: Vec<f64> = (0..m)
+                .map(|k| b[k] + (0..d).map(|j| x[i * d + j] * w[k * d + j]).sum::<f64>())
+                .collect();
+            let residual: Vec<f64> = if m == 1 {
+                let y = f64::from(classes[i]);
+                loss += (1.0 + z[0].exp()).ln() - y * z[0];
+                vec![1.0 / (1.0 + (-z[0]).exp()) - y]
+            } else {
+                let total: f64 = z.iter().map(|v| v.exp()).sum();
+                loss += total.ln() - z[classes[i] as usize];
+                (0..m)
+                    .map(|k| z[k].exp() / total - f64::from(u8::from(classes[i] as usize == k)))
+                    .collect()
+            };
+            for k in 0..m {
+                gb[k] += residual[k] / n as f64;
+                for j in 0..d {
+                    gw[k * d + j] += residual[k] * x[i * d + j] / n as f64;
+                }
+            }
+        }
+        let penalty: f64 = w.iter().map(|v| v * v).sum::<f64>() / (2.0 * n as f64);
+        for (g, v) in gw.iter_mut().zip(w) {
+            *g += v / n as f64;
+        }
+        (loss / n as f64 + penalty, gw, gb)
+    }
+
+    fn random_params(count: usize, seed: u64) -> Vec<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..count).map(|_| rng.random_range(-0.5..0.5)).collect()
     }
 
     fn check_gradient(k: usize) {
-        let (n, d) = (2500, 4);
+        let (n, d) = (2000, 4);
         let (x, classes) = toy(n, d, k, 1.5, 3);
-        let rows: Vec<usize> = (0..n).collect();
-        let (means, scales) = column_moments(&x, d, &rows);
-        let standardised = standardise(&x, d, &rows, &means, &scales);
-        let objective = objective_for(&standardised, d, &classes, k, &scales);
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let params: Vec<f64> = (0..objective.n_params())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let coordinates = setup(&x, d);
+        let labels: Vec<u32> = (0..k as u32).collect();
+        let objective = Objective::new(&coordinates, &classes, &[0..n], &labels, k);
+        let params = random_params(objective.n_params(), 9);
         let mut gradient = vec![0.0; params.len()];
         objective.value_gradient(&params, &mut gradient);
         let mut scratch = vec![0.0; params.len()];
@@ -841,28 +1104,68 @@ mod tests {
     }
 
     #[test]
-    fn objective_value_matches_direct_formula() {
-        // Two rows, two features, three classes, hand-set parameters in standardised space.
-        let standardised = [1.0, -1.0, -1.0, 1.0];
-        let scales = [2.0, 0.5];
-        let objective = objective_for(&standardised, 2, &[0, 2], 3, &scales);
-        // V columns (per class) then intercepts.
-        let params = [0.5, 0.0, 0.0, 1.0, -0.5, 0.5, 0.1, 0.2, 0.3];
-        let mut gradient = vec![0.0; params.len()];
-        let value = objective.value_gradient(&params, &mut gradient);
-        let logits = |row: [f64; 2]| -> Vec<f64> {
-            (0..3)
-                .map(|k| row[0] * params[2 * k] + row[1] * params[2 * k + 1] + params[6 + k])
-                .collect()
-        };
-        let loss = |z: Vec<f64>, t: usize| z.iter().map(|v| v.exp()).sum::<f64>().ln() - z[t];
-        let data = loss(logits([1.0, -1.0]), 0) + loss(logits([-1.0, 1.0]), 2);
-        let lambda = 1.0 / 2.0;
-        let penalty: f64 = (0..3)
-            .map(|k| (params[2 * k] / scales[0]).powi(2) + (params[2 * k + 1] / scales[1]).powi(2))
-            .sum();
-        let expected = data / 2.0 + 0.5 * lambda * penalty;
-        assert!((value - expected).abs() < 1e-14, "{value} vs {expected}");
+    fn objective_is_sklearns_in_original_coordinates() {
+        for k in [2, 3] {
+            let (n, d) = (300, 5);
+            let (x, classes) = toy(n, d, k, 1.0, 4);
+            let coordinates = setup(&x, d);
+            let labels: Vec<u32> = (0..k as u32).collect();
+            let objective = Objective::new(&coordinates, &classes, &[0..n], &labels, k);
+            let params = random_params(objective.n_params(), 2);
+            let mut gradient = vec![0.0; params.len()];
+            let value = objective.value_gradient(&params, &mut gradient);
+            let (w, b) = original_parameters(&x, d, &coordinates, &params);
+            let (expected, _, _) = direct_objective(&x, d, &classes, &w, &b);
+            assert!(
+                (value - expected).abs() < 1e-12 * expected.abs(),
+                "{value} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn fit_reaches_a_stationary_point_of_the_original_objective() {
+        // scikit-learn's gradient at the solution, in the original coordinates, relative to
+        // its value at the (zero) starting point.
+        for k in [2, 3] {
+            let (n, d) = (400, 3);
+            let (x, classes) = toy(n, d, k, 1.0, 5);
+            let coordinates = setup(&x, d);
+            let model = Model::fit(&coordinates, &classes, &[0..n], k, None).unwrap();
+            let (w, b) = original_parameters(&x, d, &coordinates, &model.params);
+            let (_, gw, gb) = direct_objective(&x, d, &classes, &w, &b);
+            let m = b.len();
+            let (_, gw0, gb0) = direct_objective(&x, d, &classes, &vec![0.0; d * m], &vec![0.0; m]);
+            let initial = max_abs(&gw0).max(max_abs(&gb0));
+            assert!(
+                max_abs(&gw) < 1e-6 * initial,
+                "k = {k}: {gw:?} (initial {initial})"
+            );
+            assert!(
+                max_abs(&gb) < 1e-6 * initial,
+                "k = {k}: {gb:?} (initial {initial})"
+            );
+        }
+    }
+
+    #[test]
+    fn warm_start_reaches_the_same_predictions() {
+        let (n, d, k) = (500, 4, 3);
+        let (x, classes) = toy(n, d, k, 0.7, 6);
+        let coordinates = setup(&x, d);
+        let cold = Model::fit(&coordinates, &classes, &[0..400], k, None).unwrap();
+        let other = Model::fit(&coordinates, &classes, &[100..n], k, None).unwrap();
+        let warm = Model::fit(&coordinates, &classes, &[0..400], k, Some(&other)).unwrap();
+        assert_eq!(
+            cold.predict(&coordinates, 400..n),
+            warm.predict(&coordinates, 400..n)
+        );
+        let difference = cold
+            .params
+            .iter()
+            .zip(&warm.params)
+            .map(|(a, b)| (a - b).abs());
+        assert!(difference.fold(0.0, f64::max) < 1e-5);
     }
 
     #[test]
@@ -887,37 +1190,23 @@ mod tests {
     }
 
     #[test]
-    fn fit_reaches_a_stationary_point_of_the_original_objective() {
-        // Gradient of scikit-learn's objective in the original coordinates, at the solution.
-        let (n, d, k) = (400, 3, 3);
-        let (x, classes) = toy(n, d, k, 1.0, 5);
-        let rows: Vec<usize> = (0..n).collect();
-        let model = LogisticRegression::fit(&x, d, &rows, &classes, k).unwrap();
-        let (v, c) = model.params.split_at(d * k);
-        let w: Vec<f64> = (0..d * k).map(|i| v[i] / model.scales[i % d]).collect();
-        let b: Vec<f64> = (0..k)
-            .map(|kk| c[kk] - (0..d).map(|j| w[kk * d + j] * model.means[j]).sum::<f64>())
-            .collect();
-        let mut gw = vec![0.0; d * k];
-        let mut gb = vec![0.0; k];
-        for i in 0..n {
-            let z: Vec<f64> = (0..k)
-                .map(|kk| b[kk] + (0..d).map(|j| x[i * d + j] * w[kk * d + j]).sum::<f64>())
-                .collect();
-            let total: f64 = z.iter().map(|v| v.exp()).sum();
-            for kk in 0..k {
-                let r = z[kk].exp() / total - f64::from(u8::from(classes[i] as usize == kk));
-                gb[kk] += r / n as f64;
-                for j in 0..d {
-                    gw[kk * d + j] += r * x[i * d + j] / n as f64;
-                }
+    fn cholesky_and_inverse_transpose() {
+        let mut a = vec![4.0, 2.0, 2.0, 2.0, 5.0, 3.0, 2.0, 3.0, 6.0];
+        cholesky(&mut a, 3).unwrap();
+        let expected = [2.0, 0.0, 0.0, 1.0, 2.0, 0.0, 1.0, 1.0, 2.0];
+        assert!(
+            a.iter().zip(&expected).all(|(x, y)| (x - y).abs() < 1e-15),
+            "{a:?}"
+        );
+        let t = inverse_transpose_lower(&a, 3);
+        // L^T T = I.
+        for i in 0..3 {
+            for j in 0..3 {
+                let value: f64 = (0..3).map(|l| a[l * 3 + i] * t[l * 3 + j]).sum();
+                assert!((value - f64::from(u8::from(i == j))).abs() < 1e-15);
             }
         }
-        for (g, wi) in gw.iter_mut().zip(&w) {
-            *g += wi / n as f64;
-        }
-        assert!(max_abs(&gw) < 1e-7, "{gw:?}");
-        assert!(max_abs(&gb) < 1e-7, "{gb:?}");
+        assert!(cholesky(&mut [1.0, 2.0, 2.0, 1.0], 2).is_none());
     }
 
     #[test]
