@@ -9,12 +9,15 @@ use arrow::datatypes::{DataType, Float64Type};
 use balans_metrics::suite::{EvalInput, EvalOptions, EvalReport, evaluate};
 use balans_metrics::{Codes, MetricsError};
 use datafusion::functions::core::expr_fn::coalesce;
+use datafusion::logical_expr::ExprSchemable;
 use datafusion::prelude::{SessionContext, cast, ident, lit};
 use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{BalansError, Result};
-use crate::source::{FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns};
+use crate::source::{
+    FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns,
+};
 
 /// Default plate column, used when present and none is named.
 pub const DEFAULT_PLATE_COLUMN: &str = "Metadata_Plate";
@@ -134,15 +137,19 @@ pub async fn load_embedding(
         Ok(())
     };
     require(&request.label, "label")?;
-    let optional_column = |given: &Option<String>, default: &str, role: &str| -> Result<Option<String>> {
-        match given {
-            Some(name) => {
-                require(name, role)?;
-                Ok(Some(name.clone()))
+    let optional_column =
+        |given: &Option<String>, default: &str, role: &str| -> Result<Option<String>> {
+            match given {
+                Some(name) => {
+                    require(name, role)?;
+                    Ok(Some(name.clone()))
+                }
+                None => Ok(schema
+                    .index_of(default)
+                    .is_ok()
+                    .then(|| default.to_string())),
             }
-            None => Ok(schema.index_of(default).is_ok().then(|| default.to_string())),
-        }
-    };
+        };
     let plate_column = optional_column(&request.plate, DEFAULT_PLATE_COLUMN, "plate")?;
     let well_column = optional_column(&request.well, DEFAULT_WELL_COLUMN, "well")?;
     if request.options.metrics.map && plate_column.is_none() {
@@ -153,10 +160,14 @@ pub async fn load_embedding(
         )));
     }
     let mut roles = resolve_columns(&schema, &request.selection, &request.batch)?;
-    let metadata_roles: Vec<&String> = [Some(&request.label), plate_column.as_ref(), well_column.as_ref()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let metadata_roles: Vec<&String> = [
+        Some(&request.label),
+        plate_column.as_ref(),
+        well_column.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     roles.features.retain(|f| !metadata_roles.contains(&f));
     if roles.features.is_empty() {
         return Err(BalansError::BadInput(
@@ -172,6 +183,17 @@ pub async fn load_embedding(
                     "--negcon '{predicate}' is not a valid SQL predicate over the columns: {e}"
                 ))
             })?;
+            let data_type = expr.get_type(df.schema()).map_err(|e| {
+                BalansError::InvalidArgument(format!(
+                    "--negcon '{predicate}' cannot be evaluated: {e}"
+                ))
+            })?;
+            if data_type != DataType::Boolean {
+                return Err(BalansError::InvalidArgument(format!(
+                    "--negcon must be a boolean predicate (e.g. \"Metadata_PertType = 'negcon'\"), \
+                     but '{predicate}' has type {data_type}"
+                )));
+            }
             coalesce(vec![expr, lit(false)])
         }
         None => lit(false),
@@ -196,14 +218,6 @@ pub async fn load_embedding(
         Some(p) => BalansError::InvalidArgument(format!("--negcon '{p}' cannot be evaluated: {e}")),
         None => BalansError::DataFusion(e),
     })?;
-    let negcon_type = df.schema().field_with_unqualified_name("__negcon")?.data_type().clone();
-    if negcon_type != DataType::Boolean {
-        return Err(BalansError::InvalidArgument(format!(
-            "--negcon must be a boolean predicate (e.g. \"Metadata_PertType = 'negcon'\"), \
-             but it has type {negcon_type}"
-        )));
-    }
-
     let d = roles.features.len();
     let mut x: Vec<f64> = Vec::new();
     let mut batch_values: Vec<String> = Vec::new();
@@ -264,7 +278,10 @@ pub async fn load_embedding(
         is_negcon.extend((0..rows).map(|i| flags.is_valid(i) && flags.value(i)));
     }
     if is_negcon.is_empty() {
-        return Err(BalansError::BadInput(format!("{} has no rows", request.input)));
+        return Err(BalansError::BadInput(format!(
+            "{} has no rows",
+            request.input
+        )));
     }
     Ok(LoadedEmbedding {
         table,
@@ -272,8 +289,12 @@ pub async fn load_embedding(
         x,
         batch: Codes::from_strings(&batch_values),
         label: Codes::from_strings(&label_values),
-        plate: plate_column.as_ref().map(|_| Codes::from_strings(&plate_values)),
-        well: well_column.as_ref().map(|_| Codes::from_strings(&well_values)),
+        plate: plate_column
+            .as_ref()
+            .map(|_| Codes::from_strings(&plate_values)),
+        well: well_column
+            .as_ref()
+            .map(|_| Codes::from_strings(&well_values)),
         is_negcon,
         plate_column,
         well_column,
@@ -298,7 +319,10 @@ pub fn evaluate_loaded(
             "the embedding of {} has NaN or infinite values in {count} row(s) (0-based rows \
              {}): drop or impute them first (e.g. `balans correct --nan drop-rows`)",
             request.input,
-            rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+            rows.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         other => BalansError::BadInput(other.to_string()),
     })?;
@@ -335,14 +359,21 @@ pub async fn run_evaluate(
 /// A plain-text table of the scores of one or more evaluations, side by side.
 pub fn format_scores(columns: &[(&str, &Evaluation)]) -> String {
     let mut out = String::new();
-    let width = columns.iter().map(|(name, _)| name.len()).max().unwrap_or(0).max(9);
+    let width = columns
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
     let _ = write!(out, "{:<20}", "metric");
     for (name, _) in columns {
         let _ = write!(out, " {name:>width$}");
     }
     out.push('\n');
-    let rows: Vec<Vec<(&str, &str, Option<f64>)>> =
-        columns.iter().map(|(_, e)| e.report.scores.rows()).collect();
+    let rows: Vec<Vec<(&str, &str, Option<f64>)>> = columns
+        .iter()
+        .map(|(_, e)| e.report.scores.rows())
+        .collect();
     let mut last_group = "";
     for (i, (metric, group, _)) in rows[0].iter().enumerate() {
         if *group != last_group {
@@ -394,5 +425,210 @@ fn column_preview(schema: &arrow::datatypes::Schema) -> String {
         format!("{}, ... ({} in all)", names[..12].join(", "), names.len())
     } else {
         names.join(", ")
+    }
+}
+
+/// Cells drawn per heatmap (the affinity matrix is drawn between these cells).
+const HEATMAP_MAX_CELLS: usize = 300;
+/// Above this many cells the 2-D picture uses PCA instead of a UMAP layout.
+const UMAP_MAX_CELLS: usize = 50_000;
+/// UMAP epochs of the report's layout.
+const UMAP_EPOCHS: usize = 200;
+
+/// Renders the HTML report of one or more evaluations (e.g. before / after): a 2-D embedding
+/// per evaluation coloured by batch and by label, the metric table and bar chart, and the
+/// affinity heatmaps (rows ordered by batch, columns by label).
+pub fn render_report(
+    columns: &[(&str, &LoadedEmbedding, &Evaluation)],
+    seed: u64,
+) -> Result<String> {
+    use balans_report::{EmbeddingPanel, MetricGroup, MetricRow, ReportInput};
+    let first = columns
+        .first()
+        .ok_or_else(|| BalansError::InvalidArgument("nothing to report".into()))?;
+    let mut panels = Vec::new();
+    let mut heatmaps = Vec::new();
+    let mut notes = Vec::new();
+    for (name, loaded, evaluation) in columns {
+        let report = &evaluation.report;
+        let rows = &report.cells.rows;
+        let cells_x = gather_rows(&loaded.x, loaded.d(), rows);
+        let (coords, method) = match &report.cells.graph {
+            Some(graph) if rows.len() <= UMAP_MAX_CELLS => (
+                balans_metrics::layout::umap_layout(graph, UMAP_EPOCHS, seed)
+                    .map_err(|e| BalansError::BadInput(format!("UMAP layout: {e}")))?,
+                "UMAP",
+            ),
+            _ => (
+                balans_metrics::layout::pca_2d(&cells_x, loaded.d())
+                    .map_err(|e| BalansError::BadInput(format!("PCA layout: {e}")))?,
+                "PCA",
+            ),
+        };
+        if method == "PCA" && report.cells.graph.is_some() {
+            notes.push(format!(
+                "{name}: {} cells is above {UMAP_MAX_CELLS}: the picture shows the first two \
+                 principal components instead of a UMAP layout",
+                rows.len()
+            ));
+        }
+        let batch = subset_codes(&loaded.batch, rows);
+        let label = subset_codes(&loaded.label, rows);
+        panels.push(EmbeddingPanel {
+            title: format!("{name}: {method} of {} cells", rows.len()),
+            coords,
+            batch: batch.codes.clone(),
+            batch_names: batch.names.clone(),
+            label: label.codes.clone(),
+            label_names: label.names.clone(),
+        });
+        heatmaps.push(affinity_heatmap(
+            name,
+            &cells_x,
+            loaded.d(),
+            &batch,
+            &label,
+            seed,
+        ));
+        if let Some(s) = &report.subsampled {
+            notes.push(format!("{name}: subsampled: {s}"));
+        }
+        for w in &report.warnings {
+            notes.push(format!("{name}: {w}"));
+        }
+    }
+    let metric_names = first.2.report.scores.rows();
+    let metrics = metric_names
+        .iter()
+        .enumerate()
+        .map(|(i, (metric, group, _))| MetricRow {
+            name: metric.to_string(),
+            group: match *group {
+                "batch" => MetricGroup::Batch,
+                "bio" => MetricGroup::Bio,
+                "aggregate" => MetricGroup::Aggregate,
+                _ => MetricGroup::Other,
+            },
+            higher_is_better: true,
+            values: columns
+                .iter()
+                .map(|(_, _, e)| e.report.scores.rows()[i].2)
+                .collect(),
+        })
+        .collect();
+    let r = &first.2.report;
+    let input = ReportInput {
+        title: "Balans evaluation".to_string(),
+        subtitle: format!(
+            "{} — {} rows, {} cells, {} batches ({}), {} labels ({}), {} dims",
+            columns
+                .iter()
+                .map(|(n, _, e)| format!("{n}: {}", e.input))
+                .collect::<Vec<_>>()
+                .join(" · "),
+            r.n_rows,
+            r.n_cells,
+            r.n_batches,
+            first.2.batch.join(", "),
+            r.n_labels,
+            first.2.label,
+            r.n_dims
+        ),
+        columns: columns.iter().map(|(n, _, _)| n.to_string()).collect(),
+        metrics,
+        panels,
+        heatmaps,
+        notes,
+    };
+    balans_report::render_html(&input)
+        .map_err(|e| BalansError::InvalidArgument(format!("cannot render the report: {e}")))
+}
+
+fn gather_rows(x: &[f64], d: usize, rows: &[usize]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        out.extend_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// `codes` restricted to `rows`, renumbered over the categories present.
+fn subset_codes(codes: &Codes, rows: &[usize]) -> Codes {
+    let values: Vec<&str> = rows
+        .iter()
+        .map(|&r| codes.names[codes.codes[r] as usize].as_str())
+        .collect();
+    Codes::from_strings(&values)
+}
+
+/// Pearson correlations between up to [`HEATMAP_MAX_CELLS`] cells (drawn at random, seeded),
+/// rows ordered by batch then label, columns by label then batch (the BALANS paper's Figure 1).
+fn affinity_heatmap(
+    name: &str,
+    x: &[f64],
+    d: usize,
+    batch: &Codes,
+    label: &Codes,
+    seed: u64,
+) -> balans_report::Heatmap {
+    use rand::SeedableRng;
+    let n = batch.codes.len();
+    let mut picked: Vec<usize> = if n > HEATMAP_MAX_CELLS {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rand::seq::index::sample(&mut rng, n, HEATMAP_MAX_CELLS).into_vec()
+    } else {
+        (0..n).collect()
+    };
+    picked.sort_unstable();
+    // Centred, unit-norm rows: a dot product is then the Pearson correlation.
+    let centred: Vec<Vec<f64>> = picked
+        .iter()
+        .map(|&i| {
+            let row = &x[i * d..(i + 1) * d];
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let mut v: Vec<f64> = row.iter().map(|a| a - mean).collect();
+            let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                v.iter_mut().for_each(|a| *a /= norm);
+            }
+            v
+        })
+        .collect();
+    let by = |primary: &Codes, secondary: &Codes| {
+        let mut order: Vec<usize> = (0..picked.len()).collect();
+        order.sort_by_key(|&p| (primary.codes[picked[p]], secondary.codes[picked[p]], p));
+        order
+    };
+    let row_order = by(batch, label);
+    let col_order = by(label, batch);
+    let mut values = Vec::with_capacity(picked.len() * picked.len());
+    for &r in &row_order {
+        for &c in &col_order {
+            values.push(centred[r].iter().zip(&centred[c]).map(|(a, b)| a * b).sum());
+        }
+    }
+    let groups = |order: &[usize], codes: &Codes| {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for &p in order {
+            let group = &codes.names[codes.codes[picked[p]] as usize];
+            match out.last_mut() {
+                Some((g, count)) if g == group => *count += 1,
+                _ => out.push((group.clone(), 1)),
+            }
+        }
+        out
+    };
+    balans_report::Heatmap {
+        title: format!(
+            "{name}: correlation between {} cells (rows by batch, columns by label)",
+            picked.len()
+        ),
+        n_rows: picked.len(),
+        n_cols: picked.len(),
+        row_label: "batch".to_string(),
+        col_label: "label".to_string(),
+        values,
+        row_groups: groups(&row_order, batch),
+        col_groups: groups(&col_order, label),
     }
 }

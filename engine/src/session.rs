@@ -37,6 +37,8 @@ impl Default for SessionSettings {
 /// Builds a session with the Balans planner and SQL functions, a bounded memory pool and a
 /// disk manager.
 ///
+/// SQL identifiers are case-sensitive as written (no lower-casing), so predicates such as
+/// `Metadata_PertType = 'negcon'` work unquoted.
 /// Scans run as one partition so row order is the input's (files sorted by path, rows in file
 /// order); parallelism comes from the operators' own kernels.
 pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
@@ -49,7 +51,9 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .set_bool(
             "datafusion.execution.parquet.schema_force_view_types",
             false,
-        );
+        )
+        // Profile columns are mixed case (`Metadata_PertType`): SQL names them as written.
+        .set_bool("datafusion.sql_parser.enable_ident_normalization", false);
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = settings.memory_limit {
         let pool = TrackConsumersPool::new(

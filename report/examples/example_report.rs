@@ -145,7 +145,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         ],
         panels,
-        heatmap: Some(heatmap),
+        heatmaps: vec![heatmap],
         notes: vec![
             "Synthetic example data.".into(),
             "mAP after correction was not computed in this example.".into(),

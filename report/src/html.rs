@@ -72,7 +72,7 @@ fn image(figure: &Figure, alt: &str) -> String {
 /// any of them is inconsistent (see the figure functions); [`ReportError::Render`] when drawing
 /// fails.
 pub fn render_html(input: &ReportInput) -> Result<String, ReportError> {
-    if input.metrics.is_empty() && input.panels.is_empty() && input.heatmap.is_none() {
+    if input.metrics.is_empty() && input.panels.is_empty() && input.heatmaps.is_empty() {
         return Err(ReportError::InvalidInput(
             "nothing to report: no metrics, embedding panels or heatmap".into(),
         ));
@@ -84,7 +84,7 @@ pub fn render_html(input: &ReportInput) -> Result<String, ReportError> {
     for panel in &input.panels {
         validate_panel(panel)?;
     }
-    if let Some(heatmap) = &input.heatmap {
+    for heatmap in &input.heatmaps {
         validate_heatmap(heatmap)?;
     }
 
@@ -143,18 +143,22 @@ pub fn render_html(input: &ReportInput) -> Result<String, ReportError> {
         page.push_str("</section>\n");
     }
 
-    if let Some(heatmap) = &input.heatmap {
-        let figure = heatmap_figure(heatmap)?;
-        let _ = writeln!(
-            page,
-            "<section>\n<h2>Affinity heatmap</h2>\n<figure>{}<figcaption>{}: rows ordered by {} \
-             (left bar), columns by {} (top bar); colour scale from the minimum to the 99th \
-             percentile.</figcaption></figure>\n</section>",
-            image(&figure, &heatmap.title),
-            escape(&heatmap.title),
-            escape(&heatmap.row_label),
-            escape(&heatmap.col_label)
-        );
+    if !input.heatmaps.is_empty() {
+        page.push_str("<section>\n<h2>Affinity heatmap</h2>\n");
+        for heatmap in &input.heatmaps {
+            let figure = heatmap_figure(heatmap)?;
+            let _ = writeln!(
+                page,
+                "<figure>{}<figcaption>{}: rows ordered by {} (left bar), columns by {} (top \
+                 bar); colour scale from the minimum to the 99th percentile.</figcaption>\
+                 </figure>",
+                image(&figure, &heatmap.title),
+                escape(&heatmap.title),
+                escape(&heatmap.row_label),
+                escape(&heatmap.col_label)
+            );
+        }
+        page.push_str("</section>\n");
     }
 
     if !input.notes.is_empty() {

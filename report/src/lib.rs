@@ -108,8 +108,8 @@ pub struct ReportInput {
     pub metrics: Vec<MetricRow>,
     /// Embedding panels, e.g. before and after correction.
     pub panels: Vec<EmbeddingPanel>,
-    /// Optional affinity heatmap.
-    pub heatmap: Option<Heatmap>,
+    /// Affinity heatmaps, e.g. before and after correction (drawn side by side in order).
+    pub heatmaps: Vec<Heatmap>,
     /// Free-text notes listed at the end.
     pub notes: Vec<String>,
 }

@@ -69,7 +69,7 @@ fn input() -> ReportInput {
             ),
         ],
         panels: vec![panel("before", 4), panel("after", 30)],
-        heatmap: Some(heatmap()),
+        heatmaps: vec![heatmap()],
         notes: vec!["a note".into()],
     }
 }
@@ -124,7 +124,7 @@ fn html_embeds_valid_pngs_of_the_expected_sizes() {
 #[test]
 fn sections_follow_the_input() {
     let only_heatmap = ReportInput {
-        heatmap: Some(heatmap()),
+        heatmaps: vec![heatmap()],
         ..Default::default()
     };
     let html = render_html(&only_heatmap).unwrap();
@@ -159,7 +159,7 @@ fn names_are_escaped() {
     input.panels[0].title = evil.into();
     input.panels[0].label_names[0] = evil.into();
     input.notes = vec![evil.into()];
-    if let Some(h) = input.heatmap.as_mut() {
+    if let Some(h) = input.heatmaps.first_mut() {
         h.title = evil.into();
         h.row_label = evil.into();
     }
@@ -214,21 +214,21 @@ fn bad_inputs_give_clear_errors() {
     assert_invalid(&coords, "non-finite coordinates at row 3");
 
     let mut shape = input();
-    shape.heatmap.as_mut().unwrap().values.pop();
+    shape.heatmaps.first_mut().unwrap().values.pop();
     assert_invalid(&shape, "107 values for a 12 x 9 matrix");
 
     let mut groups = input();
-    groups.heatmap.as_mut().unwrap().row_groups[1].1 = 7;
+    groups.heatmaps.first_mut().unwrap().row_groups[1].1 = 7;
     assert_invalid(&groups, "row group sizes sum to 11, expected 12");
 
     let mut empty_heatmap = input();
-    let h = empty_heatmap.heatmap.as_mut().unwrap();
+    let h = empty_heatmap.heatmaps.first_mut().unwrap();
     h.n_rows = 0;
     h.values.clear();
     assert_invalid(&empty_heatmap, "empty shape");
 
     let mut non_finite = input();
-    non_finite.heatmap.as_mut().unwrap().values[10] = f64::INFINITY;
+    non_finite.heatmaps.first_mut().unwrap().values[10] = f64::INFINITY;
     assert_invalid(&non_finite, "non-finite value at row 1, column 1");
 }
 
@@ -239,7 +239,7 @@ fn constant_and_single_point_inputs_render() {
     p.coords = vec![[2.0, 2.0]];
     p.batch = vec![0];
     p.label = vec![0];
-    let h = degenerate.heatmap.as_mut().unwrap();
+    let h = degenerate.heatmaps.first_mut().unwrap();
     h.values.iter_mut().for_each(|v| *v = 0.5);
     degenerate.metrics = vec![metric("m", MetricGroup::Bio, [None, None], true)];
     let html = render_html(&degenerate).unwrap();

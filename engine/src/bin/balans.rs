@@ -5,17 +5,21 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use balans_engine::correct::CorrectOutcome;
+use balans_engine::evaluate::{
+    Evaluation, LoadedEmbedding, format_scores, format_timings, render_report,
+};
 use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
 use balans_engine::session::{SessionSettings, build_session, parse_bytes};
 use balans_engine::source::{FeatureSelection, SourceOptions, inspect, register_profiles};
-use balans_engine::correct::CorrectOutcome;
-use balans_engine::evaluate::{Evaluation, LoadedEmbedding, format_scores, format_timings, render_report};
 use balans_engine::writer::{check_output, write_bytes_atomic};
-use balans_engine::{BalansError, CorrectRequest, EvaluateRequest, Result, run_correct, run_evaluate};
+use balans_engine::{
+    BalansError, CorrectRequest, EvaluateRequest, Result, run_correct, run_evaluate,
+};
 use balans_metrics::suite::{EvalOptions, MetricSelection};
 use balans_operators::config::{Metric, PcaSetting};
+use balans_operators::exec::balans::COVERED_COLUMN;
 use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
-use balans_operators::exec::COVERED_COLUMN;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datafusion::prelude::SessionContext;
 
@@ -248,6 +252,9 @@ struct EvalArgs {
     /// Leiden resolution.
     #[arg(long, default_value_t = 1.0)]
     resolution: f64,
+    /// Leiden runs from consecutive seeds; the partition of highest modularity is kept.
+    #[arg(long, default_value_t = 3)]
+    leiden_restarts: usize,
     /// Size of the mAP null distribution.
     #[arg(long, default_value_t = 10_000)]
     null_size: usize,
@@ -296,6 +303,7 @@ impl EvalArgs {
             lisi_neighbors: self.lisi_neighbors,
             perplexity: self.perplexity,
             resolution: self.resolution,
+            leiden_restarts: self.leiden_restarts,
             seed: self.eval_seed,
             null_size: self.null_size,
             cv_folds: self.folds,
@@ -561,8 +569,13 @@ async fn run_evaluate_command(a: EvaluateArgs, quiet: bool) -> Result<()> {
                 ..request.clone()
             };
             Some(
-                run_evaluate(&ctx, &baseline_request, "baseline", step_printer(quiet, "before"))
-                    .await?,
+                run_evaluate(
+                    &ctx,
+                    &baseline_request,
+                    "baseline",
+                    step_printer(quiet, "before"),
+                )
+                .await?,
             )
         }
         None => None,
@@ -592,8 +605,13 @@ async fn evaluate_correction(
         a.input.select.selection(),
         a.input.select.source(),
     )?;
-    let before = run_evaluate(ctx, &before_request, "eval_before", step_printer(quiet, "before"))
-        .await?;
+    let before = run_evaluate(
+        ctx,
+        &before_request,
+        "eval_before",
+        step_printer(quiet, "before"),
+    )
+    .await?;
     // The output holds the input's non-feature columns plus the corrected features.
     let output_features: Vec<String> = {
         let table = register_profiles(
@@ -620,8 +638,13 @@ async fn evaluate_correction(
         source: SourceOptions::default(),
         ..before_request.clone()
     };
-    let after = run_evaluate(ctx, &after_request, "eval_after", step_printer(quiet, "after"))
-        .await?;
+    let after = run_evaluate(
+        ctx,
+        &after_request,
+        "eval_after",
+        step_printer(quiet, "after"),
+    )
+    .await?;
     present_evaluations(
         &a.eval,
         &[
