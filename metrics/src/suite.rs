@@ -20,7 +20,7 @@ use crate::knn::exact_knn;
 use crate::leiden::leiden;
 use crate::lisi::{clisi_score, ilisi_score, lisi};
 use crate::map::{
-    ApOutput, LabelMap, MapMetadata, MapSummary, average_precision_negcon,
+    ApOutput, LabelMap, MapMetadata, MapSummary, QueryAp, average_precision_negcon,
     average_precision_nonrep, mean_average_precision, summarize_map,
 };
 use crate::silhouette::{silhouette_batch, silhouette_samples};
@@ -681,15 +681,36 @@ fn map_of(
             name_list(&ap.single_replicate_labels, &input.label.names)
         ));
     }
+    // Queries with positives but no negative pair: copairs scores them AP = 1. For the
+    // phenotypic-activity mAP that would reward plates without controls, so their queries are
+    // skipped; the consistency mAP keeps copairs' rule (plates holding a single label).
+    let skip_unpaired = kind == "negcon";
     if !ap.plates_without_negatives.is_empty() {
+        let what = if skip_unpaired {
+            "plate(s) without negative controls skipped"
+        } else {
+            "plate(s) with a single label give their queries no negatives (AP = 1, as copairs)"
+        };
         warnings.push(format!(
-            "{kind} mAP: {} plate(s) without negatives skipped: {}",
+            "{kind} mAP: {} {what}: {}",
             ap.plates_without_negatives.len(),
             name_list(&ap.plates_without_negatives, &plate.names)
         ));
     }
+    let kept: Vec<QueryAp>;
+    let queries = if skip_unpaired {
+        kept = ap
+            .queries
+            .iter()
+            .filter(|q| q.n_total > q.n_pos)
+            .cloned()
+            .collect();
+        &kept[..]
+    } else {
+        &ap.queries[..]
+    };
     let maps = mean_average_precision(
-        &ap.queries,
+        queries,
         &input.label.codes,
         options.null_size,
         options.alpha,
