@@ -822,7 +822,7 @@ fn minimize_lbfgs(objective: &Objective<'_>, start: Vec<f64>) -> Result<Vec<f64>
     let mut history: std::collections::VecDeque<Correction> =
         std::collections::VecDeque::with_capacity(HISTORY);
     let mut direction = vec![0.0; p];
-    let mut alphas = vec![0.0; HISTORY];
+    let mut alphas = [0.0; HISTORY];
     for _ in 0..MAX_ITERATIONS {
         if max_abs(&gradient) <= GRADIENT_TOLERANCE {
             return Ok(point);
@@ -970,6 +970,8 @@ fn line_search(
 }
 
 #[cfg(test)]
+// Training sets are given as lists of row ranges; tests often use a single range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 

@@ -567,7 +567,7 @@ pub fn ln_gamma(x: f64) -> f64 {
 /// (series for `x < a + 1`, continued fraction otherwise, as in Numerical Recipes). NaN for
 /// invalid arguments.
 pub fn regularized_gamma_p(a: f64, x: f64) -> f64 {
-    if !(a > 0.0) || x.is_nan() || x < 0.0 {
+    if a.is_nan() || a <= 0.0 || x.is_nan() || x < 0.0 {
         return f64::NAN;
     }
     if x == 0.0 {
@@ -586,7 +586,7 @@ pub fn regularized_gamma_p(a: f64, x: f64) -> f64 {
 /// Regularized upper incomplete gamma `Q(a, x) = 1 - P(a, x)`, computed without cancellation
 /// (see [`regularized_gamma_p`]).
 pub fn regularized_gamma_q(a: f64, x: f64) -> f64 {
-    if !(a > 0.0) || x.is_nan() || x < 0.0 {
+    if a.is_nan() || a <= 0.0 || x.is_nan() || x < 0.0 {
         return f64::NAN;
     }
     if x == 0.0 {

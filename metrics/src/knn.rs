@@ -49,7 +49,7 @@ pub fn check_embedding(x: &[f64], d: usize) -> Result<usize> {
             "the embedding has zero features".into(),
         ));
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(MetricsError::InvalidInput(format!(
             "embedding length {} is not a multiple of d = {d}",
             x.len()

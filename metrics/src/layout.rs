@@ -393,7 +393,7 @@ pub fn pca_2d(x: &[f64], d: usize) -> Result<Vec<[f64; 2]>> {
             "pca_2d needs at least 2 features, got {d}"
         )));
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(MetricsError::InvalidInput(format!(
             "embedding length {} is not a multiple of d = {d}",
             x.len()

@@ -23,6 +23,10 @@
 //! only (|dp| of order `sqrt(p (1 - p) / null_size)`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -165,49 +169,120 @@ fn average_precision_with(
     let used: Vec<usize> = (0..n)
         .filter(|&row| is_query(row) || is_negative_candidate(row))
         .collect();
-    let unit = UnitRows::new(x, d, n, &used)?;
+    // Storage order: by plate, the plate's negative candidates first, so that every plate's
+    // candidates and every plate's queries are contiguous slot ranges.
+    let mut storage_order = used.clone();
+    storage_order.sort_unstable_by_key(|&row| (meta.plates[row], !is_negative_candidate(row), row));
+    let unit = UnitRows::new(x, d, n, &used, storage_order)?;
 
+    let mut query_index = vec![usize::MAX; n];
+    for (index, &row) in queries.iter().enumerate() {
+        query_index[row] = index;
+    }
     let mut rows_by_label: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for &row in &queries {
         rows_by_label.entry(meta.labels[row]).or_default().push(row);
     }
-    let mut negatives_by_plate: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for row in (0..n).filter(|&row| is_negative_candidate(row)) {
-        negatives_by_plate
-            .entry(meta.plates[row])
-            .or_default()
-            .push(row);
-    }
 
-    let results: Vec<(QueryAp, usize)> = queries
+    // Positive keys of every query, label block by label block.
+    let is_positive = |query: usize, other: usize| {
+        other != query && (rules == PairRules::Nonrep || meta.wells[other] != meta.wells[query])
+    };
+    let label_blocks: Vec<Vec<(usize, Vec<f32>)>> = rows_by_label
+        .values()
+        .collect::<Vec<_>>()
         .par_iter()
-        .map(|&query| {
-            let mut ranked: Vec<(f32, bool)> = Vec::new();
-            for &other in &rows_by_label[&meta.labels[query]] {
-                let positive = other != query
-                    && (rules == PairRules::Nonrep || meta.wells[other] != meta.wells[query]);
-                if positive {
-                    ranked.push((unit.rank_key(query, other), true));
+        .map(|rows| {
+            let block = unit.gather(rows);
+            let right = MatRef::from_row_major_slice(&block, rows.len(), d);
+            let mut scratch = KeyScratch::default();
+            let mut out = Vec::with_capacity(rows.len());
+            for (tile_index, tile_rows) in rows.chunks(TILE_ROWS).enumerate() {
+                let start = tile_index * TILE_ROWS * d;
+                let left = MatRef::from_row_major_slice(
+                    &block[start..start + tile_rows.len() * d],
+                    tile_rows.len(),
+                    d,
+                );
+                let keys = unit.rank_keys(tile_rows, left, rows, right, &mut scratch);
+                for (&query, query_keys) in tile_rows.iter().zip(keys.chunks_exact(rows.len())) {
+                    let positives: Vec<f32> = rows
+                        .iter()
+                        .zip(query_keys)
+                        .filter(|&(&other, _)| is_positive(query, other))
+                        .map(|(_, &key)| key)
+                        .collect();
+                    out.push((query_index[query], positives));
                 }
             }
-            let n_pos = ranked.len();
-            if let Some(candidates) = negatives_by_plate.get(&meta.plates[query]) {
-                for &other in candidates {
-                    if rules == PairRules::Negcon || meta.labels[other] != meta.labels[query] {
-                        ranked.push((unit.rank_key(query, other), false));
-                    }
-                }
-            }
-            let n_neg = ranked.len() - n_pos;
-            let ap = QueryAp {
-                row: query,
-                n_pos,
-                n_total: ranked.len(),
-                average_precision: average_precision_of_ranking(&mut ranked, n_pos),
-            };
-            (ap, n_neg)
+            out
         })
         .collect();
+    let mut positive_keys: Vec<Vec<f32>> = vec![Vec::new(); queries.len()];
+    for (index, keys) in label_blocks.into_iter().flatten() {
+        positive_keys[index] = keys;
+    }
+
+    // Negative keys plate block by plate block, tiles of queries against the plate's candidates.
+    let plate_tasks = unit.plate_tiles(
+        meta.plates,
+        |row| is_query(row),
+        |row| is_negative_candidate(row),
+    );
+    let tile_results: Vec<Vec<(usize, QueryAp, usize)>> = plate_tasks
+        .par_iter()
+        .map(|task| {
+            let candidates = &unit.rows[task.candidates.clone()];
+            let tile = &unit.rows[task.queries.clone()];
+            let mut scratch = KeyScratch::default();
+            let keys = unit.rank_keys(
+                tile,
+                unit.slab(task.queries.clone()),
+                candidates,
+                unit.slab(task.candidates.clone()),
+                &mut scratch,
+            );
+            let mut out = Vec::with_capacity(tile.len());
+            for (i, &query) in tile.iter().enumerate() {
+                let index = query_index[query];
+                let positives = &positive_keys[index];
+                let mut ranked: Vec<(f32, bool)> =
+                    Vec::with_capacity(positives.len() + candidates.len());
+                ranked.extend(positives.iter().map(|&key| (key, true)));
+                let query_keys = &keys[i * candidates.len()..(i + 1) * candidates.len()];
+                for (&other, &key) in candidates.iter().zip(query_keys) {
+                    if rules == PairRules::Negcon || meta.labels[other] != meta.labels[query] {
+                        ranked.push((key, false));
+                    }
+                }
+                let n_pos = positives.len();
+                let n_neg = ranked.len() - n_pos;
+                let ap = QueryAp {
+                    row: query,
+                    n_pos,
+                    n_total: ranked.len(),
+                    average_precision: average_precision_of_ranking(&mut ranked, n_pos),
+                };
+                out.push((index, ap, n_neg));
+            }
+            out
+        })
+        .collect();
+    let mut results: Vec<(QueryAp, usize)> = queries
+        .iter()
+        .map(|&row| {
+            let placeholder = QueryAp {
+                row,
+                n_pos: 0,
+                n_total: 0,
+                average_precision: f64::NAN,
+            };
+            (placeholder, 0)
+        })
+        .collect();
+    for (index, ap, n_neg) in tile_results.into_iter().flatten() {
+        results[index] = (ap, n_neg);
+    }
 
     if results.iter().all(|(ap, _)| ap.n_pos == 0) {
         return Err(MetricsError::InvalidInput(
@@ -265,16 +340,46 @@ fn validate_inputs(x: &[f64], d: usize, meta: &MapMetadata) -> Result<()> {
     Ok(())
 }
 
-/// Unit-norm copies of the rows in use, computed as numpy does (`x / norm(x)`).
+/// Query rows per tile of a similarity block (a tile of 256 queries against 10,000 candidates
+/// holds 20 MB of products).
+const TILE_ROWS: usize = 256;
+
+/// A tile of consecutive queries of one plate, with the slot range of the plate's candidates.
+struct PlateTile {
+    queries: Range<usize>,
+    candidates: Range<usize>,
+}
+
+/// Reusable buffers of [`UnitRows::rank_keys`].
+#[derive(Default)]
+struct KeyScratch {
+    products: Vec<f64>,
+    keys: Vec<f32>,
+}
+
+/// Unit-norm copies of the rows in use, computed as numpy does (`x / norm(x)`), stored in a
+/// caller-chosen order of slots.
 struct UnitRows {
     d: usize,
     /// Slot of each input row in `values` (`usize::MAX` when unused).
     slot: Vec<usize>,
+    /// Input row of each slot.
+    rows: Vec<usize>,
     values: Vec<f64>,
+    /// Bound on the difference between two summation orders of a dot product of two rows.
+    dot_error_bound: f64,
 }
 
 impl UnitRows {
-    fn new(x: &[f64], d: usize, n: usize, used: &[usize]) -> Result<Self> {
+    /// `used` lists the rows in use in ascending order (the order errors are reported in);
+    /// `storage_order` is the same rows in the order of their slots.
+    fn new(
+        x: &[f64],
+        d: usize,
+        n: usize,
+        used: &[usize],
+        storage_order: Vec<usize>,
+    ) -> Result<Self> {
         let bad: Vec<usize> = used
             .iter()
             .copied()
@@ -287,8 +392,11 @@ impl UnitRows {
             });
         }
         let mut slot = vec![usize::MAX; n];
+        for (k, &row) in storage_order.iter().enumerate() {
+            slot[row] = k;
+        }
         let mut values = vec![0.0; used.len() * d];
-        for (k, (&row, out)) in used.iter().zip(values.chunks_exact_mut(d)).enumerate() {
+        for &row in used {
             let features = &x[row * d..(row + 1) * d];
             let norm = numpy_pairwise_dot(features, features).sqrt();
             if norm == 0.0 {
@@ -296,17 +404,129 @@ impl UnitRows {
                     "row {row} is all zeros: its cosine similarity is undefined"
                 )));
             }
-            for (o, &v) in out.iter_mut().zip(features) {
+            let k = slot[row];
+            for (o, &v) in values[k * d..(k + 1) * d].iter_mut().zip(features) {
                 *o = v / norm;
             }
-            slot[row] = k;
         }
-        Ok(Self { d, slot, values })
+        // Any summation order of a d-term dot product of (nearly) unit vectors is within
+        // gamma_d = d u / (1 - d u) (u = 2^-53) of the exact value, fused multiply-adds or not;
+        // two orders differ by at most twice that, about d * f64::EPSILON. Twice it again for
+        // safety, plus the rows' own deviation from unit norm.
+        let terms = d as f64 + 2.0;
+        let dot_error_bound = 2.0 * terms * f64::EPSILON;
+        Ok(Self {
+            d,
+            slot,
+            rows: storage_order,
+            values,
+            dot_error_bound,
+        })
     }
 
     fn row(&self, row: usize) -> &[f64] {
         let k = self.slot[row];
         &self.values[k * self.d..(k + 1) * self.d]
+    }
+
+    /// The rows of a slot range as a row-major matrix view.
+    fn slab(&self, slots: Range<usize>) -> MatRef<'_, f64> {
+        let count = slots.len();
+        MatRef::from_row_major_slice(
+            &self.values[slots.start * self.d..slots.end * self.d],
+            count,
+            self.d,
+        )
+    }
+
+    /// Row-major copy of the given rows.
+    fn gather(&self, rows: &[usize]) -> Vec<f64> {
+        let mut out = Vec::with_capacity(rows.len() * self.d);
+        for &row in rows {
+            out.extend_from_slice(self.row(row));
+        }
+        out
+    }
+
+    /// Tiles of at most [`TILE_ROWS`] queries per plate, each with its plate's candidate slots.
+    /// Requires the storage order to group each plate's candidates, and each plate's queries,
+    /// into contiguous slot ranges.
+    fn plate_tiles(
+        &self,
+        plates: &[u32],
+        is_query: impl Fn(usize) -> bool,
+        is_candidate: impl Fn(usize) -> bool,
+    ) -> Vec<PlateTile> {
+        let mut tiles = Vec::new();
+        let mut start = 0;
+        while start < self.rows.len() {
+            let plate = plates[self.rows[start]];
+            let end = start
+                + self.rows[start..]
+                    .iter()
+                    .take_while(|&&row| plates[row] == plate)
+                    .count();
+            let slots_where = |keep: &dyn Fn(usize) -> bool| -> Range<usize> {
+                let first = (start..end).find(|&k| keep(self.rows[k])).unwrap_or(end);
+                let last = (first..end)
+                    .rfind(|&k| keep(self.rows[k]))
+                    .map_or(first, |k| k + 1);
+                debug_assert!((first..last).all(|k| keep(self.rows[k])));
+                first..last
+            };
+            let candidates = slots_where(&is_candidate);
+            let queries = slots_where(&is_query);
+            let mut tile_start = queries.start;
+            while tile_start < queries.end {
+                let tile_end = (tile_start + TILE_ROWS).min(queries.end);
+                tiles.push(PlateTile {
+                    queries: tile_start..tile_end,
+                    candidates: candidates.clone(),
+                });
+                tile_start = tile_end;
+            }
+            start = end;
+        }
+        tiles
+    }
+
+    /// Ranking keys of every pair `(left_rows[i], right_rows[j])`, row-major. The similarities
+    /// come from one matrix product; where a product lies so close to a rounding boundary of
+    /// `f32` that numpy's summation order could round it the other way, the pair is recomputed
+    /// with [`numpy_pairwise_dot`], so every key equals [`UnitRows::rank_key`] to the bit.
+    fn rank_keys<'s>(
+        &self,
+        left_rows: &[usize],
+        left: MatRef<'_, f64>,
+        right_rows: &[usize],
+        right: MatRef<'_, f64>,
+        scratch: &'s mut KeyScratch,
+    ) -> &'s [f32] {
+        let (m, k) = (left_rows.len(), right_rows.len());
+        scratch.keys.clear();
+        if m == 0 || k == 0 {
+            return &scratch.keys;
+        }
+        scratch.products.clear();
+        scratch.products.resize(m * k, 0.0);
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut scratch.products, m, k),
+            Accum::Replace,
+            left,
+            right.transpose(),
+            1.0,
+            Par::Seq,
+        );
+        for (&a, products) in left_rows.iter().zip(scratch.products.chunks_exact(k)) {
+            for (&b, &similarity) in right_rows.iter().zip(products) {
+                let key = match rounded_if_unambiguous(similarity, self.dot_error_bound) {
+                    Some(rounded) => 1.0 - rounded,
+                    None => self.rank_key(a, b),
+                };
+                scratch.keys.push(key);
+            }
+        }
+        &scratch.keys
     }
 
     /// copairs' ranking key: `1 - cosine` in `f32`, the similarity rounded to `f32` first.
@@ -316,6 +536,15 @@ impl UnitRows {
         let similarity = numpy_pairwise_dot(u, v) as f32;
         1.0 - similarity
     }
+}
+
+/// `similarity` rounded to `f32`, or `None` when some value within `error_bound` of it rounds
+/// differently (rounding is monotone, so checking both ends of the interval suffices).
+fn rounded_if_unambiguous(similarity: f64, error_bound: f64) -> Option<f32> {
+    let rounded = similarity as f32;
+    let low = (similarity - error_bound) as f32;
+    let high = (similarity + error_bound) as f32;
+    (low == rounded && high == rounded).then_some(rounded)
 }
 
 /// `sum(u * v)` in numpy's pairwise summation order (blocks of at most 128 terms summed with

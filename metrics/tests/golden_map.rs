@@ -434,3 +434,83 @@ fn null_p_values_are_seeded_and_plausible() {
     // P(null AP > 0.3) = P(rank <= 3) = 3/10.
     assert!((d[0].p_value - 0.3).abs() < 0.02, "{d:?}");
 }
+
+/// Process CPU time (user + system) in seconds, from `/proc/self/stat` (Linux; 0 elsewhere).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Scale benchmark: 100,000 rows x 300 features, 1,000 labels, 40 plates of 2,500 rows, 10%
+/// negative controls. Prints wall and CPU time of both AP flavours and a checksum of the APs
+/// (bits of every AP hashed in row order) so runs before and after a change can be compared.
+/// Run with `cargo test -p balans-metrics --test golden_map -- --ignored --nocapture`.
+#[test]
+#[ignore = "scale benchmark, about a minute"]
+fn scale_benchmark_100k() {
+    use rand::{Rng, SeedableRng};
+    let (n, d, n_labels, plate_rows, n_wells) =
+        (100_000usize, 300usize, 1000u32, 2500usize, 384usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let centroids: Vec<f64> = (0..n_labels as usize * d)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let plate_shifts: Vec<f64> = (0..(n / plate_rows) * d)
+        .map(|_| rng.random_range(-0.5..0.5))
+        .collect();
+    let mut x = vec![0.0; n * d];
+    let mut labels = vec![0u32; n];
+    let mut is_negcon = vec![false; n];
+    let plates: Vec<u32> = (0..n).map(|i| (i / plate_rows) as u32).collect();
+    let wells: Vec<u32> = (0..n).map(|i| (i % n_wells) as u32).collect();
+    for i in 0..n {
+        is_negcon[i] = rng.random_bool(0.1);
+        labels[i] = if is_negcon[i] {
+            n_labels
+        } else {
+            rng.random_range(0..n_labels)
+        };
+        for j in 0..d {
+            let centroid = if is_negcon[i] {
+                0.0
+            } else {
+                centroids[labels[i] as usize * d + j] * 0.3
+            };
+            x[i * d + j] =
+                centroid + plate_shifts[plates[i] as usize * d + j] + rng.random_range(-1.0..1.0);
+        }
+    }
+    let meta = MapMetadata {
+        labels: &labels,
+        plates: &plates,
+        wells: &wells,
+        is_negcon: &is_negcon,
+    };
+    for (name, run) in [
+        (
+            "negcon",
+            average_precision_negcon as fn(&[f64], usize, &MapMetadata) -> _,
+        ),
+        ("nonrep", average_precision_nonrep),
+    ] {
+        let (wall, cpu) = (std::time::Instant::now(), process_cpu_seconds());
+        let out: ApOutput = run(&x, d, &meta).unwrap();
+        let (wall, cpu) = (wall.elapsed().as_secs_f64(), process_cpu_seconds() - cpu);
+        let checksum = out.queries.iter().fold(0u64, |h, q| {
+            (h ^ q.average_precision.to_bits()).wrapping_mul(0x100_0000_01b3)
+        });
+        let mean =
+            out.queries.iter().map(|q| q.average_precision).sum::<f64>() / out.queries.len() as f64;
+        println!(
+            "{name}: {} queries, wall {wall:.2} s, cpu {cpu:.2} s, mean AP {mean:.12}, checksum {checksum:016x}",
+            out.queries.len()
+        );
+    }
+}

@@ -670,9 +670,8 @@ pub fn heatmap_figure(heatmap: &Heatmap) -> Result<Figure, ReportError> {
 
     let paint = |pixels: &mut [u8]| {
         let mut sums = vec![0.0f64; HEAT_SIZE as usize];
-        for py in 0..HEAT_SIZE as usize {
+        for (py, &(r0, r1)) in row_ranges.iter().enumerate().take(HEAT_SIZE as usize) {
             sums.iter_mut().for_each(|s| *s = 0.0);
-            let (r0, r1) = row_ranges[py];
             for r in r0..r1 {
                 let row = &heatmap.values[r * heatmap.n_cols..(r + 1) * heatmap.n_cols];
                 for (sum, &(c0, c1)) in sums.iter_mut().zip(&col_ranges) {
