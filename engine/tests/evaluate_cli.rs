@@ -352,3 +352,80 @@ fn existing_outputs_are_protected() {
     assert!(!o.status.success());
     assert!(text(&o).1.contains("input"), "{}", text(&o).1);
 }
+
+fn evaluate_synthetic_like(input: &str, json_out: &Path) -> serde_json::Value {
+    let o = balans(&[
+        "evaluate",
+        "-i",
+        input,
+        "-b",
+        "Metadata_Batch",
+        "--label",
+        "Metadata_Compound",
+        "--negcon",
+        "Metadata_IsControl",
+        "--json",
+        json_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    json(json_out)["report"]["scores"].clone()
+}
+
+/// The reference BALANS run's output, scored by us, against the reference's own scores.
+#[test]
+fn reference_balans_output_scores_as_the_reference_scored_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = shared().join("golden/balans/full_run_seed0.parquet");
+    let ours = evaluate_synthetic_like(input.to_str().unwrap(), &dir.path().join("e.json"));
+    let golden = json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
+    for (name, tol) in [
+        ("silhouette_label", 1e-10),
+        ("silhouette_batch", 1e-10),
+        ("ilisi", 1e-4),
+        ("clisi", 1e-4),
+        ("negcon_map", 1e-12),
+        ("nonrep_map", 1e-12),
+        // The smoothing duplicates 13 cells; for 12 of them scanpy lists a duplicate before the
+        // cell itself, we list the cell first (distance exactly 0): the 25-NN graph differs a
+        // little for those cells.
+        ("graph_connectivity", 0.01),
+        ("kbet", 0.02),
+        ("nmi", 0.03),
+        ("ari", 0.03),
+        ("batch_score", 0.02),
+        ("bio_score", 0.02),
+        ("overall", 0.02),
+    ] {
+        let a = ours[name].as_f64().unwrap();
+        let b = golden[name].as_f64().unwrap();
+        assert!((a - b).abs() <= tol, "{name}: {a} vs golden {b}");
+    }
+}
+
+/// An independent seeded BALANS run scores within 0.03 of the reference run's aggregates
+/// (golden/balans README, "Suggested tolerances"), and far above the uncorrected input.
+#[test]
+fn balans_run_matches_the_reference_runs_aggregates() {
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = shared().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet");
+    let corrected = dir.path().join("corrected.parquet");
+    let o = balans(&[
+        "correct",
+        "-i",
+        synthetic.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "-o",
+        corrected.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ours = evaluate_synthetic_like(corrected.to_str().unwrap(), &dir.path().join("e.json"));
+    let golden = json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
+    for name in ["batch_score", "bio_score", "overall"] {
+        let a = ours[name].as_f64().unwrap();
+        let b = golden[name].as_f64().unwrap();
+        assert!((a - b).abs() <= 0.03, "{name}: {a} vs reference run {b}");
+    }
+    let raw = json(&shared().join("golden/metrics/synthetic_raw/metrics.json"));
+    assert!(ours["overall"].as_f64().unwrap() > raw["overall"].as_f64().unwrap() + 0.1);
+}
