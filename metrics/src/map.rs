@@ -10,9 +10,12 @@
 //! (rows divided by their norms, products summed with numpy's pairwise summation), so the
 //! `f32` rounding, and hence the ties, are the same as copairs'.
 //!
-//! Similarities are computed per query against its candidate rows only (same label, same
-//! plate), never as an `n x n` matrix; queries run in parallel and are independent, so the
-//! result does not depend on the thread count.
+//! Similarities come from blocked matrix products, never an `n x n` matrix: per label, its
+//! rows against themselves (positives); per plate, tiles of its queries against its candidate
+//! rows (negatives). A product within the dot-product error bound of an `f32` rounding
+//! boundary is recomputed in numpy's order, so the keys are those of the scalar computation to
+//! the bit. Tiles run in parallel and are combined by query, so the result does not depend on
+//! the thread count.
 //!
 //! Significance: for every distinct `(n_pos, n_total)` configuration, `null_size` random
 //! rankings give null APs; the null mAP of a label is, sample by sample, the mean over its
@@ -206,12 +209,13 @@ fn average_precision_with(
                 );
                 let keys = unit.rank_keys(tile_rows, left, rows, right, &mut scratch);
                 for (&query, query_keys) in tile_rows.iter().zip(keys.chunks_exact(rows.len())) {
-                    let positives: Vec<f32> = rows
+                    let mut positives: Vec<f32> = rows
                         .iter()
                         .zip(query_keys)
                         .filter(|&(&other, _)| is_positive(query, other))
                         .map(|(_, &key)| key)
                         .collect();
+                    positives.sort_unstable_by(f32::total_cmp);
                     out.push((query_index[query], positives));
                 }
             }
@@ -242,26 +246,26 @@ fn average_precision_with(
                 unit.slab(task.candidates.clone()),
                 &mut scratch,
             );
+            let mut below_counts = Vec::new();
             let mut out = Vec::with_capacity(tile.len());
             for (i, &query) in tile.iter().enumerate() {
                 let index = query_index[query];
                 let positives = &positive_keys[index];
-                let mut ranked: Vec<(f32, bool)> =
-                    Vec::with_capacity(positives.len() + candidates.len());
-                ranked.extend(positives.iter().map(|&key| (key, true)));
                 let query_keys = &keys[i * candidates.len()..(i + 1) * candidates.len()];
-                for (&other, &key) in candidates.iter().zip(query_keys) {
-                    if rules == PairRules::Negcon || meta.labels[other] != meta.labels[query] {
-                        ranked.push((key, false));
-                    }
-                }
-                let n_pos = positives.len();
-                let n_neg = ranked.len() - n_pos;
+                let negatives = candidates
+                    .iter()
+                    .zip(query_keys)
+                    .filter(|&(&other, _)| {
+                        rules == PairRules::Negcon || meta.labels[other] != meta.labels[query]
+                    })
+                    .map(|(_, &key)| key);
+                let (average_precision, n_neg) =
+                    average_precision_of_keys(positives, negatives, &mut below_counts);
                 let ap = QueryAp {
                     row: query,
-                    n_pos,
-                    n_total: ranked.len(),
-                    average_precision: average_precision_of_ranking(&mut ranked, n_pos),
+                    n_pos: positives.len(),
+                    n_total: positives.len() + n_neg,
+                    average_precision,
                 };
                 out.push((index, ap, n_neg));
             }
@@ -576,7 +580,8 @@ fn numpy_pairwise_dot(u: &[f64], v: &[f64]) -> f64 {
 }
 
 /// Sorts `(key, is_positive)` by key, positives first on ties, and returns the AP (NaN without
-/// positives).
+/// positives): copairs' ranking, the reference for [`average_precision_of_keys`].
+#[cfg(test)]
 fn average_precision_of_ranking(ranked: &mut [(f32, bool)], n_pos: usize) -> f64 {
     if n_pos == 0 {
         return f64::NAN;
@@ -591,6 +596,38 @@ fn average_precision_of_ranking(ranked: &mut [(f32, bool)], n_pos: usize) -> f64
         }
     }
     precision_sum / n_pos as f64
+}
+
+/// AP of one query from its positive keys (sorted ascending) and its negative keys, with the
+/// ranking of [`average_precision_of_ranking`] (ascending key, positives first on equal keys)
+/// but without sorting the negatives: the `j`-th positive (0-based) ranks at
+/// `j + 1 + #{negatives with a smaller key}`. Returns the AP (NaN without positives) and the
+/// number of negatives; `below_counts` is scratch.
+fn average_precision_of_keys(
+    positives: &[f32],
+    negatives: impl Iterator<Item = f32>,
+    below_counts: &mut Vec<usize>,
+) -> (f64, usize) {
+    // below_counts[t]: negatives ranked just before the t-th positive (t = n_pos: after all).
+    below_counts.clear();
+    below_counts.resize(positives.len() + 1, 0);
+    let mut n_neg = 0;
+    for key in negatives {
+        let t = positives.partition_point(|p| p.total_cmp(&key).is_le());
+        below_counts[t] += 1;
+        n_neg += 1;
+    }
+    if positives.is_empty() {
+        return (f64::NAN, n_neg);
+    }
+    let mut negatives_before = 0usize;
+    let mut precision_sum = 0.0;
+    for (j, &count) in below_counts[..positives.len()].iter().enumerate() {
+        negatives_before += count;
+        let hits = j + 1;
+        precision_sum += hits as f64 / (hits + negatives_before) as f64;
+    }
+    (precision_sum / positives.len() as f64, n_neg)
 }
 
 /// Null APs of one configuration: `null_size` rankings with `n_pos` positives placed uniformly
@@ -778,5 +815,144 @@ pub fn summarize_map(per_label: &[LabelMap], n_single_replicate_labels: usize) -
         n_groups: valid.len(),
         n_profiles: valid.iter().map(|l| l.n_profiles).sum(),
         n_single_replicate_labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_rows(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Vec<f64> {
+        (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// Rows `2k` and `2k + 1` have a cosine within rounding of the midpoint between two adjacent
+    /// `f32` values, where the summation order can decide the rounding.
+    fn near_midpoint_pairs(rng: &mut ChaCha8Rng, pairs: usize, d: usize) -> Vec<f64> {
+        let mut x = Vec::with_capacity(2 * pairs * d);
+        for _ in 0..pairs {
+            let lower: f32 = rng.random_range(-0.9..0.9);
+            let target = (f64::from(lower) + f64::from(lower.next_up())) / 2.0;
+            let u = random_rows(rng, 1, d);
+            let u_norm = u.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let u: Vec<f64> = u.iter().map(|v| v / u_norm).collect();
+            let w = random_rows(rng, 1, d);
+            let along = u.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
+            let w: Vec<f64> = w.iter().zip(&u).map(|(b, a)| b - along * a).collect();
+            let w_norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let across = (1.0 - target * target).sqrt();
+            x.extend_from_slice(&u);
+            x.extend(
+                u.iter()
+                    .zip(&w)
+                    .map(|(a, b)| target * a + across * b / w_norm),
+            );
+        }
+        x
+    }
+
+    #[test]
+    fn matrix_product_keys_equal_scalar_keys_to_the_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let d = 300;
+        let mut x = near_midpoint_pairs(&mut rng, 400, d);
+        x.extend(random_rows(&mut rng, 200, d));
+        let n = x.len() / d;
+        let rows: Vec<usize> = (0..n).collect();
+        let unit = UnitRows::new(&x, d, n, &rows, rows.clone()).unwrap();
+        let all = unit.slab(0..n);
+        let mut scratch = KeyScratch::default();
+        let keys = unit
+            .rank_keys(&rows, all, &rows, all, &mut scratch)
+            .to_vec();
+        let mut raw_product_disagreements = 0;
+        for a in 0..n {
+            for b in 0..n {
+                let scalar = unit.rank_key(a, b);
+                assert_eq!(
+                    keys[a * n + b].to_bits(),
+                    scalar.to_bits(),
+                    "pair ({a}, {b})"
+                );
+                let product: f64 = unit
+                    .row(a)
+                    .iter()
+                    .zip(unit.row(b))
+                    .map(|(u, v)| u * v)
+                    .sum();
+                if (1.0 - product as f32).to_bits() != scalar.to_bits() {
+                    raw_product_disagreements += 1;
+                }
+            }
+        }
+        // The constructed pairs do straddle rounding boundaries: without the recomputation,
+        // another summation order would change some keys.
+        assert!(raw_product_disagreements > 0);
+    }
+
+    /// The per-query APs as the scalar reference computes them (every pair with
+    /// `numpy_pairwise_dot`, full sort).
+    fn reference_aps(x: &[f64], d: usize, meta: &MapMetadata, rules: PairRules) -> Vec<f64> {
+        let n = meta.labels.len();
+        let rows: Vec<usize> = (0..n).collect();
+        let unit = UnitRows::new(x, d, n, &rows, rows.clone()).unwrap();
+        let count = |label: u32| meta.labels.iter().filter(|&&l| l == label).count();
+        let is_query = |r: usize| count(meta.labels[r]) > 1 && !meta.is_negcon[r];
+        let is_candidate = |r: usize| match rules {
+            PairRules::Negcon => count(meta.labels[r]) > 1 && meta.is_negcon[r],
+            PairRules::Nonrep => is_query(r),
+        };
+        (0..n)
+            .filter(|&q| is_query(q))
+            .map(|q| {
+                let mut ranked = Vec::new();
+                for o in (0..n).filter(|&o| is_query(o) && o != q) {
+                    let wells_ok = rules == PairRules::Nonrep || meta.wells[o] != meta.wells[q];
+                    if meta.labels[o] == meta.labels[q] && wells_ok {
+                        ranked.push((unit.rank_key(q, o), true));
+                    }
+                }
+                let n_pos = ranked.len();
+                for o in (0..n).filter(|&o| is_candidate(o) && meta.plates[o] == meta.plates[q]) {
+                    if rules == PairRules::Negcon || meta.labels[o] != meta.labels[q] {
+                        ranked.push((unit.rank_key(q, o), false));
+                    }
+                }
+                average_precision_of_ranking(&mut ranked, n_pos)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocked_aps_equal_scalar_reference_to_the_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (n, d) = (700, 150);
+        let mut x = random_rows(&mut rng, n, d);
+        // Exact duplicates (tied keys) and near-midpoint pairs on the same plate.
+        x[..40 * d].copy_from_slice(&near_midpoint_pairs(&mut rng, 20, d));
+        x.copy_within(100 * d..101 * d, 137 * d);
+        let labels: Vec<u32> = (0..n).map(|i| (i % 37) as u32).collect();
+        let plates: Vec<u32> = (0..n).map(|i| (i / 100) as u32).collect();
+        let wells: Vec<u32> = (0..n).map(|i| (i % 24) as u32).collect();
+        let is_negcon: Vec<bool> = labels.iter().map(|&l| l == 36).collect();
+        let meta = MapMetadata {
+            labels: &labels,
+            plates: &plates,
+            wells: &wells,
+            is_negcon: &is_negcon,
+        };
+        for rules in [PairRules::Negcon, PairRules::Nonrep] {
+            let fast = average_precision_with(&x, d, &meta, rules).unwrap();
+            let reference = reference_aps(&x, d, &meta, rules);
+            assert_eq!(fast.queries.len(), reference.len());
+            for (q, r) in fast.queries.iter().zip(&reference) {
+                assert_eq!(
+                    q.average_precision.to_bits(),
+                    r.to_bits(),
+                    "{rules:?} row {}",
+                    q.row
+                );
+            }
+        }
     }
 }
