@@ -406,8 +406,8 @@ impl<'a> DistanceTiles<'a> {
                             if !any_hit {
                                 continue;
                             }
-                            for local_b in start..end {
-                                let key = -gram_row[local_b];
+                            for (local_b, &g) in gram_row.iter().enumerate().take(end).skip(start) {
+                                let key = -g;
                                 if key <= bound_a {
                                     bound_a = state_a.offer(local_a, key, rows_b.start + local_b);
                                 }

@@ -228,11 +228,7 @@ fn average_precision_with(
     }
 
     // Negative keys plate block by plate block, tiles of queries against the plate's candidates.
-    let plate_tasks = unit.plate_tiles(
-        meta.plates,
-        |row| is_query(row),
-        |row| is_negative_candidate(row),
-    );
+    let plate_tasks = unit.plate_tiles(meta.plates, is_query, is_negative_candidate);
     let tile_results: Vec<Vec<(usize, QueryAp, usize)>> = plate_tasks
         .par_iter()
         .map(|task| {
