@@ -140,3 +140,37 @@ fn nan_rows_are_named() {
         other => panic!("expected a NonFinite error, got {other:?}"),
     }
 }
+
+#[test]
+fn resolution_sweep_is_labelled_and_never_worse_in_nmi() {
+    let g = common::load("bbbc021_combat");
+    let batch = Codes::from_strings(&g.batch);
+    let label = Codes::from_strings(&g.label);
+    let plate = Codes::from_strings(&g.plate);
+    let well = Codes::from_strings(&g.well);
+    let input = EvalInput {
+        x: &g.all,
+        d: g.d,
+        batch: &batch,
+        label: &label,
+        is_negcon: &g.is_negcon,
+        plate: Some(&plate),
+        well: Some(&well),
+    };
+    let mut options = EvalOptions::default();
+    options.metrics.map = false;
+    options.metrics.classifier = false;
+    let fixed = evaluate(&input, &options, &|_| {}).unwrap();
+    options.resolution_sweep = true;
+    let swept = evaluate(&input, &options, &|_| {}).unwrap();
+    assert!(swept.scores.nmi.unwrap() >= fixed.scores.nmi.unwrap() - 1e-12);
+    assert!(
+        swept
+            .warnings
+            .iter()
+            .any(|w| w.contains("resolution sweep"))
+    );
+    let r = swept.leiden_resolution.unwrap();
+    assert!((0.19..=2.01).contains(&r), "{r}");
+    assert_eq!(fixed.leiden_resolution, Some(1.0));
+}

@@ -252,6 +252,10 @@ struct EvalArgs {
     /// Leiden resolution.
     #[arg(long, default_value_t = 1.0)]
     resolution: f64,
+    /// NMI / ARI by scib-metrics' protocol: Leiden at resolutions 0.2-2.0, best NMI (labelled
+    /// in the output; the reference benchmark uses resolution 1).
+    #[arg(long)]
+    resolution_sweep: bool,
     /// Leiden runs from consecutive seeds; the partition of highest modularity is kept.
     #[arg(long, default_value_t = 3)]
     leiden_restarts: usize,
@@ -304,6 +308,7 @@ impl EvalArgs {
             perplexity: self.perplexity,
             resolution: self.resolution,
             leiden_restarts: self.leiden_restarts,
+            resolution_sweep: self.resolution_sweep,
             seed: self.eval_seed,
             null_size: self.null_size,
             cv_folds: self.folds,
