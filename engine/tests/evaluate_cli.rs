@@ -429,3 +429,67 @@ fn balans_run_matches_the_reference_runs_aggregates() {
     let raw = json(&shared().join("golden/metrics/synthetic_raw/metrics.json"));
     assert!(ours["overall"].as_f64().unwrap() > raw["overall"].as_f64().unwrap() + 0.1);
 }
+
+#[test]
+fn tune_scores_every_setting_of_a_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = shared().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet");
+    let out = dir.path().join("tune.json");
+    let o = balans(&[
+        "tune",
+        "-i",
+        synthetic.to_str().unwrap(),
+        "-b",
+        "Metadata_Batch",
+        "--label",
+        "Metadata_Compound",
+        "--negcon",
+        "Metadata_IsControl",
+        "--grid",
+        "elbow=kneedle,max-gap",
+        "--grid",
+        "k=10",
+        "--null-size",
+        "200",
+        "--skip",
+        "classifier",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("| input (uncorrected) |"), "{stdout}");
+    assert!(stdout.contains("| elbow=kneedle k=10 |"), "{stdout}");
+    assert!(stdout.contains("| elbow=max-gap k=10 |"), "{stdout}");
+    let v = json(&out);
+    let settings = v["settings"].as_array().unwrap();
+    assert_eq!(settings.len(), 2);
+    let raw = v["input"]["report"]["scores"]["overall"].as_f64().unwrap();
+    let kneedle = settings[0]["evaluation"]["report"]["scores"]["overall"]
+        .as_f64()
+        .unwrap();
+    assert!(kneedle > raw, "BALANS {kneedle} vs uncorrected {raw}");
+    assert!(settings[0]["landmarks"].as_u64().unwrap() > 0);
+    // No temporary outputs are left beside anything.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    for (grid, needle) in [
+        ("alpha=1", "unknown --grid parameter"),
+        ("k", "NAME=V1,V2"),
+        ("elbow=sideways", "--grid elbow=sideways"),
+    ] {
+        let o = balans(&[
+            "tune",
+            "-i",
+            synthetic.to_str().unwrap(),
+            "-b",
+            "Metadata_Batch",
+            "--label",
+            "Metadata_Compound",
+            "--grid",
+            grid,
+        ]);
+        assert!(!o.status.success(), "{grid}");
+        assert!(text(&o).1.contains(needle), "{grid}: {}", text(&o).1);
+    }
+}

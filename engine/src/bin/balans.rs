@@ -17,6 +17,7 @@ use balans_engine::{
     BalansError, CorrectRequest, EvaluateRequest, Result, run_correct, run_evaluate,
 };
 use balans_metrics::suite::{EvalOptions, MetricSelection};
+use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::exec::balans::COVERED_COLUMN;
 use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
@@ -48,6 +49,8 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Print the detected schema, batches and data problems of a profile table.
     Inspect(InspectArgs),
+    /// Run BALANS over a grid of its parameters and score every setting with the metric suite.
+    Tune(TuneArgs),
     /// Generate the synthetic Cell Painting-like benchmark data set.
     Synth(SynthArgs),
     /// Run the synthetic scalability benchmark and print a Markdown table.
@@ -363,6 +366,24 @@ struct EvaluateArgs {
 }
 
 #[derive(Args, Debug)]
+struct TuneArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Batch key column(s), comma-separated.
+    #[arg(long, short, value_delimiter = ',', required = true)]
+    batch: Vec<String>,
+    /// One grid dimension per use, NAME=V1,V2,... with NAME one of elbow, k, tau, block, pca,
+    /// metric, estimator, seed, max-landmarks (other parameters keep their defaults).
+    #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
+    grid: Vec<String>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    eval: EvalArgs,
+}
+
+#[derive(Args, Debug)]
 struct InspectArgs {
     /// Input: a file, directory, glob, or file://, s3://, https:// URL (or use --input).
     #[arg(value_name = "PATH_OR_URL")]
@@ -402,37 +423,52 @@ struct SynthArgs {
     output: PathBuf,
 }
 
-fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
-    let pca = match a.pca.as_str() {
+fn pca_setting(text: &str) -> Result<PcaSetting> {
+    Ok(match text {
         "auto" => PcaSetting::Auto,
         "off" | "none" | "0" => PcaSetting::Off,
         n => PcaSetting::Components(n.parse().map_err(|_| {
             BalansError::InvalidArgument(format!("--pca takes auto, off or a number, not '{n}'"))
         })?),
-    };
+    })
+}
+
+fn elbow_rule(a: ElbowArg) -> ElbowRule {
+    match a {
+        ElbowArg::Kneedle => ElbowRule::Kneedle,
+        ElbowArg::KneedleSorted => ElbowRule::KneedleSorted,
+        ElbowArg::MaxGap => ElbowRule::MaxGap,
+        ElbowArg::MaxLogGap => ElbowRule::MaxLogGap,
+    }
+}
+
+fn estimator(a: EstimatorArg) -> Estimator {
+    match a {
+        EstimatorArg::Smooth => Estimator::Smooth,
+        EstimatorArg::Nystrom => Estimator::Nystrom,
+    }
+}
+
+fn metric(a: MetricArg) -> Metric {
+    match a {
+        MetricArg::Euclidean => Metric::Euclidean,
+        MetricArg::Cosine => Metric::Cosine,
+    }
+}
+
+fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
     Ok(BalansConfig {
         k: a.k,
         tau: a.tau,
         block: a.block,
-        pca,
-        elbow: match a.elbow {
-            ElbowArg::Kneedle => ElbowRule::Kneedle,
-            ElbowArg::KneedleSorted => ElbowRule::KneedleSorted,
-            ElbowArg::MaxGap => ElbowRule::MaxGap,
-            ElbowArg::MaxLogGap => ElbowRule::MaxLogGap,
-        },
-        estimator: match a.estimator {
-            EstimatorArg::Smooth => Estimator::Smooth,
-            EstimatorArg::Nystrom => Estimator::Nystrom,
-        },
+        pca: pca_setting(&a.pca)?,
+        elbow: elbow_rule(a.elbow),
+        estimator: estimator(a.estimator),
         output_space: match a.output_space {
             SpaceArg::Features => OutputSpace::Features,
             SpaceArg::Pca => OutputSpace::Pca,
         },
-        metric: match a.metric {
-            MetricArg::Euclidean => Metric::Euclidean,
-            MetricArg::Cosine => Metric::Cosine,
-        },
+        metric: metric(a.metric),
         seed: a.seed,
         max_landmarks: a.max_landmarks,
         nan: match a.nan {
@@ -442,6 +478,72 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
         },
         ..BalansConfig::default()
     })
+}
+
+/// Parameters a `--grid` dimension may vary.
+const GRID_PARAMETERS: &str = "elbow, k, tau, block, pca, metric, estimator, seed, max-landmarks";
+
+/// Sets one BALANS parameter from its `--grid` name and text value.
+fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Result<()> {
+    let bad = |e: String| BalansError::InvalidArgument(format!("--grid {name}={value}: {e}"));
+    let number = |v: &str| v.parse::<usize>().map_err(|e| bad(e.to_string()));
+    match name {
+        "elbow" => config.elbow = elbow_rule(ElbowArg::from_str(value, true).map_err(bad)?),
+        "k" => config.k = number(value)?,
+        "tau" => config.tau = number(value)?,
+        "block" => config.block = number(value)?,
+        "pca" => config.pca = pca_setting(value)?,
+        "metric" => config.metric = metric(MetricArg::from_str(value, true).map_err(bad)?),
+        "estimator" => {
+            config.estimator = estimator(EstimatorArg::from_str(value, true).map_err(bad)?)
+        }
+        "seed" => {
+            config.seed = value
+                .parse()
+                .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
+        }
+        "max-landmarks" => config.max_landmarks = Some(number(value)?),
+        other => {
+            return Err(BalansError::InvalidArgument(format!(
+                "unknown --grid parameter '{other}' (one of: {GRID_PARAMETERS})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The settings of a grid: the cartesian product of its dimensions, each a list of
+/// `(name, value)` pairs, in the order the dimensions were given (the last varies fastest).
+fn grid_settings(grid: &[String]) -> Result<Vec<Vec<(String, String)>>> {
+    let mut settings: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for dimension in grid {
+        let (name, values) = dimension.split_once('=').ok_or_else(|| {
+            BalansError::InvalidArgument(format!(
+                "--grid takes NAME=V1,V2,... (NAME one of: {GRID_PARAMETERS}), not '{dimension}'"
+            ))
+        })?;
+        let values: Vec<&str> = values
+            .split(',')
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.is_empty() {
+            return Err(BalansError::InvalidArgument(format!(
+                "--grid {name}= has no values"
+            )));
+        }
+        settings = settings
+            .into_iter()
+            .flat_map(|setting| {
+                values.iter().map(move |v| {
+                    let mut next = setting.clone();
+                    next.push((name.trim().to_string(), v.to_string()));
+                    next
+                })
+            })
+            .collect();
+    }
+    Ok(settings)
 }
 
 async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
@@ -528,8 +630,15 @@ fn present_evaluations(
     print!("{}", format_scores(&table));
     if !quiet {
         for (name, _, evaluation) in columns {
-            eprintln!("balans: evaluate {name}: timings");
+            let total: f64 = evaluation.report.timings.iter().map(|t| t.seconds).sum();
+            eprintln!("balans: evaluate {name}: {total:.2} s of metrics");
             eprint!("{}", format_timings(evaluation));
+        }
+        if let Some(peak) = peak_rss_bytes() {
+            eprintln!(
+                "balans: peak memory (RSS) {:.1} MiB",
+                peak as f64 / (1024.0 * 1024.0)
+            );
         }
     }
     if let Some(path) = &eval.json {
@@ -597,6 +706,42 @@ async fn run_evaluate_command(a: EvaluateArgs, quiet: bool) -> Result<()> {
     present_evaluations(&a.eval, &columns, quiet)
 }
 
+/// Evaluates a correction's output with the request made for its input: the output holds
+/// the input's non-feature columns plus the corrected features.
+async fn evaluate_output(
+    ctx: &SessionContext,
+    input_request: &EvaluateRequest,
+    output: &std::path::Path,
+    outcome: &CorrectOutcome,
+    quiet: bool,
+) -> Result<(LoadedEmbedding, Evaluation)> {
+    let location = output.display().to_string();
+    let table = register_profiles(
+        ctx,
+        &location,
+        "eval_output_schema",
+        &SourceOptions::default(),
+    )
+    .await?;
+    let output_features: Vec<String> = table
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|name| !outcome.roles.metadata.contains(name) && name != COVERED_COLUMN)
+        .collect();
+    let request = EvaluateRequest {
+        input: location,
+        selection: FeatureSelection {
+            include: output_features,
+            exclude: Vec::new(),
+        },
+        source: SourceOptions::default(),
+        ..input_request.clone()
+    };
+    run_evaluate(ctx, &request, "eval_after", step_printer(quiet, "after")).await
+}
+
 /// `correct --evaluate`: the input and the corrected output, side by side.
 async fn evaluate_correction(
     a: &CorrectArgs,
@@ -617,39 +762,7 @@ async fn evaluate_correction(
         step_printer(quiet, "before"),
     )
     .await?;
-    // The output holds the input's non-feature columns plus the corrected features.
-    let output_features: Vec<String> = {
-        let table = register_profiles(
-            ctx,
-            &a.output.display().to_string(),
-            "eval_output_schema",
-            &SourceOptions::default(),
-        )
-        .await?;
-        table
-            .schema
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .filter(|name| !outcome.roles.metadata.contains(name) && name != COVERED_COLUMN)
-            .collect()
-    };
-    let after_request = EvaluateRequest {
-        input: a.output.display().to_string(),
-        selection: FeatureSelection {
-            include: output_features,
-            exclude: Vec::new(),
-        },
-        source: SourceOptions::default(),
-        ..before_request.clone()
-    };
-    let after = run_evaluate(
-        ctx,
-        &after_request,
-        "eval_after",
-        step_printer(quiet, "after"),
-    )
-    .await?;
+    let after = evaluate_output(ctx, &before_request, &a.output, outcome, quiet).await?;
     present_evaluations(
         &a.eval,
         &[
@@ -658,6 +771,157 @@ async fn evaluate_correction(
         ],
         quiet,
     )
+}
+
+/// Most settings one `tune` run takes (each is a full correction plus an evaluation).
+const MAX_GRID_SETTINGS: usize = 256;
+
+async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
+    if a.eval.report.is_some() {
+        return Err(BalansError::InvalidArgument(
+            "tune writes no HTML report; run `balans correct --evaluate --report` on the chosen \
+             setting"
+                .into(),
+        ));
+    }
+    let settings = grid_settings(&a.grid)?;
+    if settings.len() > MAX_GRID_SETTINGS {
+        return Err(BalansError::InvalidArgument(format!(
+            "the grid has {} settings; at most {MAX_GRID_SETTINGS} per run",
+            settings.len()
+        )));
+    }
+    let mut configs = Vec::with_capacity(settings.len());
+    for setting in &settings {
+        let mut config = BalansConfig::default();
+        for (name, value) in setting {
+            apply_grid_value(&mut config, name, value)?;
+        }
+        config
+            .validate()
+            .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+        configs.push(config);
+    }
+    check_eval_outputs(&a.eval, a.overwrite, std::slice::from_ref(&a.input.input))?;
+    let base = a.eval.request(
+        a.input.input.clone(),
+        a.batch.clone(),
+        a.input.select.selection(),
+        a.input.select.source(),
+    )?;
+    let ctx = build_session(&SessionSettings::default())?;
+    let work = tempfile::tempdir()?;
+    let (_, baseline) =
+        run_evaluate(&ctx, &base, "tune_input", step_printer(true, "input")).await?;
+    let mut rows: Vec<(String, Option<RunSummary>, f64, Evaluation)> = Vec::new();
+    for (i, (setting, config)) in settings.iter().zip(configs).enumerate() {
+        let label = if setting.is_empty() {
+            "defaults".to_string()
+        } else {
+            setting
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if !quiet {
+            eprintln!("balans: tune {}/{}: {label}", i + 1, settings.len());
+        }
+        let output = work.path().join(format!("setting_{i}.parquet"));
+        let request = CorrectRequest {
+            input: a.input.input.clone(),
+            output: output.clone(),
+            batch: a.batch.clone(),
+            selection: a.input.select.selection(),
+            config,
+            overwrite: true,
+            source: a.input.select.source(),
+        };
+        let progress = Arc::new(TerminalProgress::new(true));
+        let started = Instant::now();
+        let outcome = run_correct(&ctx, &request, progress.clone()).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let (_, evaluation) = evaluate_output(&ctx, &base, &output, &outcome, true).await?;
+        std::fs::remove_file(&output)?;
+        rows.push((label, progress.summary(), seconds, evaluation));
+    }
+    print!("{}", tune_table(&baseline, &rows));
+    if let Some(path) = &a.eval.json {
+        let value = serde_json::json!({
+            "input": baseline,
+            "settings": rows.iter().map(|(label, summary, seconds, evaluation)| serde_json::json!({
+                "setting": label,
+                "landmarks": summary.as_ref().map(|s| s.landmarks),
+                "correct_seconds": seconds,
+                "evaluation": evaluation,
+            })).collect::<Vec<_>>(),
+        });
+        write_bytes_atomic(
+            path,
+            serde_json::to_string_pretty(&value)
+                .expect("json")
+                .as_bytes(),
+        )?;
+        eprintln!("balans: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// A Markdown table: the input, then one row per setting.
+fn tune_table(
+    baseline: &Evaluation,
+    rows: &[(String, Option<RunSummary>, f64, Evaluation)],
+) -> String {
+    const COLUMNS: [&str; 10] = [
+        "overall",
+        "batch_score",
+        "bio_score",
+        "ilisi",
+        "kbet",
+        "silhouette_batch",
+        "nmi",
+        "ari",
+        "silhouette_label",
+        "nonrep_map",
+    ];
+    let value = |e: &Evaluation, name: &str| {
+        e.report
+            .scores
+            .rows()
+            .into_iter()
+            .find(|(n, _, _)| *n == name)
+            .and_then(|(_, _, v)| v)
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
+    };
+    let mut out = format!(
+        "| setting | landmarks | correct (s) | {} |\n",
+        COLUMNS.join(" | ")
+    );
+    out.push_str(&format!(
+        "|---|---:|---:|{}\n",
+        "---:|".repeat(COLUMNS.len())
+    ));
+    let cells = |e: &Evaluation| {
+        COLUMNS
+            .iter()
+            .map(|c| value(e, c))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    out.push_str(&format!(
+        "| input (uncorrected) | - | - | {} |\n",
+        cells(baseline)
+    ));
+    for (label, summary, seconds, evaluation) in rows {
+        let landmarks = summary
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |s| s.landmarks.to_string());
+        out.push_str(&format!(
+            "| {label} | {landmarks} | {seconds:.2} | {} |\n",
+            cells(evaluation)
+        ));
+    }
+    out
 }
 
 async fn run_inspect(a: InspectArgs) -> Result<()> {
@@ -748,6 +1012,7 @@ fn main() -> ExitCode {
                 Command::Correct(a) => correct(a, quiet).await,
                 Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
                 Command::Inspect(a) => run_inspect(a).await,
+                Command::Tune(a) => run_tune(a, quiet).await,
                 Command::Synth(a) => run_synth(a),
                 Command::Bench(a) => run_bench(a, threads),
             }
