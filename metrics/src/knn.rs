@@ -287,6 +287,7 @@ impl<'a> DistanceTiles<'a> {
         if self.distance == Distance::Cosine {
             return Ok(self.cosine_knn_screened_in_f32(k, exclude_self));
         }
+        // Euclidean: f64 tiles, k + margin candidates by key, distances recomputed directly.
         let capacity = (k + SCREEN_MARGIN).min(available);
         let block = self.query_block;
         let blocks: Vec<Range<usize>> = (0..n)
@@ -314,26 +315,16 @@ impl<'a> DistanceTiles<'a> {
                 }
             }
         });
-        let finished: Vec<(Vec<u32>, Vec<f64>)> = blocks
-            .into_par_iter()
-            .zip(states)
-            .map(|(rows, state)| {
-                let state = state.into_inner().unwrap_or_else(PoisonError::into_inner);
-                self.finish_block(rows, state, k)
+        let candidates = states
+            .into_iter()
+            .map(|state| {
+                state
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .items
             })
             .collect();
-        let mut indices = Vec::with_capacity(n * k);
-        let mut distances = Vec::with_capacity(n * k);
-        for (block_indices, block_distances) in finished {
-            indices.extend(block_indices);
-            distances.extend(block_distances);
-        }
-        Ok(Neighbors {
-            n,
-            k,
-            indices,
-            distances,
-        })
+        Ok(self.nearest_among_candidates(blocks, candidates, k))
     }
 
     /// Cosine kNN with the Gram tiles in `f32` (twice the throughput of `f64`) and exact `f64`
@@ -420,15 +411,35 @@ impl<'a> DistanceTiles<'a> {
                 }
             }
         });
+        let candidates = states
+            .into_iter()
+            .map(|state| {
+                state
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .items
+            })
+            .collect();
+        self.nearest_among_candidates(blocks, candidates, k)
+    }
+
+    /// Recomputes the distance of every row's candidates directly in `f64`, keeps the `k`
+    /// nearest by (distance, index) and assembles the neighbour lists in row order.
+    /// `candidates[b][i]` holds the (screening key, index) pairs of row `i` of `blocks[b]`.
+    fn nearest_among_candidates<K: Send>(
+        &self,
+        blocks: Vec<Range<usize>>,
+        candidates: Vec<Vec<Vec<(K, u32)>>>,
+        k: usize,
+    ) -> Neighbors {
         let finished: Vec<(Vec<u32>, Vec<f64>)> = blocks
             .into_par_iter()
-            .zip(states)
-            .map(|(rows, state)| {
-                let state = state.into_inner().unwrap_or_else(PoisonError::into_inner);
+            .zip(candidates)
+            .map(|(rows, block)| {
                 let mut indices = Vec::with_capacity(rows.len() * k);
                 let mut distances = Vec::with_capacity(rows.len() * k);
                 let mut exact: Vec<(f64, u32)> = Vec::new();
-                for (q, mut items) in rows.zip(state.items) {
+                for (q, mut items) in rows.zip(block) {
                     // Candidate rows in memory order help the hardware prefetcher.
                     items.sort_unstable_by_key(|&(_, j)| j);
                     exact.clear();
@@ -446,14 +457,14 @@ impl<'a> DistanceTiles<'a> {
                 (indices, distances)
             })
             .collect();
-        let mut indices = Vec::with_capacity(n * k);
-        let mut distances = Vec::with_capacity(n * k);
+        let mut indices = Vec::with_capacity(self.n * k);
+        let mut distances = Vec::with_capacity(self.n * k);
         for (block_indices, block_distances) in finished {
             indices.extend(block_indices);
             distances.extend(block_distances);
         }
         Neighbors {
-            n,
+            n: self.n,
             k,
             indices,
             distances,
@@ -541,48 +552,6 @@ impl<'a> DistanceTiles<'a> {
                 }
             }
         }
-    }
-
-    /// Turns each row's kept candidates into distances (cosine from the key, Euclidean
-    /// recomputed directly), sorts them by (distance, index) and keeps the first `k`.
-    fn finish_block(
-        &self,
-        rows: Range<usize>,
-        state: BlockCandidates,
-        k: usize,
-    ) -> (Vec<u32>, Vec<f64>) {
-        let mut indices = Vec::with_capacity(rows.len() * k);
-        let mut distances = Vec::with_capacity(rows.len() * k);
-        let mut exact: Vec<(f64, u32)> = Vec::new();
-        for (q, mut items) in rows.zip(state.items) {
-            exact.clear();
-            match self.distance {
-                // The Gram entry is as accurate as a direct dot product: distance = 1 + key.
-                Distance::Cosine => exact.extend(items.iter().map(|&(key, j)| {
-                    let dist = if j as usize == q {
-                        0.0
-                    } else {
-                        (1.0 + key).clamp(0.0, 2.0)
-                    };
-                    (dist, j)
-                })),
-                Distance::Euclidean => {
-                    // Visiting candidate rows in memory order helps the hardware prefetcher.
-                    items.sort_unstable_by_key(|&(_, j)| j);
-                    exact.extend(
-                        items
-                            .iter()
-                            .map(|&(_, j)| (self.pair_distance(q, j as usize), j)),
-                    );
-                }
-            }
-            exact.sort_unstable_by(by_key_then_index);
-            for &(dist, j) in &exact[..k] {
-                indices.push(j);
-                distances.push(dist);
-            }
-        }
-        (indices, distances)
     }
 }
 
