@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite};
 
 /// Inverse regularisation strength, scikit-learn's default `C`.
 pub const INVERSE_REGULARISATION: f64 = 1.0;
@@ -231,7 +231,7 @@ pub fn batch_classifier(
             "class code {bad} out of range 0..{n_classes}"
         )));
     }
-    check_finite(x, d)?;
+    ensure_finite(x, d)?;
     let mut fold_ids: Vec<u32> = folds.to_vec();
     fold_ids.sort_unstable();
     fold_ids.dedup();
@@ -278,24 +278,6 @@ pub fn batch_classifier(
         score,
         mean_over_folds,
     })
-}
-
-/// Rejects rows with NaN / infinite values.
-fn check_finite(x: &[f64], d: usize) -> Result<()> {
-    let bad: Vec<usize> = x
-        .chunks_exact(d)
-        .enumerate()
-        .filter(|(_, row)| row.iter().any(|v| !v.is_finite()))
-        .map(|(i, _)| i)
-        .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(MetricsError::NonFinite {
-            count: bad.len(),
-            rows: bad.into_iter().take(10).collect(),
-        })
-    }
 }
 
 /// The solver's coordinates: an invertible affine change of variables of the features, shared

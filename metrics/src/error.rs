@@ -21,3 +21,29 @@ pub enum MetricsError {
 
 /// Result alias of the metrics crate.
 pub type Result<T, E = MetricsError> = std::result::Result<T, E>;
+
+/// Errs with [`MetricsError::NonFinite`] (count, first ten rows) if any of `rows` of the
+/// row-major `x` (`d` columns) holds a NaN or infinite value.
+pub(crate) fn ensure_finite_rows(
+    x: &[f64],
+    d: usize,
+    rows: impl IntoIterator<Item = usize>,
+) -> Result<()> {
+    let bad: Vec<usize> = rows
+        .into_iter()
+        .filter(|&i| x[i * d..(i + 1) * d].iter().any(|v| !v.is_finite()))
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(MetricsError::NonFinite {
+            count: bad.len(),
+            rows: bad.into_iter().take(10).collect(),
+        })
+    }
+}
+
+/// [`ensure_finite_rows`] over every row of `x`.
+pub(crate) fn ensure_finite(x: &[f64], d: usize) -> Result<()> {
+    ensure_finite_rows(x, d, 0..x.len() / d)
+}

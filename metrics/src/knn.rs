@@ -29,7 +29,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite};
 use crate::types::{Distance, Neighbors};
 
 /// Default number of query rows per block (one parallel task).
@@ -61,18 +61,7 @@ pub fn check_embedding(x: &[f64], d: usize) -> Result<usize> {
             "{n} rows exceed the u32 index range"
         )));
     }
-    let bad: Vec<usize> = x
-        .chunks_exact(d)
-        .enumerate()
-        .filter(|(_, row)| row.iter().any(|v| !v.is_finite()))
-        .map(|(i, _)| i)
-        .collect();
-    if !bad.is_empty() {
-        return Err(MetricsError::NonFinite {
-            count: bad.len(),
-            rows: bad.into_iter().take(10).collect(),
-        });
-    }
+    ensure_finite(x, d)?;
     Ok(n)
 }
 

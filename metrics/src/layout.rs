@@ -13,7 +13,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite};
 use crate::types::CsrGraph;
 
 /// UMAP curve parameter `a` for `min_dist = 0.1`, `spread = 1`: the value umap-learn's
@@ -405,7 +405,7 @@ pub fn pca_2d(x: &[f64], d: usize) -> Result<Vec<[f64; 2]>> {
             "pca_2d needs at least 2 rows, got {n}"
         )));
     }
-    check_finite(x, d)?;
+    ensure_finite(x, d)?;
 
     let mut mean = vec![0.0; d];
     for row in x.chunks_exact(d) {
@@ -451,24 +451,6 @@ pub fn pca_2d(x: &[f64], d: usize) -> Result<Vec<[f64; 2]>> {
         })
         .collect();
     Ok(scores)
-}
-
-/// Rejects non-finite values, naming the first offending rows.
-fn check_finite(x: &[f64], d: usize) -> Result<()> {
-    let bad: Vec<usize> = x
-        .chunks_exact(d)
-        .enumerate()
-        .filter(|(_, row)| row.iter().any(|v| !v.is_finite()))
-        .map(|(i, _)| i)
-        .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(MetricsError::NonFinite {
-            count: bad.len(),
-            rows: bad.into_iter().take(10).collect(),
-        })
-    }
 }
 
 /// The eigenvectors of the two largest eigenvalues of a symmetric matrix, sign-fixed so that the

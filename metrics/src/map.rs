@@ -36,7 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite_rows};
 
 /// Integer-coded metadata of every row of the table (negative controls included).
 #[derive(Debug, Clone, Copy)]
@@ -380,17 +380,7 @@ impl UnitRows {
         used: &[usize],
         storage_order: Vec<usize>,
     ) -> Result<Self> {
-        let bad: Vec<usize> = used
-            .iter()
-            .copied()
-            .filter(|&row| x[row * d..(row + 1) * d].iter().any(|v| !v.is_finite()))
-            .collect();
-        if !bad.is_empty() {
-            return Err(MetricsError::NonFinite {
-                count: bad.len(),
-                rows: bad.into_iter().take(10).collect(),
-            });
-        }
+        ensure_finite_rows(x, d, used.iter().copied())?;
         let mut slot = vec![usize::MAX; n];
         for (k, &row) in storage_order.iter().enumerate() {
             slot[row] = k;

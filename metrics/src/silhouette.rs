@@ -20,7 +20,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::cluster::dense_codes;
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite};
 use crate::types::Distance;
 
 /// Query rows per tile (and per parallel task).
@@ -54,16 +54,7 @@ fn validate_embedding(x: &[f64], d: usize, n: usize) -> Result<()> {
             x.len()
         )));
     }
-    let bad: Vec<usize> = (0..n)
-        .filter(|&i| x[i * d..(i + 1) * d].iter().any(|v| !v.is_finite()))
-        .collect();
-    if !bad.is_empty() {
-        return Err(MetricsError::NonFinite {
-            count: bad.len(),
-            rows: bad.into_iter().take(10).collect(),
-        });
-    }
-    Ok(())
+    ensure_finite(x, d)
 }
 
 /// Unit rows (a zero row stays zero, as scikit-learn's `normalize`, so its cosine distance to

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::classifier::{batch_classifier, stratified_folds};
 use crate::cluster::{ari, modularity, nmi};
-use crate::error::{MetricsError, Result};
+use crate::error::{MetricsError, Result, ensure_finite};
 use crate::graph::{graph_connectivity, umap_connectivities};
 use crate::kbet::kbet_per_label;
 use crate::knn::exact_knn;
@@ -644,16 +644,7 @@ fn validate(input: &EvalInput<'_>, n: usize) -> Result<()> {
             )));
         }
     }
-    let bad: Vec<usize> = (0..n)
-        .filter(|&i| input.x[i * d..(i + 1) * d].iter().any(|v| !v.is_finite()))
-        .collect();
-    if !bad.is_empty() {
-        return Err(MetricsError::NonFinite {
-            count: bad.len(),
-            rows: bad.into_iter().take(10).collect(),
-        });
-    }
-    Ok(())
+    ensure_finite(input.x, d)
 }
 
 /// Codes of `rows` re-encoded densely over the categories present among them.
