@@ -452,7 +452,7 @@ pub fn render_report(
     for (name, loaded, evaluation) in columns {
         let report = &evaluation.report;
         let rows = &report.cells.rows;
-        let cells_x = gather_rows(&loaded.x, loaded.d(), rows);
+        let cells_x = balans_metrics::gather_rows(&loaded.x, loaded.d(), rows);
         let (coords, method) = match &report.cells.graph {
             Some(graph) if rows.len() <= UMAP_MAX_CELLS => (
                 balans_metrics::layout::umap_layout(graph, UMAP_EPOCHS, seed)
@@ -472,8 +472,8 @@ pub fn render_report(
                 rows.len()
             ));
         }
-        let batch = subset_codes(&loaded.batch, rows);
-        let label = subset_codes(&loaded.label, rows);
+        let batch = loaded.batch.subset(rows);
+        let label = loaded.label.subset(rows);
         panels.push(EmbeddingPanel {
             title: format!("{name}: {method} of {} cells", rows.len()),
             coords,
@@ -542,23 +542,6 @@ pub fn render_report(
     };
     balans_report::render_html(&input)
         .map_err(|e| BalansError::InvalidArgument(format!("cannot render the report: {e}")))
-}
-
-fn gather_rows(x: &[f64], d: usize, rows: &[usize]) -> Vec<f64> {
-    let mut out = Vec::with_capacity(rows.len() * d);
-    for &r in rows {
-        out.extend_from_slice(&x[r * d..(r + 1) * d]);
-    }
-    out
-}
-
-/// `codes` restricted to `rows`, renumbered over the categories present.
-fn subset_codes(codes: &Codes, rows: &[usize]) -> Codes {
-    let values: Vec<&str> = rows
-        .iter()
-        .map(|&r| codes.names[codes.codes[r] as usize].as_str())
-        .collect();
-    Codes::from_strings(&values)
 }
 
 /// Pearson correlations between up to [`HEATMAP_MAX_CELLS`] cells (drawn at random, seeded),

@@ -20,4 +20,4 @@ pub mod suite;
 pub mod types;
 
 pub use error::{MetricsError, Result};
-pub use types::{Codes, CsrGraph, Distance, Neighbors};
+pub use types::{Codes, CsrGraph, Distance, Neighbors, gather_rows};

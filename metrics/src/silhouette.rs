@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use crate::cluster::dense_codes;
 use crate::error::{MetricsError, Result, ensure_finite};
 use crate::types::Distance;
+use crate::types::gather_rows;
 
 /// Query rows per tile (and per parallel task).
 const QUERY_BLOCK: usize = 128;
@@ -332,10 +333,7 @@ pub fn silhouette_batch(
         for &b in &batch_codes {
             sizes[b as usize] += 1;
         }
-        let mut subset = Vec::with_capacity(rows.len() * d);
-        for &i in rows {
-            subset.extend_from_slice(&x[i * d..(i + 1) * d]);
-        }
+        let subset = gather_rows(x, d, rows);
         let s = silhouette_dense(&subset, d, &batch_codes, &sizes, distance);
         let mut total = 0.0;
         for (&i, &si) in rows.iter().zip(&s) {

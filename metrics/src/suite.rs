@@ -24,7 +24,7 @@ use crate::map::{
     average_precision_nonrep, mean_average_precision, summarize_map,
 };
 use crate::silhouette::{silhouette_batch, silhouette_samples};
-use crate::types::{Codes, CsrGraph, Distance, Neighbors};
+use crate::types::{Codes, CsrGraph, Distance, Neighbors, gather_rows};
 
 /// One embedding with its metadata, all rows (negative controls included).
 #[derive(Debug, Clone, Copy)]
@@ -312,12 +312,9 @@ pub fn evaluate(
         )));
     }
     let d = input.d;
-    let mut cells_x = Vec::with_capacity(n_cells * d);
-    for &r in &rows {
-        cells_x.extend_from_slice(&input.x[r * d..(r + 1) * d]);
-    }
-    let batch = recode(&rows, input.batch);
-    let label = recode(&rows, input.label);
+    let cells_x = gather_rows(input.x, d, &rows);
+    let batch = input.batch.subset(&rows);
+    let label = input.label.subset(&rows);
     let n_batches = batch.n_categories();
     let n_labels = label.n_categories();
     if n_batches < 2 {
@@ -645,29 +642,6 @@ fn validate(input: &EvalInput<'_>, n: usize) -> Result<()> {
         }
     }
     ensure_finite(input.x, d)
-}
-
-/// Codes of `rows` re-encoded densely over the categories present among them.
-fn recode(rows: &[usize], codes: &Codes) -> Codes {
-    let mut present = vec![false; codes.n_categories()];
-    for &r in rows {
-        present[codes.codes[r] as usize] = true;
-    }
-    let mut new_code = vec![u32::MAX; present.len()];
-    let mut names = Vec::new();
-    for (old, &p) in present.iter().enumerate() {
-        if p {
-            new_code[old] = names.len() as u32;
-            names.push(codes.names[old].clone());
-        }
-    }
-    Codes {
-        codes: rows
-            .iter()
-            .map(|&r| new_code[codes.codes[r] as usize])
-            .collect(),
-        names,
-    }
 }
 
 /// The Leiden partition (at `resolution`) of highest modularity over `options.leiden_restarts` seeds (ties: the

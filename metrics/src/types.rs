@@ -90,4 +90,35 @@ impl Codes {
     pub fn n_categories(&self) -> usize {
         self.names.len()
     }
+
+    /// The codes of `rows`, renumbered densely over the categories present among them (in
+    /// the existing code order, so still sorted by name).
+    pub fn subset(&self, rows: &[usize]) -> Self {
+        let mut present = vec![false; self.n_categories()];
+        for &r in rows {
+            present[self.codes[r] as usize] = true;
+        }
+        let mut new_code = vec![u32::MAX; present.len()];
+        let mut names = Vec::new();
+        for (old, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+            new_code[old] = names.len() as u32;
+            names.push(self.names[old].clone());
+        }
+        Self {
+            codes: rows
+                .iter()
+                .map(|&r| new_code[self.codes[r] as usize])
+                .collect(),
+            names,
+        }
+    }
+}
+
+/// The rows `rows` of the row-major `x` (`d` columns), in that order, as a new matrix.
+pub fn gather_rows(x: &[f64], d: usize, rows: &[usize]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        out.extend_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    out
 }
