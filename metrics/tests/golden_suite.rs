@@ -7,21 +7,42 @@ mod common;
 use balans_metrics::Codes;
 use balans_metrics::suite::{EvalInput, EvalOptions, evaluate};
 
+/// The categorical columns of a golden table, encoded.
+struct GoldenCodes {
+    batch: Codes,
+    label: Codes,
+    plate: Codes,
+    well: Codes,
+}
+
+impl GoldenCodes {
+    fn of(g: &common::GoldenEmbedding) -> Self {
+        Self {
+            batch: Codes::from_strings(&g.batch),
+            label: Codes::from_strings(&g.label),
+            plate: Codes::from_strings(&g.plate),
+            well: Codes::from_strings(&g.well),
+        }
+    }
+
+    /// The suite's input: every row of `g`, plates and wells included.
+    fn input<'a>(&'a self, g: &'a common::GoldenEmbedding) -> EvalInput<'a> {
+        EvalInput {
+            x: &g.all,
+            d: g.d,
+            batch: &self.batch,
+            label: &self.label,
+            is_negcon: &g.is_negcon,
+            plate: Some(&self.plate),
+            well: Some(&self.well),
+        }
+    }
+}
+
 fn check_folder(folder: &'static str) {
     let g = common::load(folder);
-    let batch = Codes::from_strings(&g.batch);
-    let label = Codes::from_strings(&g.label);
-    let plate = Codes::from_strings(&g.plate);
-    let well = Codes::from_strings(&g.well);
-    let input = EvalInput {
-        x: &g.all,
-        d: g.d,
-        batch: &batch,
-        label: &label,
-        is_negcon: &g.is_negcon,
-        plate: Some(&plate),
-        well: Some(&well),
-    };
+    let codes = GoldenCodes::of(&g);
+    let input = codes.input(&g);
     let report = evaluate(&input, &EvalOptions::default(), &|_| {}).unwrap();
     let golden = common::metrics_json(folder);
     let expect = |name: &str| golden[name].as_f64().unwrap();
@@ -89,19 +110,8 @@ fn suite_matches_synthetic_harmony() {
 #[test]
 fn suite_is_deterministic_and_reports_subsampling() {
     let g = common::load("synthetic_raw");
-    let batch = Codes::from_strings(&g.batch);
-    let label = Codes::from_strings(&g.label);
-    let plate = Codes::from_strings(&g.plate);
-    let well = Codes::from_strings(&g.well);
-    let input = EvalInput {
-        x: &g.all,
-        d: g.d,
-        batch: &batch,
-        label: &label,
-        is_negcon: &g.is_negcon,
-        plate: Some(&plate),
-        well: Some(&well),
-    };
+    let codes = GoldenCodes::of(&g);
+    let input = codes.input(&g);
     let options = EvalOptions {
         subsample: Some(1000),
         null_size: 1000,
@@ -144,19 +154,8 @@ fn nan_rows_are_named() {
 #[test]
 fn resolution_sweep_is_labelled_and_never_worse_in_nmi() {
     let g = common::load("bbbc021_combat");
-    let batch = Codes::from_strings(&g.batch);
-    let label = Codes::from_strings(&g.label);
-    let plate = Codes::from_strings(&g.plate);
-    let well = Codes::from_strings(&g.well);
-    let input = EvalInput {
-        x: &g.all,
-        d: g.d,
-        batch: &batch,
-        label: &label,
-        is_negcon: &g.is_negcon,
-        plate: Some(&plate),
-        well: Some(&well),
-    };
+    let codes = GoldenCodes::of(&g);
+    let input = codes.input(&g);
     let mut options = EvalOptions::default();
     options.metrics.map = false;
     options.metrics.classifier = false;

@@ -321,28 +321,23 @@ impl EvalArgs {
         }
     }
 
-    fn request(
-        &self,
-        input: String,
-        batch: Vec<String>,
-        selection: FeatureSelection,
-        source: SourceOptions,
-    ) -> Result<EvaluateRequest> {
+    /// The evaluation of the table `input` names, with batch key `batch`.
+    fn request(&self, input: &InputArgs, batch: &[String]) -> Result<EvaluateRequest> {
         let label = self.label.clone().ok_or_else(|| {
             BalansError::InvalidArgument(
                 "the evaluation needs --label COL (the biological label, e.g. Metadata_MoA)".into(),
             )
         })?;
         Ok(EvaluateRequest {
-            input,
-            batch,
+            input: input.input.clone(),
+            batch: batch.to_vec(),
             label,
             negcon: self.negcon.clone(),
             plate: self.plate.clone(),
             well: self.well.clone(),
-            selection,
+            selection: input.select.selection(),
             options: self.options(),
-            source,
+            source: input.select.source(),
         })
     }
 }
@@ -669,12 +664,7 @@ async fn run_evaluate_command(a: EvaluateArgs, quiet: bool) -> Result<()> {
     let mut inputs = vec![a.input.input.clone()];
     inputs.extend(a.compare.clone());
     check_eval_outputs(&a.eval, a.overwrite, &inputs)?;
-    let request = a.eval.request(
-        a.input.input.clone(),
-        a.batch.clone(),
-        a.input.select.selection(),
-        a.input.select.source(),
-    )?;
+    let request = a.eval.request(&a.input, &a.batch)?;
     let ctx = build_session(&SessionSettings::default())?;
     let before = match &a.compare {
         Some(baseline) => {
@@ -749,12 +739,7 @@ async fn evaluate_correction(
     outcome: &CorrectOutcome,
     quiet: bool,
 ) -> Result<()> {
-    let before_request = a.eval.request(
-        a.input.input.clone(),
-        a.batch.clone(),
-        a.input.select.selection(),
-        a.input.select.source(),
-    )?;
+    let before_request = a.eval.request(&a.input, &a.batch)?;
     let before = run_evaluate(
         ctx,
         &before_request,
@@ -803,12 +788,7 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         configs.push(config);
     }
     check_eval_outputs(&a.eval, a.overwrite, std::slice::from_ref(&a.input.input))?;
-    let base = a.eval.request(
-        a.input.input.clone(),
-        a.batch.clone(),
-        a.input.select.selection(),
-        a.input.select.source(),
-    )?;
+    let base = a.eval.request(&a.input, &a.batch)?;
     let ctx = build_session(&SessionSettings::default())?;
     let work = tempfile::tempdir()?;
     let (_, baseline) =
