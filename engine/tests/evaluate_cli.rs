@@ -40,6 +40,13 @@ fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `ours[name]` is within `tol` of `golden[name]`.
+fn assert_close(ours: &serde_json::Value, golden: &serde_json::Value, name: &str, tol: f64) {
+    let a = ours[name].as_f64().unwrap();
+    let b = golden[name].as_f64().unwrap();
+    assert!((a - b).abs() <= tol, "{name}: {a} vs golden {b}");
+}
+
 const NEGCON: &str = "Metadata_PertType = 'negcon'";
 
 #[test]
@@ -79,9 +86,7 @@ fn evaluate_matches_the_reference_benchmark_on_a_golden_embedding() {
         ("ari", 0.03),
         ("overall", 0.02),
     ] {
-        let a = scores[name].as_f64().unwrap();
-        let b = golden[name].as_f64().unwrap();
-        assert!((a - b).abs() <= tol, "{name}: {a} vs golden {b}");
+        assert_close(scores, &golden, name, tol);
     }
     assert_eq!(ours["report"]["n_cells"], 302);
     assert_eq!(ours["report"]["n_negcon"], 330);
@@ -396,9 +401,7 @@ fn reference_balans_output_scores_as_the_reference_scored_it() {
         ("bio_score", 0.02),
         ("overall", 0.02),
     ] {
-        let a = ours[name].as_f64().unwrap();
-        let b = golden[name].as_f64().unwrap();
-        assert!((a - b).abs() <= tol, "{name}: {a} vs golden {b}");
+        assert_close(&ours, &golden, name, tol);
     }
 }
 
@@ -422,9 +425,7 @@ fn balans_run_matches_the_reference_runs_aggregates() {
     let ours = evaluate_synthetic_like(corrected.to_str().unwrap(), &dir.path().join("e.json"));
     let golden = json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
     for name in ["batch_score", "bio_score", "overall"] {
-        let a = ours[name].as_f64().unwrap();
-        let b = golden[name].as_f64().unwrap();
-        assert!((a - b).abs() <= 0.03, "{name}: {a} vs reference run {b}");
+        assert_close(&ours, &golden, name, 0.03);
     }
     let raw = json(&shared().join("golden/metrics/synthetic_raw/metrics.json"));
     assert!(ours["overall"].as_f64().unwrap() > raw["overall"].as_f64().unwrap() + 0.1);
