@@ -1,8 +1,12 @@
 //! End-to-end tests of the `balans` command: real data, determinism, bad input, memory limits
 //! and interruption. Every failing run must leave no output and no temporary file behind.
 
+mod common;
+
+use common::{balans, example_path, shared};
+
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,32 +18,11 @@ use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-fn shared() -> PathBuf {
-    std::env::var_os("BALANS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
 fn synthetic_path() -> String {
     shared()
         .join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet")
         .display()
         .to_string()
-}
-
-fn example_path() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/data/bbbc021.parquet")
-        .display()
-        .to_string()
-}
-
-fn balans(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_balans"))
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("run balans")
 }
 
 /// Runs `balans correct -i INPUT -b Metadata_Batch -o OUTPUT EXTRA...`.

@@ -1,33 +1,16 @@
 //! End-to-end tests of `balans evaluate` and `balans correct --evaluate`: parity with the
 //! reference benchmark's values on a golden embedding, the JSON and HTML outputs, and bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{balans, example_path, shared};
+
+use std::path::Path;
+use std::process::Output;
 
 use datafusion::arrow::array::{Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
-
-fn shared() -> PathBuf {
-    std::env::var_os("BALANS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
-fn example_path() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/data/bbbc021.parquet")
-        .display()
-        .to_string()
-}
-
-fn balans(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_balans"))
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("run balans")
-}
 
 fn text(o: &Output) -> (String, String) {
     (

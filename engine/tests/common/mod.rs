@@ -1,0 +1,29 @@
+//! Helpers shared by the engine's command-line tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// `../shared` (or `$BALANS_SHARED`).
+pub fn shared() -> PathBuf {
+    std::env::var_os("BALANS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+}
+
+/// The bundled BBBC021 example table.
+pub fn example_path() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/data/bbbc021.parquet")
+        .display()
+        .to_string()
+}
+
+/// Runs `balans --quiet ARGS...`.
+pub fn balans(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_balans"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("run balans")
+}
