@@ -643,7 +643,7 @@ fn every_option_runs_end_to_end() {
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         read(&out)
     };
-    let nystrom = run("nystrom", &["--estimator", "nystrom"]);
+    let nystrom = run("nystrom", &["--estimator", "nystrom", "--variant", "paper"]);
     let (x, _) = matrix(&nystrom, "f");
     assert!(x.iter().all(|v| v.is_finite()));
     let pca = run("pca", &["--output-space", "pca", "--pca", "5"]);
@@ -663,6 +663,9 @@ fn every_option_runs_end_to_end() {
         ("maxgap", vec!["--elbow", "max-gap"]),
         ("sorted", vec!["--elbow", "kneedle-sorted"]),
         ("loggap", vec!["--elbow", "max-log-gap"]),
+        ("paper", vec!["--variant", "paper"]),
+        ("balanced", vec!["--variant", "balanced"]),
+        ("nofloor", vec!["--batch-knn-floor", "false"]),
     ] {
         assert_eq!(run(name, &extra).num_rows(), 3000);
     }
@@ -686,6 +689,16 @@ fn every_option_runs_end_to_end() {
         );
     }
     // Bad parameter values are rejected before any work.
+    let o = correct(
+        &input,
+        dir.path().join("x.parquet").to_str().unwrap(),
+        &["--estimator", "nystrom"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("--variant paper"),
+        "{}",
+        stderr(&o)
+    );
     let o = correct(
         &input,
         dir.path().join("x.parquet").to_str().unwrap(),

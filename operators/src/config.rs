@@ -63,6 +63,51 @@ impl fmt::Display for Estimator {
     }
 }
 
+/// How the landmark rows turn into corrected values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum Variant {
+    /// The paper's reading: `X_hat = Q^T P X`, every output a convex combination of the
+    /// landmarks' local averages (over-smooths real data; kept to reproduce the paper).
+    Paper,
+    /// `X_hat = Q^T Y_bal`: each landmark's local average is the mean over batches of its
+    /// per-batch local averages, so every batch contributes equally.
+    Balanced,
+    /// `X_out = X + Q_b^T (Y_bal - Y_b)`: only each point's batch-specific local mean is
+    /// replaced by the batch-balanced one; within-neighbourhood variation survives.
+    Residual,
+}
+
+impl Variant {
+    /// Parses a variant name as used on the command line.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "paper" => Self::Paper,
+            "balanced" => Self::Balanced,
+            "residual" => Self::Residual,
+            other => {
+                return Err(OperatorError::InvalidParameter(format!(
+                    "unknown BALANS variant '{other}' (paper, balanced, residual)"
+                )));
+            }
+        })
+    }
+
+    /// Whether the smoothing keeps one local average per landmark and batch.
+    pub fn per_batch(&self) -> bool {
+        !matches!(self, Self::Paper)
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Paper => "paper",
+            Self::Balanced => "balanced",
+            Self::Residual => "residual",
+        })
+    }
+}
+
 /// Which matrix is smoothed and written out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
 pub enum OutputSpace {
@@ -153,6 +198,10 @@ impl fmt::Display for PcaSetting {
     }
 }
 
+/// Elbow threshold that keeps every point with scaled distance 1, i.e. the `k` nearest of
+/// each batch (their scaled distances are at most 1 by the definition of the local scale).
+pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
+
 /// All parameters of one BALANS run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalansConfig {
@@ -168,6 +217,11 @@ pub struct BalansConfig {
     pub elbow: ElbowRule,
     /// Estimator of the corrected values.
     pub estimator: Estimator,
+    /// How landmark rows become corrected values.
+    pub variant: Variant,
+    /// Keep, in every landmark row, at least the `k` nearest points of each batch (the
+    /// threshold on scaled distances is raised to just above 1).
+    pub batch_knn_floor: bool,
     /// Output space.
     pub output_space: OutputSpace,
     /// Distance.
@@ -195,6 +249,8 @@ impl Default for BalansConfig {
             pca: PcaSetting::Auto,
             elbow: ElbowRule::Kneedle,
             estimator: Estimator::Smooth,
+            variant: Variant::Residual,
+            batch_knn_floor: true,
             output_space: OutputSpace::Features,
             metric: Metric::Euclidean,
             seed: 0,
@@ -217,6 +273,8 @@ impl std::hash::Hash for BalansConfig {
         self.pca.hash(state);
         self.elbow.hash(state);
         self.estimator.hash(state);
+        self.variant.hash(state);
+        self.batch_knn_floor.hash(state);
         self.output_space.hash(state);
         self.metric.hash(state);
         self.seed.hash(state);
@@ -259,7 +317,41 @@ impl BalansConfig {
         if self.max_landmarks == Some(0) {
             return bad("max-landmarks must be at least 1");
         }
+        if self.estimator == Estimator::Nystrom && self.variant != Variant::Paper {
+            return bad("the nystrom estimator applies to the paper variant only (--variant paper)");
+        }
         Ok(())
+    }
+
+    /// The paper's reading of BALANS (`shared/specs/balans.md`): smoothing form, no
+    /// per-batch floor; every other parameter as in [`BalansConfig::default`].
+    pub fn paper() -> Self {
+        Self {
+            variant: Variant::Paper,
+            batch_knn_floor: false,
+            ..Self::default()
+        }
+    }
+
+    /// The defaults of `variant` ([`BalansConfig::paper`] for the paper, else the defaults
+    /// with that variant).
+    pub fn for_variant(variant: Variant) -> Self {
+        match variant {
+            Variant::Paper => Self::paper(),
+            v => Self {
+                variant: v,
+                ..Self::default()
+            },
+        }
+    }
+
+    /// Smallest elbow threshold this configuration allows (see `batch_knn_floor`).
+    pub fn min_threshold(&self) -> f64 {
+        if self.batch_knn_floor {
+            BATCH_KNN_FLOOR
+        } else {
+            0.0
+        }
     }
 
     /// Minimum number of kept entries per landmark row (self included): `k + 1`.
@@ -270,7 +362,9 @@ impl BalansConfig {
     /// One-line description (used in EXPLAIN and the output's key-value metadata).
     pub fn describe(&self) -> String {
         format!(
-            "k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            "variant={} batch_knn_floor={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            self.variant,
+            self.batch_knn_floor,
             self.k,
             self.tau,
             self.block,

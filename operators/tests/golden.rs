@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 
-use balans_operators::config::{ElbowRule, Estimator};
+use balans_operators::config::{ElbowRule, Estimator, Variant};
 use balans_operators::kernels::elbow::ElbowParams;
 use balans_operators::kernels::landmark::{
     Landmark, RowBlocks, RowBuffers, SamplingParams, landmark_row, sample_landmarks,
@@ -100,6 +100,7 @@ fn elbow() -> ElbowParams {
         a_min: 1e-8,
         bins: 4096,
         r_min: 11,
+        min_threshold: 0.0,
     }
 }
 
@@ -107,12 +108,12 @@ fn smooth(s: &Synthetic, landmarks: &[Landmark]) -> (Vec<f32>, Vec<bool>) {
     let points: Vec<PointRef> = (0..s.n)
         .map(|j| (&s.x[j * s.d..(j + 1) * s.d], s.batch[j]))
         .collect();
-    let mut acc = SmoothAccumulator::new(landmarks, s.d);
+    let mut acc = SmoothAccumulator::new(landmarks, s.d, Variant::Paper);
     for c0 in (0..s.n).step_by(1000) {
         let c1 = (c0 + 1000).min(s.n);
         acc.add_chunk(landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
     }
-    let fit = acc.finish(Estimator::Smooth, landmarks, |g| s.batch[g]);
+    let fit = acc.finish(Estimator::Smooth, Variant::Paper, landmarks, |g| s.batch[g]);
     let mut out = vec![0.0f32; s.n * s.d];
     let mut covered = vec![false; s.n];
     fit.apply_chunk(landmarks, &points, &s.x, &mut out, &mut covered);

@@ -20,7 +20,7 @@ use balans_metrics::suite::{EvalOptions, MetricSelection};
 use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::exec::balans::COVERED_COLUMN;
-use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace};
+use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datafusion::prelude::SessionContext;
 
@@ -127,6 +127,17 @@ enum Method {
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
+enum VariantArg {
+    /// X + batch-balanced minus own-batch local mean (the default; keeps within-neighbourhood
+    /// variation).
+    Residual,
+    /// Landmark smoothing with every batch weighted equally in each landmark's local mean.
+    Balanced,
+    /// The paper's reading: landmark smoothing `Q^T P X` (shared/specs/balans.md).
+    Paper,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
 enum ElbowArg {
     Kneedle,
     KneedleSorted,
@@ -172,30 +183,39 @@ struct CorrectArgs {
     /// Correction method.
     #[arg(long, value_enum, default_value = "balans")]
     method: Method,
-    /// Neighbour rank of the per-batch local scale.
-    #[arg(long, default_value_t = 10)]
-    k: usize,
-    /// Stop after this many consecutive landmarks that cover no new point.
-    #[arg(long, default_value_t = 50)]
-    tau: usize,
-    /// Block length J of the sampling weights.
-    #[arg(long, default_value_t = 20)]
-    block: usize,
-    /// PCA components before distances: auto (50 when > 50 features), off, or a number.
-    #[arg(long, default_value = "auto")]
-    pca: String,
-    /// Sparsification rule of each landmark row.
-    #[arg(long, value_enum, default_value = "kneedle")]
-    elbow: ElbowArg,
-    /// Estimator of the corrected values.
-    #[arg(long, value_enum, default_value = "smooth")]
-    estimator: EstimatorArg,
+    /// Form of the correction; the other BALANS options default to this variant's defaults
+    /// (docs/balans.md).
+    #[arg(long, value_enum, default_value = "residual")]
+    variant: VariantArg,
+    /// Neighbour rank of the per-batch local scale [default: 10].
+    #[arg(long)]
+    k: Option<usize>,
+    /// Stop after this many consecutive landmarks that cover no new point [default: 50].
+    #[arg(long)]
+    tau: Option<usize>,
+    /// Block length J of the sampling weights [default: 20].
+    #[arg(long)]
+    block: Option<usize>,
+    /// PCA components before distances: auto (50 when > 50 features), off, or a number
+    /// [default: auto].
+    #[arg(long)]
+    pca: Option<String>,
+    /// Sparsification rule of each landmark row [default: kneedle].
+    #[arg(long, value_enum)]
+    elbow: Option<ElbowArg>,
+    /// Keep each batch's k nearest points in every landmark row, whatever the elbow rule
+    /// [default: true, false for --variant paper].
+    #[arg(long)]
+    batch_knn_floor: Option<bool>,
+    /// Estimator of the corrected values (nystrom: --variant paper only) [default: smooth].
+    #[arg(long, value_enum)]
+    estimator: Option<EstimatorArg>,
     /// Output space: corrected features, or corrected PCA coordinates (PC1..PCp).
     #[arg(long, value_enum, default_value = "features")]
     output_space: SpaceArg,
-    /// Distance of the affinities.
-    #[arg(long, value_enum, default_value = "euclidean")]
-    metric: MetricArg,
+    /// Distance of the affinities [default: euclidean].
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
     /// Seed of the landmark sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -367,8 +387,9 @@ struct TuneArgs {
     /// Batch key column(s), comma-separated.
     #[arg(long, short, value_delimiter = ',', required = true)]
     batch: Vec<String>,
-    /// One grid dimension per use, NAME=V1,V2,... with NAME one of elbow, k, tau, block, pca,
-    /// metric, estimator, seed, max-landmarks (other parameters keep their defaults).
+    /// One grid dimension per use, NAME=V1,V2,... with NAME one of variant, elbow,
+    /// batch-knn-floor, k, tau, block, pca, metric, estimator, seed, max-landmarks (other
+    /// parameters keep the defaults of the setting's variant).
     #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
     grid: Vec<String>,
     /// Replace an existing --json file.
@@ -451,19 +472,32 @@ fn metric(a: MetricArg) -> Metric {
     }
 }
 
+fn variant(a: VariantArg) -> Variant {
+    match a {
+        VariantArg::Residual => Variant::Residual,
+        VariantArg::Balanced => Variant::Balanced,
+        VariantArg::Paper => Variant::Paper,
+    }
+}
+
 fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
-    Ok(BalansConfig {
-        k: a.k,
-        tau: a.tau,
-        block: a.block,
-        pca: pca_setting(&a.pca)?,
-        elbow: elbow_rule(a.elbow),
-        estimator: estimator(a.estimator),
+    let base = BalansConfig::for_variant(variant(a.variant));
+    let config = BalansConfig {
+        k: a.k.unwrap_or(base.k),
+        tau: a.tau.unwrap_or(base.tau),
+        block: a.block.unwrap_or(base.block),
+        pca: match &a.pca {
+            Some(text) => pca_setting(text)?,
+            None => base.pca,
+        },
+        elbow: a.elbow.map_or(base.elbow, elbow_rule),
+        batch_knn_floor: a.batch_knn_floor.unwrap_or(base.batch_knn_floor),
+        estimator: a.estimator.map_or(base.estimator, estimator),
         output_space: match a.output_space {
             SpaceArg::Features => OutputSpace::Features,
             SpaceArg::Pca => OutputSpace::Pca,
         },
-        metric: metric(a.metric),
+        metric: a.metric.map_or(base.metric, metric),
         seed: a.seed,
         max_landmarks: a.max_landmarks,
         nan: match a.nan {
@@ -471,19 +505,37 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
             NanArg::DropRows => NanPolicy::DropRows,
             NanArg::Zero => NanPolicy::Zero,
         },
-        ..BalansConfig::default()
-    })
+        ..base
+    };
+    config
+        .validate()
+        .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+    Ok(config)
 }
 
 /// Parameters a `--grid` dimension may vary.
-const GRID_PARAMETERS: &str = "elbow, k, tau, block, pca, metric, estimator, seed, max-landmarks";
+const GRID_PARAMETERS: &str =
+    "variant, elbow, batch-knn-floor, k, tau, block, pca, metric, estimator, seed, max-landmarks";
 
 /// Sets one BALANS parameter from its `--grid` name and text value.
 fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Result<()> {
     let bad = |e: String| BalansError::InvalidArgument(format!("--grid {name}={value}: {e}"));
     let number = |v: &str| v.parse::<usize>().map_err(|e| bad(e.to_string()));
     match name {
+        "variant" => {
+            // A variant brings its own defaults; the grid applies it before the other values.
+            let v = variant(VariantArg::from_str(value, true).map_err(bad)?);
+            *config = BalansConfig {
+                seed: config.seed,
+                ..BalansConfig::for_variant(v)
+            };
+        }
         "elbow" => config.elbow = elbow_rule(ElbowArg::from_str(value, true).map_err(bad)?),
+        "batch-knn-floor" => {
+            config.batch_knn_floor = value
+                .parse()
+                .map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?
+        }
         "k" => config.k = number(value)?,
         "tau" => config.tau = number(value)?,
         "block" => config.block = number(value)?,
@@ -779,7 +831,10 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
     let mut configs = Vec::with_capacity(settings.len());
     for setting in &settings {
         let mut config = BalansConfig::default();
-        for (name, value) in setting {
+        // The variant first: it resets the other parameters to its own defaults.
+        let (variants, others): (Vec<_>, Vec<_>) =
+            setting.iter().partition(|(name, _)| name == "variant");
+        for (name, value) in variants.into_iter().chain(others) {
             apply_grid_value(&mut config, name, value)?;
         }
         config

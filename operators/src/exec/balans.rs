@@ -486,6 +486,7 @@ impl Run {
                 a_min: cfg.a_min,
                 bins: cfg.bins,
                 r_min: cfg.r_min(),
+                min_threshold: cfg.min_threshold(),
             },
         };
         let progress = self.spec.progress.clone();
@@ -527,8 +528,13 @@ impl Run {
             },
         };
         let dx = x_blocks.p();
+        let groups = if cfg.variant.per_batch() {
+            offsets.len() - 1
+        } else {
+            1
+        };
         self.reserve(
-            SmoothAccumulator::size_bytes(m, dx) * 2
+            SmoothAccumulator::size_bytes(m, dx, groups) * 2
                 + m * m * 8 * (cfg.estimator == crate::config::Estimator::Nystrom) as usize,
             "Y = A_S X (landmarks x output columns)",
         )?;
@@ -536,7 +542,7 @@ impl Run {
         let landmarks = sampling.landmarks;
         drop(sampling.covered);
         let point = |i: usize| -> PointRef<'_> { (z.row(position[i] as usize), codes[i] as usize) };
-        let mut acc = SmoothAccumulator::new(&landmarks, dx);
+        let mut acc = SmoothAccumulator::new(&landmarks, dx, cfg.variant);
         let chunk = cfg.chunk_rows;
         let mut done = 0usize;
         while done < n {
@@ -549,7 +555,7 @@ impl Run {
             self.spec.progress.stage_progress(done as u64, None);
         }
         let grouped_ref = &grouped;
-        let fitted = acc.finish(cfg.estimator, &landmarks, |g| {
+        let fitted = acc.finish(cfg.estimator, cfg.variant, &landmarks, |g| {
             codes[grouped_ref[g] as usize] as usize
         });
         self.end_stage("smooth");

@@ -19,6 +19,8 @@ pub struct ElbowParams {
     pub bins: usize,
     /// Minimum kept entries per row, self included (default `k + 1`).
     pub r_min: usize,
+    /// Lowest threshold a row may get (0: none; see `BATCH_KNN_FLOOR`).
+    pub min_threshold: f64,
 }
 
 /// Returns the threshold of one row under `params` (see the module docs).
@@ -48,7 +50,7 @@ pub fn row_threshold(
             }
         }
     };
-    enforce_min_kept(s, t, params.r_min, scratch)
+    enforce_min_kept(s, t, params.r_min, scratch).max(params.min_threshold)
 }
 
 /// Raises `t` so that at least `r_min` entries of `s` lie below it.
@@ -208,7 +210,24 @@ mod tests {
             a_min: 1e-8,
             bins: 4096,
             r_min: 11,
+            min_threshold: 0.0,
         }
+    }
+
+    #[test]
+    fn min_threshold_raises_a_low_threshold_only() {
+        // Three near points, then a wide gap: max-gap stops at the gap (t <= 0.2+).
+        let s: Vec<f64> = [0.0, 0.1, 0.15, 0.2, 3.0, 3.1, 3.2, 3.3].to_vec();
+        let mut p = params(ElbowRule::MaxGap);
+        p.r_min = 2;
+        let mut scratch = Vec::new();
+        let plain = row_threshold(&s, 0, &p, &mut scratch);
+        assert!(plain <= 3.0 && plain > 0.2, "{plain}");
+        p.min_threshold = crate::config::BATCH_KNN_FLOOR;
+        let floored = row_threshold(&s, 0, &p, &mut scratch);
+        assert_eq!(floored, plain.max(crate::config::BATCH_KNN_FLOOR));
+        p.min_threshold = 0.05;
+        assert_eq!(row_threshold(&s, 0, &p, &mut scratch), plain);
     }
 
     /// A row with a clear elbow: a tight cluster of `c` points, then a diffuse tail.

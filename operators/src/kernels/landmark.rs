@@ -294,6 +294,7 @@ mod tests {
                 a_min: 1e-8,
                 bins: 4096,
                 r_min: 6,
+                min_threshold: 0.0,
             },
         }
     }
@@ -311,6 +312,31 @@ mod tests {
         whole.sq_distances_to(whole.row(3), &mut a);
         split.sq_distances_to(whole.row(3), &mut b);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn batch_knn_floor_keeps_the_k_nearest_of_every_batch() {
+        let (x, offsets) = data(40, 3, 5, 3);
+        let z = RowBlocks::new(vec![&x], 5);
+        let mut buf = RowBuffers::default();
+        let mut p = params();
+        p.elbow.rule = ElbowRule::MaxGap;
+        let batch_of = |j: usize| offsets.partition_point(|&o| o <= j) - 1;
+        let kept_per_batch = |lm: &Landmark| {
+            let mut kept = vec![0usize; 3];
+            for j in 0..z.n() {
+                if j != lm.index && lm.affinity(z.row(j), batch_of(j)) > 0.0 {
+                    kept[batch_of(j)] += 1;
+                }
+            }
+            kept
+        };
+        let plain = landmark_row(&z, &offsets, 5, p.k, &p.elbow, &mut buf);
+        p.elbow.min_threshold = crate::config::BATCH_KNN_FLOOR;
+        let floored = landmark_row(&z, &offsets, 5, p.k, &p.elbow, &mut buf);
+        assert!(floored.threshold >= plain.threshold);
+        assert!(floored.threshold >= crate::config::BATCH_KNN_FLOOR);
+        assert!(kept_per_batch(&floored).iter().all(|&c| c >= p.k));
     }
 
     #[test]
@@ -532,6 +558,7 @@ mod index_tests {
                 a_min: 1e-8,
                 bins: 4096,
                 r_min: 11,
+                min_threshold: 0.0,
             },
         };
         let r = sample_landmarks(&z, &offsets, &params, None, &|| false, &mut |_, _| {}).unwrap();

@@ -1,44 +1,66 @@
 //! The two streaming passes that turn landmark rows into corrected values.
 //!
-//! Pass 1 accumulates `Y = A_S X` chunk by chunk (each landmark's sum runs over points in
-//! input order, so the result does not depend on the thread count). The fit then forms either
-//! the smooth estimator's `Y_l / rowsum_l` (`P X`) or the Nyström `pinv(A_SS) A_S X`. Pass 2
-//! emits `X_hat_j = sum_l A_lj Y_l / sum_l A_lj` (smooth, `Q^T Y`) or `sum_l A_lj W_l`
-//! (Nyström); a point no landmark keeps keeps its input value.
+//! Pass 1 accumulates, chunk by chunk, `A_S X` and the row sums of `A_S`: per landmark for
+//! the paper's variant, per landmark and batch for the batch-balanced variants (each
+//! landmark's sum runs over points in input order, so the result does not depend on the
+//! thread count). The fit then forms the per-landmark values of pass 2:
+//! - paper, smooth: `Y_l = (A_S X)_l / rowsum_l` (`P X`); Nyström: `pinv(A_SS) A_S X`;
+//! - balanced: `Ybar_l` = mean over the batches the row reaches of the per-batch local
+//!   means `Y_lb = sum_{j in b} A_lj X_j / sum_{j in b} A_lj`;
+//! - residual: the per-batch offsets `Ybar_l - Y_lb`.
+//!
+//! Pass 2 emits, for point `j` of batch `b` with column entries `A_lj`:
+//! `sum_l A_lj Y_l / sum_l A_lj` (paper smooth and balanced, `Q^T Y`), `sum_l A_lj W_l`
+//! (Nyström), or `X_j + sum_l A_lj (Ybar_l - Y_lb) / sum_l A_lj` (residual). A point no
+//! landmark keeps keeps its input value.
 
-use crate::config::Estimator;
+use crate::config::{Estimator, Variant};
 use crate::kernels::landmark::{Landmark, LandmarkIndex};
 use rayon::prelude::*;
 
 /// One point of a chunk: its reduced coordinates and batch.
 pub type PointRef<'a> = (&'a [f32], usize);
 
-/// Accumulates `A_S X` and the row sums of `A_S` over chunks of points.
+/// Accumulates `A_S X` and the row sums of `A_S` (per batch when the variant needs it) over
+/// chunks of points.
 #[derive(Debug, Clone)]
 pub struct SmoothAccumulator {
     m: usize,
     d: usize,
+    groups: usize,
     y: Vec<f64>,
-    row_sum: Vec<f64>,
+    weight: Vec<f64>,
     index: LandmarkIndex,
 }
 
+/// Number of accumulator groups per landmark: one per batch for the batch-balanced variants.
+fn group_count(landmarks: &[Landmark], variant: Variant) -> usize {
+    if variant.per_batch() {
+        landmarks.first().map_or(1, |l| l.scales.len().max(1))
+    } else {
+        1
+    }
+}
+
 impl SmoothAccumulator {
-    /// An empty accumulator for `landmarks` and `d` output columns.
-    pub fn new(landmarks: &[Landmark], d: usize) -> Self {
+    /// An empty accumulator for `landmarks`, `d` output columns and `variant`.
+    pub fn new(landmarks: &[Landmark], d: usize, variant: Variant) -> Self {
         let m = landmarks.len();
+        let groups = group_count(landmarks, variant);
         Self {
             m,
             d,
-            y: vec![0.0; m * d],
-            row_sum: vec![0.0; m],
+            groups,
+            y: vec![0.0; m * groups * d],
+            weight: vec![0.0; m * groups],
             index: LandmarkIndex::new(landmarks),
         }
     }
 
-    /// Bytes held (for memory accounting).
-    pub fn size_bytes(m: usize, d: usize) -> usize {
-        (m * d + m) * 8
+    /// Bytes held (for memory accounting) with `groups` accumulators per landmark (1, or the
+    /// number of batches for the batch-balanced variants).
+    pub fn size_bytes(m: usize, d: usize, groups: usize) -> usize {
+        (m * d + m) * groups * 8
     }
 
     /// Adds a chunk of points: `points[r]` are the coordinates and batch of row `r`, `x` the
@@ -54,22 +76,24 @@ impl SmoothAccumulator {
                 e
             })
             .collect();
+        let per_batch = self.groups > 1;
         let mut by_landmark: Vec<Vec<(u32, f64)>> = vec![Vec::new(); self.m];
         for (r, e) in entries.iter().enumerate() {
             for &(l, a) in e {
                 by_landmark[l as usize].push((r as u32, a));
             }
         }
-        let d = self.d;
+        let (d, groups) = (self.d, self.groups);
         self.y
-            .par_chunks_mut(d.max(1))
-            .zip(self.row_sum.par_iter_mut())
+            .par_chunks_mut((d * groups).max(1))
+            .zip(self.weight.par_chunks_mut(groups))
             .zip(by_landmark.par_iter())
-            .for_each(|((yl, rs), list)| {
+            .for_each(|((yl, wl), list)| {
                 for &(r, a) in list {
-                    *rs += a;
+                    let g = if per_batch { points[r as usize].1 } else { 0 };
+                    wl[g] += a;
                     let xr = &x[r as usize * d..(r as usize + 1) * d];
-                    for (acc, &v) in yl.iter_mut().zip(xr) {
+                    for (acc, &v) in yl[g * d..(g + 1) * d].iter_mut().zip(xr) {
                         *acc += a * v as f64;
                     }
                 }
@@ -80,21 +104,23 @@ impl SmoothAccumulator {
     pub fn finish(
         self,
         estimator: Estimator,
+        variant: Variant,
         landmarks: &[Landmark],
         batch_of: impl Fn(usize) -> usize + Sync,
     ) -> FittedSmoother {
-        let d = self.d;
-        let values = match estimator {
-            Estimator::Smooth => {
+        let (d, groups) = (self.d, self.groups);
+        let row_sum: Vec<f64> = self.weight.chunks(groups).map(|w| w.iter().sum()).collect();
+        let values = match (variant, estimator) {
+            (Variant::Paper, Estimator::Smooth) => {
                 let mut y = self.y;
-                for (yl, &rs) in y.chunks_mut(d.max(1)).zip(&self.row_sum) {
+                for (yl, &rs) in y.chunks_mut(d.max(1)).zip(&row_sum) {
                     if rs > 0.0 {
                         yl.iter_mut().for_each(|v| *v /= rs);
                     }
                 }
                 y
             }
-            Estimator::Nystrom => {
+            (Variant::Paper, Estimator::Nystrom) => {
                 let a_ss = crate::kernels::landmark::landmark_block(landmarks, batch_of);
                 let pinv = pseudo_inverse(&a_ss, self.m);
                 let mut w = vec![0.0; self.m * d];
@@ -110,29 +136,78 @@ impl SmoothAccumulator {
                 });
                 w
             }
+            (Variant::Balanced | Variant::Residual, _) => {
+                let residual = variant == Variant::Residual;
+                let out_groups = if residual { groups } else { 1 };
+                let mut out = vec![0.0; self.m * out_groups * d];
+                out.par_chunks_mut((out_groups * d).max(1))
+                    .zip(self.y.par_chunks((groups * d).max(1)))
+                    .zip(self.weight.par_chunks(groups))
+                    .for_each(|((ol, yl), wl)| {
+                        let reached = wl.iter().filter(|&&w| w > 0.0).count();
+                        if reached == 0 {
+                            return;
+                        }
+                        let mut mean = vec![0.0f64; d];
+                        for (g, &w) in wl.iter().enumerate() {
+                            if w > 0.0 {
+                                for (acc, &v) in mean.iter_mut().zip(&yl[g * d..(g + 1) * d]) {
+                                    *acc += v / w;
+                                }
+                            }
+                        }
+                        mean.iter_mut().for_each(|v| *v /= reached as f64);
+                        if !residual {
+                            ol.copy_from_slice(&mean);
+                            return;
+                        }
+                        for (g, &w) in wl.iter().enumerate() {
+                            if w > 0.0 {
+                                let og = &mut ol[g * d..(g + 1) * d];
+                                for ((o, &v), &mu) in og
+                                    .iter_mut()
+                                    .zip(&yl[g * d..(g + 1) * d])
+                                    .zip(&mean)
+                                {
+                                    *o = mu - v / w;
+                                }
+                            }
+                        }
+                    });
+                out
+            }
         };
         FittedSmoother {
             estimator,
+            variant,
             d,
+            groups: if variant == Variant::Residual {
+                groups
+            } else {
+                1
+            },
             values,
-            row_sum: self.row_sum,
+            row_sum,
             index: self.index,
         }
     }
 }
 
-/// The per-landmark values of pass 2 (`Y = P X`, or `W = pinv(A_SS) A_S X`).
+/// The per-landmark values of pass 2 (`Y = P X`, `W = pinv(A_SS) A_S X`, the batch-balanced
+/// `Ybar`, or the residual offsets `Ybar - Y_b`).
 #[derive(Debug, Clone)]
 pub struct FittedSmoother {
     estimator: Estimator,
+    variant: Variant,
     d: usize,
+    groups: usize,
     values: Vec<f64>,
     row_sum: Vec<f64>,
     index: LandmarkIndex,
 }
 
 impl FittedSmoother {
-    /// The `m x d` per-landmark values, row-major.
+    /// The per-landmark values, row-major: `m x d`, or `m x B x d` for the residual offsets.
     pub fn values(&self) -> &[f64] {
         &self.values
     }
@@ -143,8 +218,9 @@ impl FittedSmoother {
     }
 
     /// Writes the corrected rows of a chunk into `out` (`points.len() x d`); `x` holds the
-    /// input values used for uncovered points. Returns the number of uncovered points and
-    /// the total number of nonzero entries seen, and marks coverage in `covered`.
+    /// input values (kept by uncovered points; the base of the residual form). Returns the
+    /// number of uncovered points and the total number of nonzero entries seen, and marks
+    /// coverage in `covered`.
     pub fn apply_chunk(
         &self,
         landmarks: &[Landmark],
@@ -155,6 +231,7 @@ impl FittedSmoother {
     ) -> (usize, usize) {
         let d = self.d;
         assert_eq!(out.len(), points.len() * d);
+        let residual = self.variant == Variant::Residual;
         let stats: (usize, usize) = out
             .par_chunks_mut(d.max(1))
             .zip(points.par_iter())
@@ -170,19 +247,26 @@ impl FittedSmoother {
                 *cov = true;
                 let mut acc = vec![0.0f64; d];
                 let mut col_sum = 0.0;
+                let g = if self.groups > 1 { b } else { 0 };
                 for &(l, a) in entries.iter() {
                     col_sum += a;
-                    let v = &self.values[l as usize * d..(l as usize + 1) * d];
-                    for (s, &y) in acc.iter_mut().zip(v) {
+                    let at = (l as usize * self.groups + g) * d;
+                    for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
                         *s += a * y;
                     }
                 }
                 let scale = match self.estimator {
-                    Estimator::Smooth => 1.0 / col_sum,
-                    Estimator::Nystrom => 1.0,
+                    Estimator::Nystrom if !self.variant.per_batch() => 1.0,
+                    _ => 1.0 / col_sum,
                 };
-                for (dst, s) in o.iter_mut().zip(&acc) {
-                    *dst = (s * scale) as f32;
+                if residual {
+                    for ((dst, s), &v) in o.iter_mut().zip(&acc).zip(xr.iter()) {
+                        *dst = (v as f64 + s * scale) as f32;
+                    }
+                } else {
+                    for (dst, s) in o.iter_mut().zip(&acc) {
+                        *dst = (s * scale) as f32;
+                    }
                 }
                 (0, entries.len())
             })
@@ -251,6 +335,7 @@ mod tests {
             a_min: 1e-8,
             bins: 4096,
             r_min: 4,
+            min_threshold: 0.0,
         };
         let mut buf = RowBuffers::default();
         let landmarks = picks
@@ -281,17 +366,26 @@ mod tests {
     }
 
     fn run(s: &Setup, est: Estimator, chunk: usize) -> (Vec<f32>, usize) {
+        run_variant(s, est, Variant::Paper, chunk)
+    }
+
+    fn run_variant(
+        s: &Setup,
+        est: Estimator,
+        variant: Variant,
+        chunk: usize,
+    ) -> (Vec<f32>, usize) {
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
         let points: Vec<PointRef> = (0..s.n)
             .map(|j| (&s.z[j * s.p..(j + 1) * s.p], batch(j)))
             .collect();
-        let mut acc = SmoothAccumulator::new(&s.landmarks, s.d);
+        let mut acc = SmoothAccumulator::new(&s.landmarks, s.d, variant);
         for c0 in (0..s.n).step_by(chunk) {
             let c1 = (c0 + chunk).min(s.n);
             acc.add_chunk(&s.landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
         }
         let lm_batch = |i: usize| batch(i);
-        let fit = acc.finish(est, &s.landmarks, lm_batch);
+        let fit = acc.finish(est, variant, &s.landmarks, lm_batch);
         let mut out = vec![0.0; s.n * s.d];
         let mut cov = vec![false; s.n];
         let (unc, _) = fit.apply_chunk(&s.landmarks, &points, &s.x, &mut out, &mut cov);
@@ -394,6 +488,118 @@ mod tests {
                     "{j} {f}"
                 );
             }
+        }
+    }
+
+    /// Dense per-batch reference: `(Ybar_l, Y_lb)` from the full affinity matrix.
+    fn dense_batch_means(s: &Setup) -> (Vec<Vec<f64>>, Vec<Vec<Option<Vec<f64>>>>) {
+        let a = dense_a(s);
+        let batches = s.offsets.len() - 1;
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        let mut ybar = Vec::new();
+        let mut yb = Vec::new();
+        for row in &a {
+            let per: Vec<Option<Vec<f64>>> = (0..batches)
+                .map(|b| {
+                    let w: f64 = (0..s.n).filter(|&j| batch(j) == b).map(|j| row[j]).sum();
+                    (w > 0.0).then(|| {
+                        (0..s.d)
+                            .map(|f| {
+                                (0..s.n)
+                                    .filter(|&j| batch(j) == b)
+                                    .map(|j| row[j] * s.x[j * s.d + f] as f64)
+                                    .sum::<f64>()
+                                    / w
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            let present: Vec<&Vec<f64>> = per.iter().flatten().collect();
+            ybar.push(
+                (0..s.d)
+                    .map(|f| present.iter().map(|v| v[f]).sum::<f64>() / present.len() as f64)
+                    .collect(),
+            );
+            yb.push(per);
+        }
+        (ybar, yb)
+    }
+
+    #[test]
+    fn balanced_and_residual_match_dense_formulas() {
+        let s = setup(4, &[0, 31, 62, 5, 88]);
+        let a = dense_a(&s);
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        let (ybar, yb) = dense_batch_means(&s);
+        let (bal, unc_b) = run_variant(&s, Estimator::Smooth, Variant::Balanced, 13);
+        let (res, unc_r) = run_variant(&s, Estimator::Smooth, Variant::Residual, 13);
+        assert_eq!(unc_b, unc_r);
+        for j in 0..s.n {
+            let cs: f64 = a.iter().map(|row| row[j]).sum();
+            for f in 0..s.d {
+                let xj = s.x[j * s.d + f] as f64;
+                let (want_bal, want_res) = if cs == 0.0 {
+                    (xj, xj)
+                } else {
+                    let bal: f64 = a.iter().zip(&ybar).map(|(r, y)| r[j] * y[f]).sum::<f64>() / cs;
+                    let off: f64 = a
+                        .iter()
+                        .zip(&ybar)
+                        .zip(&yb)
+                        .filter(|((r, _), _)| r[j] > 0.0)
+                        .map(|((r, y), per)| {
+                            r[j] * (y[f] - per[batch(j)].as_ref().expect("reached")[f])
+                        })
+                        .sum::<f64>()
+                        / cs;
+                    (bal, xj + off)
+                };
+                let tol = |w: f64| 1e-5 * w.abs().max(1.0);
+                assert!((bal[j * s.d + f] as f64 - want_bal).abs() <= tol(want_bal));
+                assert!((res[j * s.d + f] as f64 - want_res).abs() <= tol(want_res));
+            }
+        }
+    }
+
+    #[test]
+    fn residual_removes_a_pure_batch_shift_and_keeps_within_batch_variation() {
+        // Two batches with the same points, the second shifted by +5 in feature 0.
+        let mut s = setup(5, &[0, 31, 62, 5, 45, 70]);
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        for j in 0..s.n {
+            s.x[j * s.d + 1] = 7.0;
+            if batch(j) == 1 {
+                s.x[j * s.d] += 5.0;
+            }
+        }
+        let (out, _) = run_variant(&s, Estimator::Smooth, Variant::Residual, 90);
+        // A constant feature stays constant; the batch offset is moved toward the mean.
+        assert!((0..s.n).all(|j| (out[j * s.d + 1] - 7.0).abs() < 1e-5));
+        let mean = |v: &[f32], b: usize| {
+            let rows: Vec<usize> = (0..s.n).filter(|&j| batch(j) == b).collect();
+            rows.iter().map(|&j| v[j * s.d] as f64).sum::<f64>() / rows.len() as f64
+        };
+        let before = mean(&s.x, 1) - mean(&s.x, 0);
+        let after = mean(&out, 1) - mean(&out, 0);
+        assert!(after.abs() < 0.5 * before.abs(), "{before} -> {after}");
+        // Within a batch the spread survives (smoothing would flatten it).
+        let spread = |v: &[f32]| {
+            let rows: Vec<usize> = (0..s.n).filter(|&j| batch(j) == 0).collect();
+            let m = mean(v, 0);
+            rows.iter().map(|&j| (v[j * s.d] as f64 - m).powi(2)).sum::<f64>() / rows.len() as f64
+        };
+        assert!(spread(&out) > 0.8 * spread(&s.x), "{} vs {}", spread(&out), spread(&s.x));
+    }
+
+    #[test]
+    fn per_batch_variants_do_not_depend_on_chunking() {
+        let s = setup(6, &[3, 40, 77]);
+        for v in [Variant::Balanced, Variant::Residual] {
+            assert_eq!(
+                run_variant(&s, Estimator::Smooth, v, 1).0,
+                run_variant(&s, Estimator::Smooth, v, 90).0
+            );
         }
     }
 
