@@ -272,17 +272,20 @@ fn symmetric_transitions(sub: &SubGraph) -> SubGraph64 {
             q[sub.indices[e] as usize] += sub.values[e];
         }
     }
-    let q_inv: Vec<f32> = q.iter().map(|&v| 1.0 / v).collect();
+    // A node whose weights underflow (f32 denormals from near-duplicate rows) would get an
+    // infinite inverse and turn its entries into NaN; it is left isolated instead.
+    let finite_or_zero = |v: f32| if v.is_finite() { v } else { 0.0 };
+    let q_inv: Vec<f32> = q.iter().map(|&v| finite_or_zero(1.0 / v)).collect();
     let mut kernel = vec![0.0_f32; sub.values.len()];
     let mut z = vec![0.0_f32; m];
     for i in 0..m {
         for e in row(i) {
             let j = sub.indices[e] as usize;
-            kernel[e] = (q_inv[i] * sub.values[e]) * q_inv[j];
+            kernel[e] = finite_or_zero((q_inv[i] * sub.values[e]) * q_inv[j]);
             z[j] += kernel[e];
         }
     }
-    let z_inv: Vec<f32> = z.iter().map(|&v| 1.0 / v.sqrt()).collect();
+    let z_inv: Vec<f32> = z.iter().map(|&v| finite_or_zero(1.0 / v.sqrt())).collect();
     let mut transitions = vec![0.0_f32; sub.values.len()];
     for i in 0..m {
         for e in row(i) {
@@ -660,6 +663,21 @@ fn gamma_continued_fraction(a: f64, x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn underflowing_weights_leave_a_node_isolated_not_nan() {
+        // Nodes 0-1 are an ordinary pair; node 2's weights are f32 denormals (what
+        // near-duplicate rows produce), so its inverse column sum overflows.
+        let tiny = 1e-44_f32;
+        let sub = SubGraph {
+            indptr: vec![0, 2, 4, 6],
+            indices: vec![1, 2, 0, 2, 0, 1],
+            values: vec![0.5, tiny, 0.5, tiny, tiny, tiny],
+        };
+        let t = symmetric_transitions(&sub);
+        assert!(t.values.iter().all(|v| v.is_finite()), "{:?}", t.values);
+        assert!(t.values[0] > 0.0);
+    }
 
     fn close(a: f64, b: f64, tol: f64) -> bool {
         (a - b).abs() <= tol * b.abs().max(1e-300)

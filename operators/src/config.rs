@@ -222,6 +222,11 @@ pub struct BalansConfig {
     /// Keep, in every landmark row, at least the `k` nearest points of each batch (the
     /// threshold on scaled distances is raised to just above 1).
     pub batch_knn_floor: bool,
+    /// Exponent of the per-batch trust `min(1, median_b sigma2_lb / sigma2_lb)^gamma` of the
+    /// batch-balanced variants (0: all batches weigh the same).
+    pub trust_power: f64,
+    /// Fraction of the correction applied, in (0, 1]: `X + strength (X_corrected - X)`.
+    pub strength: f64,
     /// Output space.
     pub output_space: OutputSpace,
     /// Distance.
@@ -251,6 +256,8 @@ impl Default for BalansConfig {
             estimator: Estimator::Smooth,
             variant: Variant::Residual,
             batch_knn_floor: true,
+            trust_power: 0.0,
+            strength: 1.0,
             output_space: OutputSpace::Features,
             metric: Metric::Euclidean,
             seed: 0,
@@ -275,6 +282,8 @@ impl std::hash::Hash for BalansConfig {
         self.estimator.hash(state);
         self.variant.hash(state);
         self.batch_knn_floor.hash(state);
+        self.trust_power.to_bits().hash(state);
+        self.strength.to_bits().hash(state);
         self.output_space.hash(state);
         self.metric.hash(state);
         self.seed.hash(state);
@@ -317,6 +326,12 @@ impl BalansConfig {
         if self.max_landmarks == Some(0) {
             return bad("max-landmarks must be at least 1");
         }
+        if !(self.trust_power >= 0.0 && self.trust_power.is_finite()) {
+            return bad("trust-power must be a finite number >= 0");
+        }
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return bad("strength must lie in (0, 1]");
+        }
         if self.estimator == Estimator::Nystrom && self.variant != Variant::Paper {
             return bad("the nystrom estimator applies to the paper variant only (--variant paper)");
         }
@@ -329,6 +344,7 @@ impl BalansConfig {
         Self {
             variant: Variant::Paper,
             batch_knn_floor: false,
+            trust_power: 0.0,
             ..Self::default()
         }
     }
@@ -342,6 +358,16 @@ impl BalansConfig {
                 variant: v,
                 ..Self::default()
             },
+        }
+    }
+
+    /// The options of the smoothing passes.
+    pub fn smooth_options(&self) -> crate::kernels::smooth::SmoothOptions {
+        crate::kernels::smooth::SmoothOptions {
+            estimator: self.estimator,
+            variant: self.variant,
+            trust_power: self.trust_power,
+            strength: self.strength,
         }
     }
 
@@ -362,9 +388,11 @@ impl BalansConfig {
     /// One-line description (used in EXPLAIN and the output's key-value metadata).
     pub fn describe(&self) -> String {
         format!(
-            "variant={} batch_knn_floor={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            "variant={} batch_knn_floor={} trust_power={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
             self.variant,
             self.batch_knn_floor,
+            self.trust_power,
+            self.strength,
             self.k,
             self.tau,
             self.block,

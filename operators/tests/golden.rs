@@ -10,7 +10,7 @@ use balans_operators::kernels::elbow::ElbowParams;
 use balans_operators::kernels::landmark::{
     Landmark, RowBlocks, RowBuffers, SamplingParams, landmark_row, sample_landmarks,
 };
-use balans_operators::kernels::smooth::{PointRef, SmoothAccumulator};
+use balans_operators::kernels::smooth::{PointRef, SmoothAccumulator, SmoothOptions};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
@@ -113,7 +113,7 @@ fn smooth(s: &Synthetic, landmarks: &[Landmark]) -> (Vec<f32>, Vec<bool>) {
         let c1 = (c0 + 1000).min(s.n);
         acc.add_chunk(landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
     }
-    let fit = acc.finish(Estimator::Smooth, Variant::Paper, landmarks, |g| s.batch[g]);
+    let fit = acc.finish(&SmoothOptions::paper(Estimator::Smooth), landmarks, |g| s.batch[g]);
     let mut out = vec![0.0f32; s.n * s.d];
     let mut covered = vec![false; s.n];
     fit.apply_chunk(landmarks, &points, &s.x, &mut out, &mut covered);

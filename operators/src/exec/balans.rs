@@ -555,7 +555,7 @@ impl Run {
             self.spec.progress.stage_progress(done as u64, None);
         }
         let grouped_ref = &grouped;
-        let fitted = acc.finish(cfg.estimator, cfg.variant, &landmarks, |g| {
+        let fitted = acc.finish(&cfg.smooth_options(), &landmarks, |g| {
             codes[grouped_ref[g] as usize] as usize
         });
         self.end_stage("smooth");
