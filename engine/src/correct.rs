@@ -64,12 +64,12 @@ pub async fn run_correct(
     check_output(&request.output, request.overwrite, &table.files)?;
     let roles = resolve_columns(&table.schema, &request.selection, &request.batch)?;
     let df = ctx.table("profiles").await?;
-    let spec = BalansSpec {
-        features: roles.features.clone(),
-        batch: roles.batch.clone(),
-        config: request.config.clone(),
+    let spec = BalansSpec::new(
+        roles.features.clone(),
+        roles.batch.clone(),
+        request.config.clone(),
         progress,
-    };
+    );
     let plan = balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?;
     let physical = ctx
         .state()

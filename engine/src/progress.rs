@@ -78,7 +78,21 @@ impl ProgressSink for TerminalProgress {
     }
 
     fn finished(&self, summary: &RunSummary) {
-        *self.summary.lock().expect("summary lock") = Some(summary.clone());
+        // Several passes each report; the summary is the last pass's, with every pass's
+        // stage timings and warnings.
+        let mut slot = self.summary.lock().expect("summary lock");
+        let mut merged = summary.clone();
+        if let Some(previous) = slot.take() {
+            merged.stages = previous.stages.into_iter().chain(merged.stages).collect();
+            let mut warnings = previous.warnings;
+            for w in merged.warnings {
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
+            }
+            merged.warnings = warnings;
+        }
+        *slot = Some(merged);
     }
 }
 

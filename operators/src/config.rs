@@ -198,6 +198,9 @@ impl fmt::Display for PcaSetting {
     }
 }
 
+/// Most passes a configuration may ask for.
+pub const MAX_ITERATIONS: usize = 16;
+
 /// Elbow threshold that keeps every point with scaled distance 1, i.e. the `k` nearest of
 /// each batch (their scaled distances are at most 1 by the definition of the local scale).
 pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
@@ -205,7 +208,7 @@ pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
 /// All parameters of one BALANS run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalansConfig {
-    /// Neighbour rank for the per-batch local scale (default 10).
+    /// Neighbour rank for the per-batch local scale (default 40; the paper reading uses 10).
     pub k: usize,
     /// Stop after this many consecutive landmarks that cover no new point (default 50).
     pub tau: usize,
@@ -222,11 +225,11 @@ pub struct BalansConfig {
     /// Keep, in every landmark row, at least the `k` nearest points of each batch (the
     /// threshold on scaled distances is raised to just above 1).
     pub batch_knn_floor: bool,
-    /// Exponent of the per-batch trust `min(1, median_b sigma2_lb / sigma2_lb)^gamma` of the
-    /// batch-balanced variants (0: all batches weigh the same).
-    pub trust_power: f64,
     /// Fraction of the correction applied, in (0, 1]: `X + strength (X_corrected - X)`.
     pub strength: f64,
+    /// Passes: each pass re-runs BALANS (scales, landmarks, smoothing) on the previous
+    /// pass's output, so neighbourhoods found across batches improve as batches align.
+    pub iterations: usize,
     /// Output space.
     pub output_space: OutputSpace,
     /// Distance.
@@ -248,7 +251,7 @@ pub struct BalansConfig {
 impl Default for BalansConfig {
     fn default() -> Self {
         Self {
-            k: 10,
+            k: 40,
             tau: 50,
             block: 20,
             pca: PcaSetting::Auto,
@@ -256,8 +259,8 @@ impl Default for BalansConfig {
             estimator: Estimator::Smooth,
             variant: Variant::Residual,
             batch_knn_floor: true,
-            trust_power: 0.0,
             strength: 1.0,
+            iterations: 2,
             output_space: OutputSpace::Features,
             metric: Metric::Euclidean,
             seed: 0,
@@ -282,8 +285,8 @@ impl std::hash::Hash for BalansConfig {
         self.estimator.hash(state);
         self.variant.hash(state);
         self.batch_knn_floor.hash(state);
-        self.trust_power.to_bits().hash(state);
         self.strength.to_bits().hash(state);
+        self.iterations.hash(state);
         self.output_space.hash(state);
         self.metric.hash(state);
         self.seed.hash(state);
@@ -326,11 +329,13 @@ impl BalansConfig {
         if self.max_landmarks == Some(0) {
             return bad("max-landmarks must be at least 1");
         }
-        if !(self.trust_power >= 0.0 && self.trust_power.is_finite()) {
-            return bad("trust-power must be a finite number >= 0");
-        }
         if !(self.strength > 0.0 && self.strength <= 1.0) {
             return bad("strength must lie in (0, 1]");
+        }
+        if !(1..=MAX_ITERATIONS).contains(&self.iterations) {
+            return Err(OperatorError::InvalidParameter(format!(
+                "iterations must lie in 1..={MAX_ITERATIONS}"
+            )));
         }
         if self.estimator == Estimator::Nystrom && self.variant != Variant::Paper {
             return bad("the nystrom estimator applies to the paper variant only (--variant paper)");
@@ -344,7 +349,8 @@ impl BalansConfig {
         Self {
             variant: Variant::Paper,
             batch_knn_floor: false,
-            trust_power: 0.0,
+            iterations: 1,
+            k: 10,
             ..Self::default()
         }
     }
@@ -366,7 +372,6 @@ impl BalansConfig {
         crate::kernels::smooth::SmoothOptions {
             estimator: self.estimator,
             variant: self.variant,
-            trust_power: self.trust_power,
             strength: self.strength,
         }
     }
@@ -388,10 +393,10 @@ impl BalansConfig {
     /// One-line description (used in EXPLAIN and the output's key-value metadata).
     pub fn describe(&self) -> String {
         format!(
-            "variant={} batch_knn_floor={} trust_power={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
             self.variant,
+            self.iterations,
             self.batch_knn_floor,
-            self.trust_power,
             self.strength,
             self.k,
             self.tau,

@@ -85,7 +85,8 @@ impl UserDefinedLogicalNodeCore for BalansNode {
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "Balans: features={}, batch=[{}], {}",
+            "Balans: {}features={}, batch=[{}], {}",
+            self.spec.pass_label(),
             self.spec.features.len(),
             self.spec.batch.join(", "),
             self.spec.config.describe()
@@ -106,9 +107,18 @@ impl UserDefinedLogicalNodeCore for BalansNode {
     }
 }
 
-/// Wraps `input` in a BALANS correction.
+/// Wraps `input` in a BALANS correction: one node per pass (`spec.config.iterations`), each
+/// correcting the output of the one below it.
 pub fn balans_plan(input: LogicalPlan, spec: BalansSpec) -> Result<LogicalPlan> {
-    Ok(LogicalPlan::Extension(Extension {
-        node: Arc::new(BalansNode::try_new(input, spec)?),
-    }))
+    let mut plan = input;
+    for pass in 1..=spec.config.iterations.max(1) {
+        let spec = BalansSpec {
+            pass,
+            ..spec.clone()
+        };
+        plan = LogicalPlan::Extension(Extension {
+            node: Arc::new(BalansNode::try_new(plan, spec)?),
+        });
+    }
+    Ok(plan)
 }

@@ -31,12 +31,12 @@ async fn explain_shows_the_balans_operator() {
     .unwrap();
     assert_eq!(roles.features.len(), 20);
     let df = ctx.table("profiles").await.unwrap();
-    let spec = BalansSpec {
-        features: roles.features,
-        batch: roles.batch,
-        config: BalansConfig::default(),
-        progress: Arc::new(NoProgress),
-    };
+    let spec = BalansSpec::new(
+        roles.features,
+        roles.batch,
+        BalansConfig::paper(),
+        Arc::new(NoProgress),
+    );
     let plan = balans_plan(df.logical_plan().clone(), spec).unwrap();
     let logical = format!("{}", plan.display_indent());
     assert!(

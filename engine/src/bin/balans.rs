@@ -187,7 +187,7 @@ struct CorrectArgs {
     /// (docs/balans.md).
     #[arg(long, value_enum, default_value = "residual")]
     variant: VariantArg,
-    /// Neighbour rank of the per-batch local scale [default: 10].
+    /// Neighbour rank of the per-batch local scale [default: 40, 10 for --variant paper].
     #[arg(long)]
     k: Option<usize>,
     /// Stop after this many consecutive landmarks that cover no new point [default: 50].
@@ -207,13 +207,12 @@ struct CorrectArgs {
     /// [default: true, false for --variant paper].
     #[arg(long)]
     batch_knn_floor: Option<bool>,
-    /// Exponent of the per-batch trust of the residual and balanced variants: batches whose
-    /// k nearest lie far beyond the median batch's weigh less (0: equal) [default: 0].
-    #[arg(long)]
-    trust_power: Option<f64>,
     /// Fraction of the correction applied, in (0, 1] [default: 1].
     #[arg(long)]
     strength: Option<f64>,
+    /// Passes, each correcting the previous pass's output [default: 2, 1 for --variant paper].
+    #[arg(long)]
+    iterations: Option<usize>,
     /// Estimator of the corrected values (nystrom: --variant paper only) [default: smooth].
     #[arg(long, value_enum)]
     estimator: Option<EstimatorArg>,
@@ -394,9 +393,8 @@ struct TuneArgs {
     /// Batch key column(s), comma-separated.
     #[arg(long, short, value_delimiter = ',', required = true)]
     batch: Vec<String>,
-    /// One grid dimension per use, NAME=V1,V2,... with NAME one of variant, elbow,
-    /// batch-knn-floor, trust-power, strength, k, tau, block, pca, metric, estimator, seed,
-    /// max-landmarks (other parameters keep the defaults of the setting's variant).
+    /// One grid dimension per use, NAME=V1,V2,... with NAME one of variant, iterations, elbow,
+    /// batch-knn-floor, strength, k, tau, block, pca, metric, estimator, seed, max-landmarks (other parameters keep the defaults of the setting's variant).
     #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
     grid: Vec<String>,
     /// Replace an existing --json file.
@@ -499,8 +497,8 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
         },
         elbow: a.elbow.map_or(base.elbow, elbow_rule),
         batch_knn_floor: a.batch_knn_floor.unwrap_or(base.batch_knn_floor),
-        trust_power: a.trust_power.unwrap_or(base.trust_power),
         strength: a.strength.unwrap_or(base.strength),
+        iterations: a.iterations.unwrap_or(base.iterations),
         estimator: a.estimator.map_or(base.estimator, estimator),
         output_space: match a.output_space {
             SpaceArg::Features => OutputSpace::Features,
@@ -524,7 +522,7 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
 
 /// Parameters a `--grid` dimension may vary.
 const GRID_PARAMETERS: &str =
-    "variant, elbow, batch-knn-floor, trust-power, strength, k, tau, block, pca, metric, \
+    "variant, iterations, elbow, batch-knn-floor, strength, k, tau, block, pca, metric, \
      estimator, seed, max-landmarks";
 
 /// Sets one BALANS parameter from its `--grid` name and text value.
@@ -541,11 +539,6 @@ fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Resul
             };
         }
         "elbow" => config.elbow = elbow_rule(ElbowArg::from_str(value, true).map_err(bad)?),
-        "trust-power" => {
-            config.trust_power = value
-                .parse()
-                .map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?
-        }
         "strength" => {
             config.strength = value
                 .parse()
@@ -557,6 +550,7 @@ fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Resul
                 .map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?
         }
         "k" => config.k = number(value)?,
+        "iterations" => config.iterations = number(value)?,
         "tau" => config.tau = number(value)?,
         "block" => config.block = number(value)?,
         "pca" => config.pca = pca_setting(value)?,

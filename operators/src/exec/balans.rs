@@ -65,9 +65,51 @@ pub struct BalansSpec {
     pub config: BalansConfig,
     /// Progress and summary receiver.
     pub progress: Arc<dyn ProgressSink>,
+    /// Which of the `config.iterations` passes this operator runs (1-based); planners chain
+    /// one operator per pass, each correcting the previous pass's output.
+    pub pass: usize,
 }
 
 impl BalansSpec {
+    /// A spec for the first pass.
+    pub fn new(
+        features: Vec<String>,
+        batch: Vec<String>,
+        config: BalansConfig,
+        progress: Arc<dyn ProgressSink>,
+    ) -> Self {
+        Self {
+            features,
+            batch,
+            config,
+            progress,
+            pass: 1,
+        }
+    }
+
+    /// Whether this pass is the last one.
+    pub fn is_last_pass(&self) -> bool {
+        self.pass >= self.config.iterations
+    }
+
+    /// Output space of this pass: features for every pass but the last.
+    pub fn output_space(&self) -> OutputSpace {
+        if self.is_last_pass() {
+            self.config.output_space
+        } else {
+            OutputSpace::Features
+        }
+    }
+
+    /// `pass i/N ` when the correction runs several passes (prefix of stage names).
+    pub fn pass_label(&self) -> String {
+        if self.config.iterations > 1 {
+            format!("pass {}/{} ", self.pass, self.config.iterations)
+        } else {
+            String::new()
+        }
+    }
+
     fn emits_covered_column(&self) -> bool {
         self.config.max_landmarks.is_some() || self.config.tau < self.config.block
     }
@@ -84,7 +126,7 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
     }
     let is_feature = |f: &Field| spec.features.iter().any(|n| n == f.name());
     let mut fields: Vec<Field> = Vec::new();
-    match spec.config.output_space {
+    match spec.output_space() {
         OutputSpace::Features => {
             for f in input.fields() {
                 if is_feature(f) {
@@ -114,7 +156,8 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
             fields.extend((1..=p).map(|c| Field::new(format!("PC{c}"), DataType::Float32, false)));
         }
     }
-    if spec.emits_covered_column() {
+    // An earlier pass's covered column is overwritten in place by this pass's.
+    if spec.emits_covered_column() && input.index_of(COVERED_COLUMN).is_err() {
         fields.push(Field::new(COVERED_COLUMN, DataType::Boolean, false));
     }
     Ok(Arc::new(Schema::new_with_metadata(
@@ -330,15 +373,17 @@ impl Run {
 
     fn start_stage(&mut self, name: &str, total: Option<u64>) {
         self.stage_start = Instant::now();
-        self.spec.progress.stage_started(name, total);
+        let name = format!("{}{name}", self.spec.pass_label());
+        self.spec.progress.stage_started(&name, total);
     }
 
     fn end_stage(&mut self, name: &str) {
+        let name = format!("{}{name}", self.spec.pass_label());
         self.summary.stages.push(StageTiming {
-            stage: name.to_string(),
+            stage: name.clone(),
             seconds: self.stage_start.elapsed().as_secs_f64(),
         });
-        self.spec.progress.stage_finished(name);
+        self.spec.progress.stage_finished(&name);
     }
 
     fn warn(&mut self, message: String) {
@@ -516,7 +561,7 @@ impl Run {
         self.end_stage("sample");
 
         // Smoothing pass 1: Y = A_S X over the output-space matrix, streamed in input order.
-        let x_blocks = match cfg.output_space {
+        let x_blocks = match self.spec.output_space() {
             OutputSpace::Features => feature_blocks.clone(),
             OutputSpace::Pca => match &reduced_input {
                 Some((f, _)) => f.row_blocks()?,
@@ -645,7 +690,22 @@ impl Run {
         let policy = self.spec.config.nan;
         let mut dropped = 0usize;
         let mut rows_seen = 0usize;
-        while let Some(batch) = self.handle.block_on(input.next()) {
+        loop {
+            // Wait for the next input batch, or for the consumer to go away: a chained
+            // earlier pass stops as soon as this one is cancelled.
+            let tx = self.tx.clone();
+            let next = self.handle.block_on(async {
+                tokio::select! {
+                    batch = input.next() => Some(batch),
+                    _ = tx.closed() => None,
+                }
+            });
+            let Some(Some(batch)) = next else {
+                if next.is_none() {
+                    return Err(OperatorError::Cancelled);
+                }
+                break;
+            };
             self.check_cancel()?;
             let batch = batch?;
             let r = batch.num_rows();
@@ -865,7 +925,7 @@ impl Run {
                 if name == COVERED_COLUMN && self.spec.emits_covered_column() {
                     return Ok(OutputColumn::Covered);
                 }
-                let value = match self.spec.config.output_space {
+                let value = match self.spec.output_space() {
                     OutputSpace::Features => self.spec.features.iter().position(|f| f == name),
                     OutputSpace::Pca if meta_schema.index_of(name).is_err() => {
                         next_value += 1;

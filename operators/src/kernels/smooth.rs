@@ -28,9 +28,6 @@ pub struct SmoothOptions {
     pub estimator: Estimator,
     /// Form of the correction.
     pub variant: Variant,
-    /// Exponent `gamma` of the per-batch trust `min(1, median_b sigma2_lb / sigma2_lb)^gamma`
-    /// (0: every batch trusted equally; ignored by the paper variant).
-    pub trust_power: f64,
     /// Fraction of the correction applied: `X + strength (X_corrected - X)`.
     pub strength: f64,
 }
@@ -41,34 +38,9 @@ impl SmoothOptions {
         Self {
             estimator,
             variant: Variant::Paper,
-            trust_power: 0.0,
             strength: 1.0,
         }
     }
-}
-
-/// Per-batch trust of one landmark row: `min(1, median_b sigma2_b / sigma2_b)^power`.
-///
-/// A batch whose `k` nearest points lie much farther from the landmark than in the median
-/// batch probably lacks the landmark's phenotype; its local mean is then a poor estimate of
-/// the batch effect there, so it weighs less in the balanced mean and its points take less
-/// of this landmark's offset. With `power = 0` every batch gets 1.
-pub fn batch_trust(scales: &[crate::kernels::scale::BatchScale], power: f64) -> Vec<f64> {
-    if power == 0.0 || scales.is_empty() {
-        return vec![1.0; scales.len()];
-    }
-    let mut sorted: Vec<f64> = scales.iter().map(|s| s.sigma2).collect();
-    sorted.sort_unstable_by(f64::total_cmp);
-    let b = sorted.len();
-    let median = if b % 2 == 1 {
-        sorted[b / 2]
-    } else {
-        0.5 * (sorted[b / 2 - 1] + sorted[b / 2])
-    };
-    scales
-        .iter()
-        .map(|s| (median / s.sigma2).min(1.0).powf(power))
-        .collect()
 }
 
 /// Accumulates `A_S X` and the row sums of `A_S` (per batch when the variant needs it) over
@@ -159,14 +131,7 @@ impl SmoothAccumulator {
     ) -> FittedSmoother {
         let (estimator, variant) = (options.estimator, options.variant);
         let (d, groups) = (self.d, self.groups);
-        let trust: Vec<f64> = if variant.per_batch() {
-            landmarks
-                .iter()
-                .flat_map(|l| batch_trust(&l.scales, options.trust_power))
-                .collect()
-        } else {
-            Vec::new()
-        };
+
         let row_sum: Vec<f64> = self.weight.chunks(groups).map(|w| w.iter().sum()).collect();
         let values = match (variant, estimator) {
             (Variant::Paper, Estimator::Smooth) => {
@@ -201,26 +166,20 @@ impl SmoothAccumulator {
                 out.par_chunks_mut((out_groups * d).max(1))
                     .zip(self.y.par_chunks((groups * d).max(1)))
                     .zip(self.weight.par_chunks(groups))
-                    .zip(trust.par_chunks(groups))
-                    .for_each(|(((ol, yl), wl), tl)| {
-                        let reached: f64 = wl
-                            .iter()
-                            .zip(tl)
-                            .filter(|&(&w, _)| w > 0.0)
-                            .map(|(_, &t)| t)
-                            .sum();
-                        if reached == 0.0 {
+                    .for_each(|((ol, yl), wl)| {
+                        let reached = wl.iter().filter(|&&w| w > 0.0).count();
+                        if reached == 0 {
                             return;
                         }
                         let mut mean = vec![0.0f64; d];
-                        for (g, (&w, &t)) in wl.iter().zip(tl).enumerate() {
+                        for (g, &w) in wl.iter().enumerate() {
                             if w > 0.0 {
                                 for (acc, &v) in mean.iter_mut().zip(&yl[g * d..(g + 1) * d]) {
-                                    *acc += t * v / w;
+                                    *acc += v / w;
                                 }
                             }
                         }
-                        mean.iter_mut().for_each(|v| *v /= reached);
+                        mean.iter_mut().for_each(|v| *v /= reached as f64);
                         if !residual {
                             ol.copy_from_slice(&mean);
                             return;
@@ -243,7 +202,6 @@ impl SmoothAccumulator {
         };
         FittedSmoother {
             options: *options,
-            trust,
             d,
             groups: if variant == Variant::Residual {
                 groups
@@ -262,8 +220,6 @@ impl SmoothAccumulator {
 #[derive(Debug, Clone)]
 pub struct FittedSmoother {
     options: SmoothOptions,
-    /// Per landmark and batch trust (`m x B`; empty for the paper variant).
-    trust: Vec<f64>,
     d: usize,
     groups: usize,
     values: Vec<f64>,
@@ -298,11 +254,6 @@ impl FittedSmoother {
         assert_eq!(out.len(), points.len() * d);
         let options = &self.options;
         let residual = options.variant == Variant::Residual;
-        let batches = if options.variant.per_batch() {
-            self.trust.len() / self.row_sum.len().max(1)
-        } else {
-            0
-        };
         let strength = options.strength;
         let stats: (usize, usize) = out
             .par_chunks_mut(d.max(1))
@@ -321,11 +272,6 @@ impl FittedSmoother {
                 let mut col_sum = 0.0;
                 let g = if self.groups > 1 { b } else { 0 };
                 for &(l, a) in entries.iter() {
-                    let a = if batches > 0 {
-                        a * self.trust[l as usize * batches + b]
-                    } else {
-                        a
-                    };
                     col_sum += a;
                     let at = (l as usize * self.groups + g) * d;
                     for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
@@ -577,25 +523,13 @@ mod tests {
         }
     }
 
-    /// Dense per-batch reference: `(Ybar_l, Y_lb, trust_lb)` from the full affinity matrix.
-    #[allow(clippy::type_complexity)]
-    fn dense_batch_means(
-        s: &Setup,
-        power: f64,
-    ) -> (Vec<Vec<f64>>, Vec<Vec<Option<Vec<f64>>>>, Vec<Vec<f64>>) {
+    /// Dense per-batch reference: `(Ybar_l, Y_lb)` from the full affinity matrix.
+    fn dense_batch_means(s: &Setup) -> (Vec<Vec<f64>>, Vec<Vec<Option<Vec<f64>>>>) {
         let a = dense_a(s);
         let batches = s.offsets.len() - 1;
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
-        let (mut ybar, mut yb, mut trust) = (Vec::new(), Vec::new(), Vec::new());
-        for (row, lm) in a.iter().zip(&s.landmarks) {
-            let mut sig: Vec<f64> = lm.scales.iter().map(|x| x.sigma2).collect();
-            sig.sort_by(f64::total_cmp);
-            let median = sig[sig.len() / 2]; // three batches: the middle one
-            let t: Vec<f64> = lm
-                .scales
-                .iter()
-                .map(|x| (median / x.sigma2).min(1.0).powf(power))
-                .collect();
+        let (mut ybar, mut yb) = (Vec::new(), Vec::new());
+        for row in &a {
             let per: Vec<Option<Vec<f64>>> = (0..batches)
                 .map(|b| {
                     let w: f64 = (0..s.n).filter(|&j| batch(j) == b).map(|j| row[j]).sum();
@@ -612,21 +546,15 @@ mod tests {
                     })
                 })
                 .collect();
-            let total: f64 = (0..batches).filter(|&b| per[b].is_some()).map(|b| t[b]).sum();
+            let present = per.iter().flatten().count() as f64;
             ybar.push(
                 (0..s.d)
-                    .map(|f| {
-                        (0..batches)
-                            .filter_map(|b| per[b].as_ref().map(|v| t[b] * v[f]))
-                            .sum::<f64>()
-                            / total
-                    })
+                    .map(|f| per.iter().flatten().map(|v| v[f]).sum::<f64>() / present)
                     .collect(),
             );
             yb.push(per);
-            trust.push(t);
         }
-        (ybar, yb, trust)
+        (ybar, yb)
     }
 
     #[test]
@@ -634,19 +562,18 @@ mod tests {
         let s = setup(4, &[0, 31, 62, 5, 88]);
         let a = dense_a(&s);
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
-        for (power, strength) in [(0.0, 1.0), (2.0, 1.0), (1.0, 0.4)] {
-            let (ybar, yb, trust) = dense_batch_means(&s, power);
+        let (ybar, yb) = dense_batch_means(&s);
+        for strength in [1.0, 0.4] {
             let options = |variant| SmoothOptions {
                 estimator: Estimator::Smooth,
                 variant,
-                trust_power: power,
                 strength,
             };
             let (bal, unc_b) = run_options(&s, &options(Variant::Balanced), 13);
             let (res, unc_r) = run_options(&s, &options(Variant::Residual), 13);
             assert_eq!(unc_b, unc_r);
             for j in 0..s.n {
-                let w: Vec<f64> = (0..a.len()).map(|l| a[l][j] * trust[l][batch(j)]).collect();
+                let w: Vec<f64> = (0..a.len()).map(|l| a[l][j]).collect();
                 let cs: f64 = w.iter().sum();
                 for f in 0..s.d {
                     let xj = s.x[j * s.d + f] as f64;
@@ -671,23 +598,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn batch_trust_downweights_batches_far_from_the_median_scale() {
-        use crate::kernels::scale::BatchScale;
-        let scale = |sigma2| BatchScale {
-            k_used: 3,
-            sigma2_kth: sigma2,
-            sigma2,
-        };
-        let scales = [scale(1.0), scale(2.0), scale(8.0), scale(4.0)];
-        // Median of (1, 2, 4, 8) = 3.
-        assert_eq!(batch_trust(&scales, 0.0), vec![1.0; 4]);
-        let t = batch_trust(&scales, 2.0);
-        assert_eq!(&t[..2], &[1.0, 1.0]);
-        assert!((t[2] - (3.0f64 / 8.0).powi(2)).abs() < 1e-15);
-        assert!((t[3] - (3.0f64 / 4.0).powi(2)).abs() < 1e-15);
     }
 
     #[test]
