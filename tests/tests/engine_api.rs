@@ -32,15 +32,16 @@ async fn explain_shows_the_balans_operator() {
     assert_eq!(roles.features.len(), 20);
     let df = ctx.table("profiles").await.unwrap();
     let spec = BalansSpec::new(
-        roles.features,
-        roles.batch,
+        roles.features.clone(),
+        roles.batch.clone(),
         BalansConfig::paper(),
         Arc::new(NoProgress),
     );
     let plan = balans_plan(df.logical_plan().clone(), spec).unwrap();
     let logical = format!("{}", plan.display_indent());
     assert!(
-        logical.contains("Balans: features=20, batch=[Metadata_Batch], k=10"),
+        logical.contains("Balans: features=20, batch=[Metadata_Batch], variant=paper iterations=1")
+            && logical.contains(" k=10 "),
         "{logical}"
     );
     let physical = ctx.state().create_physical_plan(&plan).await.unwrap();
@@ -49,6 +50,22 @@ async fn explain_shows_the_balans_operator() {
         datafusion::physical_plan::displayable(physical.as_ref()).indent(false)
     );
     assert!(shown.contains("BalansExec: features=20"), "{shown}");
+    // The default runs two passes: two chained operators, the second over the first.
+    let spec = BalansSpec::new(
+        roles.features,
+        roles.batch,
+        BalansConfig::default(),
+        Arc::new(NoProgress),
+    );
+    let plan = balans_plan(df.logical_plan().clone(), spec).unwrap();
+    let physical = ctx.state().create_physical_plan(&plan).await.unwrap();
+    let shown = format!(
+        "{}",
+        datafusion::physical_plan::displayable(physical.as_ref()).indent(false)
+    );
+    let second = shown.find("BalansExec: pass 2/2").expect(&shown);
+    let first = shown.find("BalansExec: pass 1/2").expect(&shown);
+    assert!(second < first, "the last pass is the plan's root: {shown}");
 }
 
 #[tokio::test]

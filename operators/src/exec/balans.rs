@@ -224,7 +224,8 @@ impl DisplayAs for BalansExec {
             ),
             _ => write!(
                 f,
-                "BalansExec: features={}, batch=[{}], {}",
+                "BalansExec: {}features={}, batch=[{}], {}",
+                self.spec.pass_label(),
                 self.spec.features.len(),
                 self.spec.batch.join(", "),
                 self.spec.config.describe()
