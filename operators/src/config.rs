@@ -338,7 +338,9 @@ impl BalansConfig {
             )));
         }
         if self.estimator == Estimator::Nystrom && self.variant != Variant::Paper {
-            return bad("the nystrom estimator applies to the paper variant only (--variant paper)");
+            return bad(
+                "the nystrom estimator applies to the paper variant only (--variant paper)",
+            );
         }
         Ok(())
     }

@@ -113,7 +113,9 @@ fn smooth(s: &Synthetic, landmarks: &[Landmark]) -> (Vec<f32>, Vec<bool>) {
         let c1 = (c0 + 1000).min(s.n);
         acc.add_chunk(landmarks, &points[c0..c1], &s.x[c0 * s.d..c1 * s.d]);
     }
-    let fit = acc.finish(&SmoothOptions::paper(Estimator::Smooth), landmarks, |g| s.batch[g]);
+    let fit = acc.finish(&SmoothOptions::paper(Estimator::Smooth), landmarks, |g| {
+        s.batch[g]
+    });
     let mut out = vec![0.0f32; s.n * s.d];
     let mut covered = vec![false; s.n];
     fit.apply_chunk(landmarks, &points, &s.x, &mut out, &mut covered);

@@ -521,8 +521,7 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
 }
 
 /// Parameters a `--grid` dimension may vary.
-const GRID_PARAMETERS: &str =
-    "variant, iterations, elbow, batch-knn-floor, strength, k, tau, block, pca, metric, \
+const GRID_PARAMETERS: &str = "variant, iterations, elbow, batch-knn-floor, strength, k, tau, block, pca, metric, \
      estimator, seed, max-landmarks";
 
 /// Sets one BALANS parameter from its `--grid` name and text value.

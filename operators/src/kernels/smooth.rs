@@ -187,10 +187,8 @@ impl SmoothAccumulator {
                         for (g, &w) in wl.iter().enumerate() {
                             if w > 0.0 {
                                 let og = &mut ol[g * d..(g + 1) * d];
-                                for ((o, &v), &mu) in og
-                                    .iter_mut()
-                                    .zip(&yl[g * d..(g + 1) * d])
-                                    .zip(&mean)
+                                for ((o, &v), &mu) in
+                                    og.iter_mut().zip(&yl[g * d..(g + 1) * d]).zip(&mean)
                                 {
                                     *o = mu - v / w;
                                 }
@@ -392,12 +390,7 @@ mod tests {
         run_variant(s, est, Variant::Paper, chunk)
     }
 
-    fn run_variant(
-        s: &Setup,
-        est: Estimator,
-        variant: Variant,
-        chunk: usize,
-    ) -> (Vec<f32>, usize) {
+    fn run_variant(s: &Setup, est: Estimator, variant: Variant, chunk: usize) -> (Vec<f32>, usize) {
         let options = SmoothOptions {
             variant,
             ..SmoothOptions::paper(est)
@@ -580,8 +573,7 @@ mod tests {
                     let (want_bal, want_res) = if cs == 0.0 {
                         (xj, xj)
                     } else {
-                        let bal: f64 =
-                            w.iter().zip(&ybar).map(|(w, y)| w * y[f]).sum::<f64>() / cs;
+                        let bal: f64 = w.iter().zip(&ybar).map(|(w, y)| w * y[f]).sum::<f64>() / cs;
                         let off: f64 = (0..a.len())
                             .filter(|&l| w[l] > 0.0)
                             .map(|l| {
@@ -625,9 +617,17 @@ mod tests {
         let spread = |v: &[f32]| {
             let rows: Vec<usize> = (0..s.n).filter(|&j| batch(j) == 0).collect();
             let m = mean(v, 0);
-            rows.iter().map(|&j| (v[j * s.d] as f64 - m).powi(2)).sum::<f64>() / rows.len() as f64
+            rows.iter()
+                .map(|&j| (v[j * s.d] as f64 - m).powi(2))
+                .sum::<f64>()
+                / rows.len() as f64
         };
-        assert!(spread(&out) > 0.8 * spread(&s.x), "{} vs {}", spread(&out), spread(&s.x));
+        assert!(
+            spread(&out) > 0.8 * spread(&s.x),
+            "{} vs {}",
+            spread(&out),
+            spread(&s.x)
+        );
     }
 
     #[test]
