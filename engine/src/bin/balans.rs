@@ -44,7 +44,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Batch-correct a profile table and write corrected profiles as Parquet.
-    Correct(CorrectArgs),
+    Correct(Box<CorrectArgs>),
     /// Score batch mixing and biology preservation of an embedding (scib metrics + mAP).
     Evaluate(EvaluateArgs),
     /// Print the detected schema, batches and data problems of a profile table.
@@ -1057,7 +1057,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let job = async move {
             match cli.command {
-                Command::Correct(a) => correct(a, quiet).await,
+                Command::Correct(a) => correct(*a, quiet).await,
                 Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
                 Command::Inspect(a) => run_inspect(a).await,
                 Command::Tune(a) => run_tune(a, quiet).await,

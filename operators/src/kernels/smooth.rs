@@ -516,8 +516,11 @@ mod tests {
         }
     }
 
+    /// Per landmark, per batch: the local mean, or `None` when the batch is not reached.
+    type PerBatchMeans = Vec<Vec<Option<Vec<f64>>>>;
+
     /// Dense per-batch reference: `(Ybar_l, Y_lb)` from the full affinity matrix.
-    fn dense_batch_means(s: &Setup) -> (Vec<Vec<f64>>, Vec<Vec<Option<Vec<f64>>>>) {
+    fn dense_batch_means(s: &Setup) -> (Vec<Vec<f64>>, PerBatchMeans) {
         let a = dense_a(s);
         let batches = s.offsets.len() - 1;
         let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
