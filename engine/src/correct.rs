@@ -1,4 +1,5 @@
-//! The `correct` job: read a profile table, run BALANS, write corrected profiles atomically.
+//! The `correct` job: read a profile table, run BALANS (or ComBat), write corrected profiles
+//! atomically.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,7 +79,10 @@ pub async fn run_correct(
         .map_err(map_planning_error)?;
     let stream = execute_stream(physical, ctx.task_ctx())?;
     let metadata = vec![
-        ("balans.method".to_string(), "balans".to_string()),
+        (
+            "balans.method".to_string(),
+            request.config.method.to_string(),
+        ),
         (
             "balans.version".to_string(),
             env!("CARGO_PKG_VERSION").to_string(),

@@ -144,19 +144,23 @@ pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> 
             if s.batches.len() > 8 { ", ..." } else { "" }
         ),
     );
-    line(
-        "landmarks m",
-        format!("{} ({} distinct)", s.landmarks, s.distinct_landmarks),
-    );
-    line(
-        "coverage",
-        format!("{:.4} ({} uncovered)", s.coverage, s.uncovered),
-    );
-    line("stop reason", s.stop_reason.clone());
-    line(
-        "kept entries per row",
-        format!("{:.1} (nnz {})", s.mean_kept_per_row, s.nnz),
-    );
+    if s.method == "combat" {
+        line("method", "ComBat (parametric empirical Bayes)".into());
+    } else {
+        line(
+            "landmarks m",
+            format!("{} ({} distinct)", s.landmarks, s.distinct_landmarks),
+        );
+        line(
+            "coverage",
+            format!("{:.4} ({} uncovered)", s.coverage, s.uncovered),
+        );
+        line("stop reason", s.stop_reason.clone());
+        line(
+            "kept entries per row",
+            format!("{:.1} (nnz {})", s.mean_kept_per_row, s.nnz),
+        );
+    }
     for st in &s.stages {
         line(
             &format!("time {}", st.stage),

@@ -735,3 +735,55 @@ fn every_option_runs_end_to_end() {
         stderr(&o)
     );
 }
+
+/// `--method combat` reproduces scanpy's ComBat (golden/combat) through the whole engine, to
+/// the float32 precision of the working files; a batch of one row is a clear error.
+#[test]
+fn combat_method_matches_scanpy_and_rejects_a_one_row_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = shared().join("golden/preprocess/final_mad_int_featselect.parquet");
+    let out = dir.path().join("combat.parquet");
+    let o = correct(
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &["--method", "combat"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ComBat"), "{}", stderr(&o));
+    let ours = read(&out);
+    let golden = read(&shared().join("golden/combat/bbbc021_combat.parquet"));
+    assert_eq!(ours.schema().fields().len(), golden.schema().fields().len());
+    let mut worst = 0.0f64;
+    for field in golden.schema().fields() {
+        if field.name().starts_with("Metadata_") {
+            continue;
+        }
+        let cast64 = |b: &RecordBatch| {
+            let c = cast(b.column_by_name(field.name()).unwrap(), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>().values().to_vec()
+        };
+        for (a, b) in cast64(&ours).iter().zip(cast64(&golden)) {
+            worst = worst.max((a - b).abs() / b.abs().max(1.0));
+        }
+    }
+    assert!(worst < 1e-6, "worst relative error {worst:e}");
+    // One row in batch B2: ComBat cannot estimate its variance.
+    let (mut batch, mut label, mut cols) = table(2, 20, 4);
+    batch.push("B2".into());
+    label.push("L0".into());
+    cols.iter_mut().for_each(|c| c.push(0.5));
+    let small = dir.path().join("one_row_batch.parquet");
+    write_table(&small, &batch, &label, &cols);
+    let target = dir.path().join("x.parquet");
+    let o = correct(
+        small.to_str().unwrap(),
+        target.to_str().unwrap(),
+        &["--method", "combat"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("batch 'B2' has 1 row(s)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!target.exists());
+}

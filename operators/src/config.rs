@@ -63,6 +63,26 @@ impl fmt::Display for Estimator {
     }
 }
 
+/// Which correction method an operator runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default)]
+pub enum Method {
+    /// BALANS (every other field of [`BalansConfig`] applies).
+    #[default]
+    Balans,
+    /// ComBat, parametric empirical Bayes as scanpy's `pp.combat` (only `nan` and
+    /// `chunk_rows` apply).
+    ComBat,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Balans => "balans",
+            Self::ComBat => "combat",
+        })
+    }
+}
+
 /// How the landmark rows turn into corrected values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
 pub enum Variant {
@@ -208,6 +228,8 @@ pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
 /// All parameters of one BALANS run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalansConfig {
+    /// Correction method (BALANS unless another is asked for).
+    pub method: Method,
     /// Neighbour rank for the per-batch local scale (default 40; the paper reading uses 10).
     pub k: usize,
     /// Stop after this many consecutive landmarks that cover no new point (default 50).
@@ -251,6 +273,7 @@ pub struct BalansConfig {
 impl Default for BalansConfig {
     fn default() -> Self {
         Self {
+            method: Method::Balans,
             k: 40,
             tau: 50,
             block: 20,
@@ -277,6 +300,7 @@ impl Eq for BalansConfig {}
 
 impl std::hash::Hash for BalansConfig {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.method.hash(state);
         self.k.hash(state);
         self.tau.hash(state);
         self.block.hash(state);
@@ -308,6 +332,9 @@ impl BalansConfig {
     /// Checks parameter ranges.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(OperatorError::InvalidParameter(m.to_string()));
+        if self.method == Method::ComBat && self.output_space != OutputSpace::Features {
+            return bad("ComBat corrects the features; --output-space pca applies to BALANS only");
+        }
         if self.k == 0 {
             return bad("k must be at least 1");
         }
@@ -378,6 +405,14 @@ impl BalansConfig {
         }
     }
 
+    /// Operators a correction chains: `iterations` for BALANS, one for ComBat.
+    pub fn passes(&self) -> usize {
+        match self.method {
+            Method::Balans => self.iterations,
+            Method::ComBat => 1,
+        }
+    }
+
     /// Smallest elbow threshold this configuration allows (see `batch_knn_floor`).
     pub fn min_threshold(&self) -> f64 {
         if self.batch_knn_floor {
@@ -394,6 +429,9 @@ impl BalansConfig {
 
     /// One-line description (used in EXPLAIN and the output's key-value metadata).
     pub fn describe(&self) -> String {
+        if self.method == Method::ComBat {
+            return format!("method=combat nan={}", self.nan);
+        }
         format!(
             "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
             self.variant,

@@ -40,6 +40,8 @@ pub struct StageTiming {
 /// What a BALANS run did.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct RunSummary {
+    /// Correction method (`balans`, `combat`).
+    pub method: String,
     /// Rows in the output.
     pub rows: usize,
     /// Rows dropped for non-finite features (`--nan drop-rows`).

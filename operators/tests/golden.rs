@@ -1,9 +1,10 @@
 //! The BALANS kernels against the numpy reference in `shared/golden/balans/` (see its README
 //! for how the files were made and the tolerances used here).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::PathBuf;
 
 use balans_operators::config::{ElbowRule, Estimator, Variant};
 use balans_operators::kernels::elbow::ElbowParams;
@@ -11,47 +12,10 @@ use balans_operators::kernels::landmark::{
     Landmark, RowBlocks, RowBuffers, SamplingParams, landmark_row, sample_landmarks,
 };
 use balans_operators::kernels::smooth::{PointRef, SmoothAccumulator, SmoothOptions};
+use common::{f64_col, i64_col, read, shared};
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::compute::{cast, concat_batches};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-fn shared() -> PathBuf {
-    std::env::var_os("BALANS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-}
-
-fn read(rel: &str) -> RecordBatch {
-    let path = shared().join(rel);
-    let file = File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (set BALANS_SHARED to the shared/ folder)",
-            path.display()
-        )
-    });
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    concat_batches(&batches[0].schema(), &batches).unwrap()
-}
-
-fn f64_col(b: &RecordBatch, name: &str) -> Vec<f64> {
-    let c = cast(
-        b.column_by_name(name)
-            .unwrap_or_else(|| panic!("column {name}")),
-        &DataType::Float64,
-    )
-    .unwrap();
-    c.as_primitive::<Float64Type>().values().to_vec()
-}
-
-fn i64_col(b: &RecordBatch, name: &str) -> Vec<i64> {
-    let c = cast(b.column_by_name(name).unwrap(), &DataType::Int64).unwrap();
-    c.as_primitive::<Int64Type>().values().to_vec()
-}
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
 
 /// The synthetic input: features f0..f19 (row-major f32) and batch offsets (the file is sorted
 /// by batch, so input order is the batch-grouped order).

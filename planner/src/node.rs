@@ -107,11 +107,11 @@ impl UserDefinedLogicalNodeCore for BalansNode {
     }
 }
 
-/// Wraps `input` in a BALANS correction: one node per pass (`spec.config.iterations`), each
+/// Wraps `input` in a correction: one node per pass (`spec.config.passes()`), each
 /// correcting the output of the one below it.
 pub fn balans_plan(input: LogicalPlan, spec: BalansSpec) -> Result<LogicalPlan> {
     let mut plan = input;
-    for pass in 1..=spec.config.iterations.max(1) {
+    for pass in 1..=spec.config.passes().max(1) {
         let spec = BalansSpec {
             pass,
             ..spec.clone()

@@ -124,6 +124,8 @@ impl SelectionArgs {
 enum Method {
     /// BALANS (batch-dependent local-scale affinities, adaptive landmarks).
     Balans,
+    /// ComBat (parametric empirical Bayes, as scanpy's pp.combat; the BALANS options do not apply).
+    Combat,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -488,6 +490,10 @@ fn variant(a: VariantArg) -> Variant {
 fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
     let base = BalansConfig::for_variant(variant(a.variant));
     let config = BalansConfig {
+        method: match a.method {
+            Method::Balans => balans_operators::Method::Balans,
+            Method::Combat => balans_operators::Method::ComBat,
+        },
         k: a.k.unwrap_or(base.k),
         tau: a.tau.unwrap_or(base.tau),
         block: a.block.unwrap_or(base.block),
@@ -607,7 +613,6 @@ fn grid_settings(grid: &[String]) -> Result<Vec<Vec<(String, String)>>> {
 }
 
 async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
-    let Method::Balans = a.method;
     let started = Instant::now();
     let config = correct_config(&a)?;
     if a.evaluate {

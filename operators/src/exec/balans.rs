@@ -40,9 +40,10 @@ use datafusion::physical_plan::{
 use futures::StreamExt;
 use rayon::prelude::*;
 
-use crate::config::{BalansConfig, Metric, NanPolicy, OutputSpace};
+use crate::config::{BalansConfig, Method, Metric, NanPolicy, OutputSpace};
 use crate::error::{OperatorError, Result};
 use crate::io::mmap_ipc::{BatchWriter, MappedIpcFile, MatrixWriter};
+use crate::kernels::combat::{BatchMoments, fit_combat};
 use crate::kernels::distance::l2_normalize_rows;
 use crate::kernels::elbow::ElbowParams;
 use crate::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
@@ -89,7 +90,7 @@ impl BalansSpec {
 
     /// Whether this pass is the last one.
     pub fn is_last_pass(&self) -> bool {
-        self.pass >= self.config.iterations
+        self.pass >= self.config.passes()
     }
 
     /// Output space of this pass: features for every pass but the last.
@@ -103,15 +104,16 @@ impl BalansSpec {
 
     /// `pass i/N ` when the correction runs several passes (prefix of stage names).
     pub fn pass_label(&self) -> String {
-        if self.config.iterations > 1 {
-            format!("pass {}/{} ", self.pass, self.config.iterations)
+        if self.config.passes() > 1 {
+            format!("pass {}/{} ", self.pass, self.config.passes())
         } else {
             String::new()
         }
     }
 
     fn emits_covered_column(&self) -> bool {
-        self.config.max_landmarks.is_some() || self.config.tau < self.config.block
+        self.config.method == Method::Balans
+            && (self.config.max_landmarks.is_some() || self.config.tau < self.config.block)
     }
 }
 
@@ -348,6 +350,7 @@ impl Run {
         handle: tokio::runtime::Handle,
     ) -> Result<Self> {
         let reservation = MemoryConsumer::new("BalansExec").register(context.memory_pool());
+        let method = spec.config.method.to_string();
         Ok(Self {
             spec,
             schema,
@@ -355,7 +358,10 @@ impl Run {
             tx,
             handle,
             reservation,
-            summary: RunSummary::default(),
+            summary: RunSummary {
+                method,
+                ..RunSummary::default()
+            },
             stage_start: Instant::now(),
         })
     }
@@ -426,7 +432,10 @@ impl Run {
 
     fn execute(mut self, input: SendableRecordBatchStream) -> Result<()> {
         let d = self.spec.features.len();
-        let pca_p = self.spec.config.pca.components(d);
+        let pca_p = match self.spec.config.method {
+            Method::Balans => self.spec.config.pca.components(d),
+            Method::ComBat => None,
+        };
         let ing = self.ingest(input, pca_p)?;
         let n = ing.batch_codes.len();
 
@@ -443,6 +452,9 @@ impl Run {
         let mut sizes = vec![0usize; keys.len()];
         codes.iter().for_each(|&c| sizes[c as usize] += 1);
         self.summary.batches = keys.iter().cloned().zip(sizes.iter().copied()).collect();
+        if self.spec.config.method == Method::ComBat {
+            return self.run_combat(&ing.features, &ing.meta, &codes, &keys);
+        }
         let k = self.spec.config.k;
         for (key, &size) in keys.iter().zip(&sizes) {
             if size <= k {
@@ -641,6 +653,83 @@ impl Run {
         if uncovered > 0 {
             self.warn(format!("{uncovered} rows are covered by no landmark and keep their input values (see {COVERED_COLUMN})"));
         }
+        self.spec.progress.finished(&self.summary);
+        Ok(())
+    }
+
+    /// ComBat over the ingested working files: one pass for the per-batch moments (input
+    /// order), the empirical-Bayes fit, one pass writing the corrected rows.
+    fn run_combat(
+        &mut self,
+        features: &WorkFile,
+        meta: &WorkFile,
+        codes: &[u32],
+        keys: &[String],
+    ) -> Result<()> {
+        let n = codes.len();
+        let d = self.spec.features.len();
+        let chunk = self.spec.config.chunk_rows;
+        self.reserve(
+            keys.len() * (d * 2 + 1) * 8 * 2,
+            "ComBat's per-batch moments and estimates (batches x features)",
+        )?;
+        self.start_stage("fit", Some(n as u64));
+        let features = MappedIpcFile::open(&features.path)?;
+        let blocks = features.row_blocks()?;
+        let mut moments = BatchMoments::new(keys.len(), d);
+        let mut row64 = vec![0.0f64; d];
+        let mut done = 0usize;
+        while done < n {
+            self.check_cancel()?;
+            let end = (done + chunk).min(n);
+            for i in done..end {
+                row64
+                    .iter_mut()
+                    .zip(blocks.row(i))
+                    .for_each(|(o, &v)| *o = f64::from(v));
+                moments.add_row(codes[i] as usize, &row64);
+            }
+            done = end;
+            self.spec.progress.stage_progress(done as u64, None);
+        }
+        let model = fit_combat(&moments, keys)?;
+        self.end_stage("fit");
+
+        self.start_stage("write", Some(n as u64));
+        let meta = MappedIpcFile::open(&meta.path)?;
+        let plan = self.output_columns(meta.schema())?;
+        let mut row = 0usize;
+        let mut out64 = vec![0.0f64; d];
+        for mb in meta.batches() {
+            let end = row + mb.num_rows();
+            let mut start = row;
+            while start < end {
+                self.check_cancel()?;
+                let stop = (start + chunk).min(end);
+                let mut out = vec![0.0f32; (stop - start) * d];
+                for (i, o) in (start..stop).zip(out.chunks_mut(d.max(1))) {
+                    row64
+                        .iter_mut()
+                        .zip(blocks.row(i))
+                        .for_each(|(r, &v)| *r = f64::from(v));
+                    model.apply_row(codes[i] as usize, &row64, &mut out64);
+                    o.iter_mut().zip(&out64).for_each(|(o, &v)| *o = v as f32);
+                }
+                let meta_slice = mb.slice(start - row, stop - start);
+                let batch = self.assemble(&plan, &meta_slice, &out, d, vec![true; stop - start])?;
+                if self.tx.blocking_send(Ok(batch)).is_err() {
+                    return Err(OperatorError::Cancelled);
+                }
+                start = stop;
+                self.spec.progress.stage_progress(start as u64, None);
+            }
+            row = end;
+        }
+        self.summary.rows = n;
+        self.summary.coverage = 1.0;
+        self.summary.stop_reason = "n/a (ComBat)".into();
+        self.summary.distance_dims = d;
+        self.end_stage("write");
         self.spec.progress.finished(&self.summary);
         Ok(())
     }

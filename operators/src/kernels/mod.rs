@@ -1,6 +1,7 @@
-//! Numeric kernels of BALANS: free functions and small state machines over slices, with no
+//! Numeric kernels of BALANS and ComBat: free functions and small state machines over slices, with no
 //! DataFusion types. Each is tested against a dense brute-force reference.
 
+pub mod combat;
 pub mod distance;
 pub mod elbow;
 pub mod landmark;
