@@ -10,3 +10,4 @@ pub mod quality;
 pub mod sampling;
 pub mod scale;
 pub mod smooth;
+pub mod sphering;
