@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use balans_operators::exec::BalansSpec;
-use balans_operators::{BalansConfig, ProgressSink};
+use balans_operators::{BalansConfig, Method, ProgressSink};
 use balans_planner::balans_plan;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{BalansError, Result};
+use crate::evaluate::negcon_predicate;
 use crate::source::{
     ColumnRoles, FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns,
 };
@@ -33,7 +34,12 @@ pub struct CorrectRequest {
     pub overwrite: bool,
     /// Object-store options.
     pub source: SourceOptions,
+    /// SQL predicate marking the negative controls (what sphering is fitted on).
+    pub negcon: Option<String>,
 }
+
+/// Column the engine adds to carry the `negcon` predicate's value to the operator.
+const FIT_MASK_COLUMN: &str = "__balans_fit_row";
 
 /// What a correction did.
 #[derive(Debug, Clone)]
@@ -64,13 +70,25 @@ pub async fn run_correct(
     let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
     check_output(&request.output, request.overwrite, &table.files)?;
     let roles = resolve_columns(&table.schema, &request.selection, &request.batch)?;
-    let df = ctx.table("profiles").await?;
-    let spec = BalansSpec::new(
+    let mut df = ctx.table("profiles").await?;
+    let mut spec = BalansSpec::new(
         roles.features.clone(),
         roles.batch.clone(),
         request.config.clone(),
         progress,
     );
+    if request.config.method == Method::Sphering {
+        let predicate = request.negcon.as_deref().ok_or_else(|| {
+            BalansError::InvalidArgument(
+                "--method sphering is fitted on negative controls: give --negcon PREDICATE \
+                 (e.g. \"Metadata_PertType = 'negcon'\")"
+                    .into(),
+            )
+        })?;
+        let mask = negcon_predicate(&df, predicate)?;
+        df = df.with_column(FIT_MASK_COLUMN, mask)?;
+        spec.fit_mask = Some(FIT_MASK_COLUMN.to_string());
+    }
     let plan = balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?;
     let physical = ctx
         .state()

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Float64Type};
 use balans_metrics::suite::{EvalInput, EvalOptions, EvalReport, evaluate};
 use balans_metrics::{Codes, MetricsError};
 use datafusion::functions::core::expr_fn::coalesce;
-use datafusion::logical_expr::ExprSchemable;
+use datafusion::logical_expr::{Expr, ExprSchemable};
 use datafusion::prelude::{SessionContext, cast, ident, lit};
 use futures::StreamExt;
 use serde::Serialize;
@@ -177,25 +177,7 @@ pub async fn load_embedding(
 
     let df = ctx.table(table_name).await?;
     let negcon_expr = match &request.negcon {
-        Some(predicate) => {
-            let expr = df.parse_sql_expr(predicate).map_err(|e| {
-                BalansError::InvalidArgument(format!(
-                    "--negcon '{predicate}' is not a valid SQL predicate over the columns: {e}"
-                ))
-            })?;
-            let data_type = expr.get_type(df.schema()).map_err(|e| {
-                BalansError::InvalidArgument(format!(
-                    "--negcon '{predicate}' cannot be evaluated: {e}"
-                ))
-            })?;
-            if data_type != DataType::Boolean {
-                return Err(BalansError::InvalidArgument(format!(
-                    "--negcon must be a boolean predicate (e.g. \"Metadata_PertType = 'negcon'\"), \
-                     but '{predicate}' has type {data_type}"
-                )));
-            }
-            coalesce(vec![expr, lit(false)])
-        }
+        Some(predicate) => negcon_predicate(&df, predicate)?,
         None => lit(false),
     };
     let mut select = Vec::with_capacity(roles.features.len() + 6);
@@ -614,4 +596,24 @@ fn affinity_heatmap(
         row_groups: groups(&row_order, batch),
         col_groups: groups(&col_order, label),
     }
+}
+
+/// The `--negcon` SQL predicate over `df`'s columns as a boolean expression (null counts as
+/// false), or a clear error naming the predicate.
+pub fn negcon_predicate(df: &datafusion::prelude::DataFrame, predicate: &str) -> Result<Expr> {
+    let expr = df.parse_sql_expr(predicate).map_err(|e| {
+        BalansError::InvalidArgument(format!(
+            "--negcon '{predicate}' is not a valid SQL predicate over the columns: {e}"
+        ))
+    })?;
+    let data_type = expr.get_type(df.schema()).map_err(|e| {
+        BalansError::InvalidArgument(format!("--negcon '{predicate}' cannot be evaluated: {e}"))
+    })?;
+    if data_type != DataType::Boolean {
+        return Err(BalansError::InvalidArgument(format!(
+            "--negcon must be a boolean predicate (e.g. \"Metadata_PertType = 'negcon'\"), \
+             but '{predicate}' has type {data_type}"
+        )));
+    }
+    Ok(coalesce(vec![expr, lit(false)]))
 }

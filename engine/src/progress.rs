@@ -144,8 +144,9 @@ pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> 
             if s.batches.len() > 8 { ", ..." } else { "" }
         ),
     );
-    if s.method == "combat" {
-        line("method", "ComBat (parametric empirical Bayes)".into());
+    if s.method == "combat" || s.method == "sphering" {
+        line("method", s.method.clone());
+        line("fit", s.stop_reason.clone());
     } else {
         line(
             "landmarks m",

@@ -37,6 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         overwrite: true,
         source: SourceOptions::default(),
+        negcon: None,
     };
     let outcome = run_correct(&ctx, &request, Arc::new(NoProgress)).await?;
     println!(

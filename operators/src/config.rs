@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::error::{OperatorError, Result};
+pub use crate::kernels::sphering::SpheringMethod;
 
 /// How the sparsification threshold of one affinity row is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
@@ -72,6 +73,9 @@ pub enum Method {
     /// ComBat, parametric empirical Bayes as scanpy's `pp.combat` (only `nan` and
     /// `chunk_rows` apply).
     ComBat,
+    /// Sphering (ZCA / ZCA-cor whitening) fitted on negative controls, as pycytominer
+    /// (`sphering`, `epsilon`, `nan` and `chunk_rows` apply).
+    Sphering,
 }
 
 impl fmt::Display for Method {
@@ -79,6 +83,7 @@ impl fmt::Display for Method {
         f.write_str(match self {
             Self::Balans => "balans",
             Self::ComBat => "combat",
+            Self::Sphering => "sphering",
         })
     }
 }
@@ -230,6 +235,10 @@ pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
 pub struct BalansConfig {
     /// Correction method (BALANS unless another is asked for).
     pub method: Method,
+    /// Whitening of the sphering method.
+    pub sphering: SpheringMethod,
+    /// Sphering's regulariser, added to the singular values (pycytominer's default 1e-6).
+    pub epsilon: f64,
     /// Neighbour rank for the per-batch local scale (default 40; the paper reading uses 10).
     pub k: usize,
     /// Stop after this many consecutive landmarks that cover no new point (default 50).
@@ -274,6 +283,8 @@ impl Default for BalansConfig {
     fn default() -> Self {
         Self {
             method: Method::Balans,
+            sphering: SpheringMethod::ZcaCor,
+            epsilon: 1e-6,
             k: 40,
             tau: 50,
             block: 20,
@@ -301,6 +312,8 @@ impl Eq for BalansConfig {}
 impl std::hash::Hash for BalansConfig {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.method.hash(state);
+        self.sphering.hash(state);
+        self.epsilon.to_bits().hash(state);
         self.k.hash(state);
         self.tau.hash(state);
         self.block.hash(state);
@@ -332,8 +345,11 @@ impl BalansConfig {
     /// Checks parameter ranges.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(OperatorError::InvalidParameter(m.to_string()));
-        if self.method == Method::ComBat && self.output_space != OutputSpace::Features {
-            return bad("ComBat corrects the features; --output-space pca applies to BALANS only");
+        if self.method != Method::Balans && self.output_space != OutputSpace::Features {
+            return bad("--output-space pca applies to BALANS only");
+        }
+        if !(self.epsilon >= 0.0 && self.epsilon.is_finite()) {
+            return bad("epsilon must be a finite number >= 0");
         }
         if self.k == 0 {
             return bad("k must be at least 1");
@@ -409,7 +425,7 @@ impl BalansConfig {
     pub fn passes(&self) -> usize {
         match self.method {
             Method::Balans => self.iterations,
-            Method::ComBat => 1,
+            Method::ComBat | Method::Sphering => 1,
         }
     }
 
@@ -429,8 +445,15 @@ impl BalansConfig {
 
     /// One-line description (used in EXPLAIN and the output's key-value metadata).
     pub fn describe(&self) -> String {
-        if self.method == Method::ComBat {
-            return format!("method=combat nan={}", self.nan);
+        match self.method {
+            Method::ComBat => return format!("method=combat nan={}", self.nan),
+            Method::Sphering => {
+                return format!(
+                    "method=sphering sphering={} epsilon={} nan={}",
+                    self.sphering, self.epsilon, self.nan
+                );
+            }
+            Method::Balans => {}
         }
         format!(
             "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",

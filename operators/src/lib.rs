@@ -12,7 +12,9 @@ pub mod io;
 pub mod kernels;
 pub mod progress;
 
-pub use config::{BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, Variant};
+pub use config::{
+    BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod, Variant,
+};
 pub use error::{OperatorError, Result};
 pub use exec::{BalansExec, BalansSpec};
 pub use progress::{NoProgress, ProgressSink, RunSummary, StageTiming};

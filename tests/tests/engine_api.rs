@@ -88,6 +88,7 @@ async fn varchamp_corrects_with_pca_under_a_memory_limit() {
         config: BalansConfig::default(),
         overwrite: false,
         source: SourceOptions::default(),
+        negcon: None,
     };
     let outcome = run_correct(&ctx, &request, Arc::new(NoProgress))
         .await

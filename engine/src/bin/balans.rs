@@ -126,6 +126,14 @@ enum Method {
     Balans,
     /// ComBat (parametric empirical Bayes, as scanpy's pp.combat; the BALANS options do not apply).
     Combat,
+    /// Sphering (ZCA / ZCA-cor whitening) fitted on the --negcon rows, as pycytominer.
+    Sphering,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum SpheringArg {
+    Zca,
+    ZcaCor,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -185,6 +193,12 @@ struct CorrectArgs {
     /// Correction method.
     #[arg(long, value_enum, default_value = "balans")]
     method: Method,
+    /// Whitening of --method sphering (fitted on the --negcon rows).
+    #[arg(long, value_enum, default_value = "zca-cor")]
+    sphering: SpheringArg,
+    /// Regulariser of --method sphering, added to the singular values as pycytominer does.
+    #[arg(long, default_value_t = 1e-6)]
+    epsilon: f64,
     /// Form of the correction; the other BALANS options default to this variant's defaults
     /// (docs/balans.md).
     #[arg(long, value_enum, default_value = "residual")]
@@ -493,7 +507,13 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
         method: match a.method {
             Method::Balans => balans_operators::Method::Balans,
             Method::Combat => balans_operators::Method::ComBat,
+            Method::Sphering => balans_operators::Method::Sphering,
         },
+        sphering: match a.sphering {
+            SpheringArg::Zca => balans_operators::SpheringMethod::Zca,
+            SpheringArg::ZcaCor => balans_operators::SpheringMethod::ZcaCor,
+        },
+        epsilon: a.epsilon,
         k: a.k.unwrap_or(base.k),
         tau: a.tau.unwrap_or(base.tau),
         block: a.block.unwrap_or(base.block),
@@ -642,6 +662,7 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         config,
         overwrite: a.overwrite,
         source: a.input.select.source(),
+        negcon: a.eval.negcon.clone(),
     };
     let outcome = run_correct(&ctx, &request, progress.clone()).await?;
     let total = started.elapsed().as_secs_f64();
@@ -889,6 +910,7 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
             config,
             overwrite: true,
             source: a.input.select.source(),
+            negcon: None,
         };
         let progress = Arc::new(TerminalProgress::new(true));
         let started = Instant::now();

@@ -49,6 +49,7 @@ use crate::kernels::elbow::ElbowParams;
 use crate::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
 use crate::kernels::pca::{GramAccumulator, PcaModel};
 use crate::kernels::smooth::{PointRef, SmoothAccumulator};
+use crate::kernels::sphering::SpheringAccumulator;
 use crate::progress::{ProgressSink, RunSummary, StageTiming};
 
 /// Name of the column that marks points no landmark covers (present when a cap can stop
@@ -69,6 +70,9 @@ pub struct BalansSpec {
     /// Which of the `config.iterations` passes this operator runs (1-based); planners chain
     /// one operator per pass, each correcting the previous pass's output.
     pub pass: usize,
+    /// Boolean input column marking the rows a method is fitted on (sphering: the negative
+    /// controls); it is not passed to the output.
+    pub fit_mask: Option<String>,
 }
 
 impl BalansSpec {
@@ -85,6 +89,7 @@ impl BalansSpec {
             config,
             progress,
             pass: 1,
+            fit_mask: None,
         }
     }
 
@@ -126,11 +131,22 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
             )));
         }
     }
+    if let Some(mask) = &spec.fit_mask {
+        match input.field_with_name(mask) {
+            Ok(f) if f.data_type() == &DataType::Boolean => {}
+            _ => {
+                return Err(OperatorError::BadInput(format!(
+                    "the fit-row column '{mask}' must be a boolean column of the input"
+                )));
+            }
+        }
+    }
     let is_feature = |f: &Field| spec.features.iter().any(|n| n == f.name());
+    let is_mask = |f: &Field| spec.fit_mask.as_deref() == Some(f.name().as_str());
     let mut fields: Vec<Field> = Vec::new();
     match spec.output_space() {
         OutputSpace::Features => {
-            for f in input.fields() {
+            for f in input.fields().iter().filter(|f| !is_mask(f)) {
                 if is_feature(f) {
                     fields.push(Field::new(f.name(), DataType::Float32, false));
                 } else {
@@ -152,7 +168,7 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
                 input
                     .fields()
                     .iter()
-                    .filter(|f| !is_feature(f))
+                    .filter(|f| !is_feature(f) && !is_mask(f))
                     .map(|f| f.as_ref().clone()),
             );
             fields.extend((1..=p).map(|c| Field::new(format!("PC{c}"), DataType::Float32, false)));
@@ -434,7 +450,7 @@ impl Run {
         let d = self.spec.features.len();
         let pca_p = match self.spec.config.method {
             Method::Balans => self.spec.config.pca.components(d),
-            Method::ComBat => None,
+            Method::ComBat | Method::Sphering => None,
         };
         let ing = self.ingest(input, pca_p)?;
         let n = ing.batch_codes.len();
@@ -452,8 +468,10 @@ impl Run {
         let mut sizes = vec![0usize; keys.len()];
         codes.iter().for_each(|&c| sizes[c as usize] += 1);
         self.summary.batches = keys.iter().cloned().zip(sizes.iter().copied()).collect();
-        if self.spec.config.method == Method::ComBat {
-            return self.run_combat(&ing.features, &ing.meta, &codes, &keys);
+        match self.spec.config.method {
+            Method::ComBat => return self.run_combat(&ing.features, &ing.meta, &codes, &keys),
+            Method::Sphering => return self.run_sphering(&ing.features, &ing.meta, n),
+            Method::Balans => {}
         }
         let k = self.spec.config.k;
         for (key, &size) in keys.iter().zip(&sizes) {
@@ -695,10 +713,70 @@ impl Run {
         let model = fit_combat(&moments, keys)?;
         self.end_stage("fit");
 
-        self.start_stage("write", Some(n as u64));
+        self.write_rows(&blocks, meta, |i, row, out| {
+            model.apply_row(codes[i] as usize, row, out)
+        })?;
+        self.summary.stop_reason = format!("{} batches, empirical Bayes", keys.len());
+        self.finish_linear(n, d)
+    }
+
+    /// Sphering over the ingested working files: one pass over the fit rows (the
+    /// `fit_mask` column, in input order), the fit, one pass writing the whitened rows.
+    fn run_sphering(&mut self, features: &WorkFile, meta: &WorkFile, n: usize) -> Result<()> {
+        let d = self.spec.features.len();
+        let mask = self.spec.fit_mask.clone().ok_or_else(|| {
+            OperatorError::InvalidParameter(
+                "sphering is fitted on negative controls: give --negcon PREDICATE".into(),
+            )
+        })?;
+        self.reserve(
+            SpheringAccumulator::size_bytes(d) * 2 + d * d * 8,
+            "the sphering state (features x features)",
+        )?;
+        self.start_stage("fit", Some(n as u64));
+        let features = MappedIpcFile::open(&features.path)?;
+        let blocks = features.row_blocks()?;
+        let meta_map = MappedIpcFile::open(&meta.path)?;
+        let mask_idx = meta_map.schema().index_of(&mask)?;
+        let mut acc = SpheringAccumulator::new(d);
+        let mut row = 0usize;
+        let mut fit_rows: Vec<f64> = Vec::new();
+        for mb in meta_map.batches() {
+            self.check_cancel()?;
+            let flags = mb.column(mask_idx).as_boolean();
+            for r in 0..mb.num_rows() {
+                if flags.is_valid(r) && flags.value(r) {
+                    fit_rows.extend(blocks.row(row + r).iter().map(|&v| f64::from(v)));
+                }
+            }
+            acc.add_rows(&fit_rows);
+            fit_rows.clear();
+            row += mb.num_rows();
+            self.spec.progress.stage_progress(row as u64, None);
+        }
+        let cfg = &self.spec.config;
+        let model = acc.fit(cfg.sphering, cfg.epsilon, &self.spec.features)?;
+        self.end_stage("fit");
+        self.write_rows(&blocks, meta, |_, row, out| model.apply_row(row, out))?;
+        self.summary.stop_reason = format!("{} negative-control rows", model.n);
+        self.finish_linear(n, d)
+    }
+
+    /// The write pass of the per-row methods: `apply(input row, features as f64, out)` for
+    /// every row in input order, joined with the metadata and sent downstream.
+    fn write_rows(
+        &mut self,
+        blocks: &RowBlocks<'_>,
+        meta: &WorkFile,
+        apply: impl Fn(usize, &[f64], &mut [f64]),
+    ) -> Result<()> {
+        let d = self.spec.features.len();
+        let chunk = self.spec.config.chunk_rows;
+        self.start_stage("write", Some(blocks.n() as u64));
         let meta = MappedIpcFile::open(&meta.path)?;
         let plan = self.output_columns(meta.schema())?;
         let mut row = 0usize;
+        let mut row64 = vec![0.0f64; d];
         let mut out64 = vec![0.0f64; d];
         for mb in meta.batches() {
             let end = row + mb.num_rows();
@@ -712,7 +790,7 @@ impl Run {
                         .iter_mut()
                         .zip(blocks.row(i))
                         .for_each(|(r, &v)| *r = f64::from(v));
-                    model.apply_row(codes[i] as usize, &row64, &mut out64);
+                    apply(i, &row64, &mut out64);
                     o.iter_mut().zip(&out64).for_each(|(o, &v)| *o = v as f32);
                 }
                 let meta_slice = mb.slice(start - row, stop - start);
@@ -725,11 +803,15 @@ impl Run {
             }
             row = end;
         }
+        self.end_stage("write");
+        Ok(())
+    }
+
+    /// Completes the summary of a per-row method and reports it.
+    fn finish_linear(&mut self, n: usize, d: usize) -> Result<()> {
         self.summary.rows = n;
         self.summary.coverage = 1.0;
-        self.summary.stop_reason = "n/a (ComBat)".into();
         self.summary.distance_dims = d;
-        self.end_stage("write");
         self.spec.progress.finished(&self.summary);
         Ok(())
     }
@@ -926,7 +1008,7 @@ impl Run {
                 "the input has no rows".to_string()
             }));
         }
-        if keys.len() < 2 {
+        if keys.len() < 2 && self.spec.config.method != Method::Sphering {
             return Err(OperatorError::BadInput(format!(
                 "only one batch ('{}') in column(s) {}: batch correction needs at least two batches",
                 keys[0],
