@@ -65,8 +65,8 @@ fn zca_cor_matches_pycytominer() {
     let mut worst = 0.0f64;
     for i in 0..n {
         model.apply_row(&row(i), &mut out);
-        for j in 0..d {
-            worst = worst.max((out[j] - want[j][i]).abs() / want[j][i].abs().max(1.0));
+        for (o, col) in out.iter().zip(&want) {
+            worst = worst.max((o - col[i]).abs() / col[i].abs().max(1.0));
         }
     }
     assert!(worst <= 1e-9, "Y: worst {worst:e}");

@@ -700,12 +700,12 @@ impl Run {
         while done < n {
             self.check_cancel()?;
             let end = (done + chunk).min(n);
-            for i in done..end {
+            for (i, &code) in codes.iter().enumerate().take(end).skip(done) {
                 row64
                     .iter_mut()
                     .zip(blocks.row(i))
                     .for_each(|(o, &v)| *o = f64::from(v));
-                moments.add_row(codes[i] as usize, &row64);
+                moments.add_row(code as usize, &row64);
             }
             done = end;
             self.spec.progress.stage_progress(done as u64, None);

@@ -202,8 +202,8 @@ impl SpheringModel {
     pub fn apply_row(&self, row: &[f64], out: &mut [f64]) {
         let d = self.mean.len();
         out.iter_mut().for_each(|o| *o = 0.0);
-        for i in 0..d {
-            let z = (row[i] - self.mean[i]) / self.scale[i];
+        for (i, ((&x, &mean), &scale)) in row.iter().zip(&self.mean).zip(&self.scale).enumerate() {
+            let z = (x - mean) / scale;
             if z == 0.0 {
                 continue;
             }
