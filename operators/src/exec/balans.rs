@@ -713,8 +713,14 @@ impl Run {
         let model = fit_combat(&moments, keys)?;
         self.end_stage("fit");
 
-        self.write_rows(&blocks, meta, |i, row, out| {
-            model.apply_row(codes[i] as usize, row, out)
+        self.write_rows(&blocks, meta, |start, rows, out| {
+            for (r, (row, o)) in rows
+                .chunks(d.max(1))
+                .zip(out.chunks_mut(d.max(1)))
+                .enumerate()
+            {
+                model.apply_row(codes[start + r] as usize, row, o);
+            }
         })?;
         self.summary.stop_reason = format!("{} batches, empirical Bayes", keys.len());
         self.finish_linear(n, d)
@@ -757,13 +763,14 @@ impl Run {
         let cfg = &self.spec.config;
         let model = acc.fit(cfg.sphering, cfg.epsilon, &self.spec.features)?;
         self.end_stage("fit");
-        self.write_rows(&blocks, meta, |_, row, out| model.apply_row(row, out))?;
+        self.write_rows(&blocks, meta, |_, rows, out| model.apply_rows(rows, out))?;
         self.summary.stop_reason = format!("{} negative-control rows", model.n);
         self.finish_linear(n, d)
     }
 
-    /// The write pass of the per-row methods: `apply(input row, features as f64, out)` for
-    /// every row in input order, joined with the metadata and sent downstream.
+    /// The write pass of the per-row methods: `apply(first row, chunk rows as f64, out)` for
+    /// every chunk of rows (row-major) in input order, joined with the metadata and sent
+    /// downstream.
     fn write_rows(
         &mut self,
         blocks: &RowBlocks<'_>,
@@ -776,23 +783,18 @@ impl Run {
         let meta = MappedIpcFile::open(&meta.path)?;
         let plan = self.output_columns(meta.schema())?;
         let mut row = 0usize;
-        let mut row64 = vec![0.0f64; d];
-        let mut out64 = vec![0.0f64; d];
         for mb in meta.batches() {
             let end = row + mb.num_rows();
             let mut start = row;
             while start < end {
                 self.check_cancel()?;
                 let stop = (start + chunk).min(end);
-                let mut out = vec![0.0f32; (stop - start) * d];
-                for (i, o) in (start..stop).zip(out.chunks_mut(d.max(1))) {
-                    row64
-                        .iter_mut()
-                        .zip(blocks.row(i))
-                        .for_each(|(r, &v)| *r = f64::from(v));
-                    apply(i, &row64, &mut out64);
-                    o.iter_mut().zip(&out64).for_each(|(o, &v)| *o = v as f32);
-                }
+                let rows64: Vec<f64> = (start..stop)
+                    .flat_map(|i| blocks.row(i).iter().map(|&v| f64::from(v)))
+                    .collect();
+                let mut out64 = vec![0.0f64; rows64.len()];
+                apply(start, &rows64, &mut out64);
+                let out: Vec<f32> = out64.iter().map(|&v| v as f32).collect();
                 let meta_slice = mb.slice(start - row, stop - start);
                 let batch = self.assemble(&plan, &meta_slice, &out, d, vec![true; stop - start])?;
                 if self.tx.blocking_send(Ok(batch)).is_err() {

@@ -198,6 +198,31 @@ impl SpheringAccumulator {
 }
 
 impl SpheringModel {
+    /// Whitens a chunk of rows (row-major) into `out` with one matrix product (sequential,
+    /// so the bytes do not depend on the thread count).
+    pub fn apply_rows(&self, rows: &[f64], out: &mut [f64]) {
+        let d = self.mean.len();
+        let r = rows.len() / d.max(1);
+        let z = Mat::from_fn(r, d, |i, j| {
+            (rows[i * d + j] - self.mean[j]) / self.scale[j]
+        });
+        let w = faer::MatRef::from_row_major_slice(&self.w, d, d);
+        let mut y = Mat::<f64>::zeros(r, d);
+        faer::linalg::matmul::matmul(
+            y.as_mut(),
+            faer::Accum::Replace,
+            z.as_ref(),
+            w,
+            1.0,
+            faer::Par::Seq,
+        );
+        for i in 0..r {
+            for j in 0..d {
+                out[i * d + j] = y[(i, j)];
+            }
+        }
+    }
+
     /// Whitens one row into `out`.
     pub fn apply_row(&self, row: &[f64], out: &mut [f64]) {
         let d = self.mean.len();
@@ -269,6 +294,16 @@ mod tests {
             }
             let model = acc.fit(method, 0.0, &names(d)).unwrap();
             let c = whitened_cov(&model, &x, d);
+            // The chunked product gives the per-row values.
+            let mut chunked = vec![0.0; x.len()];
+            model.apply_rows(&x, &mut chunked);
+            let mut one = vec![0.0; d];
+            for (row, got) in x.chunks(d).zip(chunked.chunks(d)) {
+                model.apply_row(row, &mut one);
+                for (a, b) in one.iter().zip(got) {
+                    assert!((a - b).abs() < 1e-9 * a.abs().max(1.0));
+                }
+            }
             for a in 0..d {
                 for b in 0..d {
                     let want = if a == b { 1.0 } else { 0.0 };
