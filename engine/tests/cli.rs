@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{balans, example_path, shared};
+use common::{balans, example_path, shared, synthetic_path};
 
 use std::fs::File;
 use std::path::Path;
@@ -17,13 +17,6 @@ use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-fn synthetic_path() -> String {
-    shared()
-        .join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet")
-        .display()
-        .to_string()
-}
 
 /// Runs `balans correct -i INPUT -b Metadata_Batch -o OUTPUT EXTRA...`.
 fn correct(input: &str, output: &str, extra: &[&str]) -> Output {
@@ -736,6 +729,38 @@ fn every_option_runs_end_to_end() {
     );
 }
 
+/// Largest `|a - b| / max(1, |b|)` over the feature columns of two tables, which must have
+/// the same columns in the same order.
+fn worst_feature_error(ours: &Path, golden: &Path) -> f64 {
+    let (ours, golden) = (read(ours), read(golden));
+    let names = |b: &RecordBatch| -> Vec<String> {
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect()
+    };
+    assert_eq!(
+        names(&ours),
+        names(&golden),
+        "same columns, no helper column"
+    );
+    let mut worst = 0.0f64;
+    for name in names(&golden)
+        .iter()
+        .filter(|n| !n.starts_with("Metadata_"))
+    {
+        let cast64 = |b: &RecordBatch| {
+            let c = cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>().values().to_vec()
+        };
+        for (a, b) in cast64(&ours).iter().zip(cast64(&golden)) {
+            worst = worst.max((a - b).abs() / b.abs().max(1.0));
+        }
+    }
+    worst
+}
+
 /// `--method combat` reproduces scanpy's ComBat (golden/combat) through the whole engine, to
 /// the float32 precision of the working files; a batch of one row is a clear error.
 #[test]
@@ -750,22 +775,8 @@ fn combat_method_matches_scanpy_and_rejects_a_one_row_batch() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("empirical Bayes"), "{}", stderr(&o));
-    let ours = read(&out);
-    let golden = read(&shared().join("golden/combat/bbbc021_combat.parquet"));
-    assert_eq!(ours.schema().fields().len(), golden.schema().fields().len());
-    let mut worst = 0.0f64;
-    for field in golden.schema().fields() {
-        if field.name().starts_with("Metadata_") {
-            continue;
-        }
-        let cast64 = |b: &RecordBatch| {
-            let c = cast(b.column_by_name(field.name()).unwrap(), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>().values().to_vec()
-        };
-        for (a, b) in cast64(&ours).iter().zip(cast64(&golden)) {
-            worst = worst.max((a - b).abs() / b.abs().max(1.0));
-        }
-    }
+    let golden = shared().join("golden/combat/bbbc021_combat.parquet");
+    let worst = worst_feature_error(&out, &golden);
     assert!(worst < 1e-6, "worst relative error {worst:e}");
     // One row in batch B2: ComBat cannot estimate its variance.
     let (mut batch, mut label, mut cols) = table(2, 20, 4);
@@ -812,33 +823,8 @@ fn sphering_method_matches_pycytominer_and_needs_controls() {
         "{}",
         stderr(&o)
     );
-    let ours = read(&out);
-    let golden = read(&shared().join("golden/sphering/pycytominer_zca_cor_eps1e-2.parquet"));
-    let names = |b: &RecordBatch| -> Vec<String> {
-        b.schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect()
-    };
-    assert_eq!(
-        names(&ours),
-        names(&golden),
-        "same columns, no helper column"
-    );
-    let mut worst = 0.0f64;
-    for name in names(&golden)
-        .iter()
-        .filter(|n| !n.starts_with("Metadata_"))
-    {
-        let cast64 = |b: &RecordBatch| {
-            let c = cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>().values().to_vec()
-        };
-        for (a, b) in cast64(&ours).iter().zip(cast64(&golden)) {
-            worst = worst.max((a - b).abs() / b.abs().max(1.0));
-        }
-    }
+    let golden = shared().join("golden/sphering/pycytominer_zca_cor_eps1e-2.parquet");
+    let worst = worst_feature_error(&out, &golden);
     // float32 inputs through a whitening with condition number 3.4e4
     assert!(worst < 2e-5, "worst relative error {worst:e}");
     for (extra, needle) in [

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{balans, example_path, shared};
+use common::{balans, example_path, shared, synthetic_path};
 
 use std::path::Path;
 use std::process::Output;
@@ -393,12 +393,12 @@ fn reference_balans_output_scores_as_the_reference_scored_it() {
 #[test]
 fn balans_run_matches_the_reference_runs_aggregates() {
     let dir = tempfile::tempdir().unwrap();
-    let synthetic = shared().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet");
+    let synthetic = synthetic_path();
     let corrected = dir.path().join("corrected.parquet");
     let o = balans(&[
         "correct",
         "-i",
-        synthetic.to_str().unwrap(),
+        &synthetic,
         "-b",
         "Metadata_Batch",
         "-o",
@@ -419,12 +419,12 @@ fn balans_run_matches_the_reference_runs_aggregates() {
 #[test]
 fn tune_scores_every_setting_of_a_grid() {
     let dir = tempfile::tempdir().unwrap();
-    let synthetic = shared().join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet");
+    let synthetic = synthetic_path();
     let out = dir.path().join("tune.json");
     let o = balans(&[
         "tune",
         "-i",
-        synthetic.to_str().unwrap(),
+        &synthetic,
         "-b",
         "Metadata_Batch",
         "--label",
@@ -467,7 +467,7 @@ fn tune_scores_every_setting_of_a_grid() {
         let o = balans(&[
             "tune",
             "-i",
-            synthetic.to_str().unwrap(),
+            &synthetic,
             "-b",
             "Metadata_Batch",
             "--label",

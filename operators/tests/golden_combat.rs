@@ -7,27 +7,15 @@ mod common;
 use std::collections::BTreeMap;
 
 use balans_operators::kernels::combat::{BatchMoments, ComBatModel, fit_combat};
-use common::{f64_col, i64_col, read, str_col};
+use common::{f64_col, feature_names, i64_col, read, row_major, str_col};
 use datafusion::arrow::array::RecordBatch;
 
 /// Features (row-major f64), batch codes (sorted batch names, scanpy's order) and names.
 fn load(rel: &str) -> (Vec<f64>, Vec<usize>, Vec<String>, Vec<String>, usize) {
     let b = read(rel);
-    let features: Vec<String> = b
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .filter(|n| !n.starts_with("Metadata_"))
-        .collect();
+    let features = feature_names(&b);
     let n = b.num_rows();
-    let d = features.len();
-    let mut x = vec![0.0; n * d];
-    for (f, name) in features.iter().enumerate() {
-        for (i, v) in f64_col(&b, name).into_iter().enumerate() {
-            x[i * d + f] = v;
-        }
-    }
+    let x = row_major(&b, &features);
     let keys = str_col(&b, "Metadata_Batch");
     let mut names: Vec<String> = keys.clone();
     names.sort();

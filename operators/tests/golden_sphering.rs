@@ -5,29 +5,23 @@
 mod common;
 
 use balans_operators::kernels::sphering::{SpheringAccumulator, SpheringMethod};
-use common::{f64_col, read, str_col};
+use common::{f64_col, feature_names, read, row_major, str_col};
 
 #[test]
 fn zca_cor_matches_pycytominer() {
     let input = read("golden/preprocess/final_mad_int_featselect.parquet");
-    let features: Vec<String> = input
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .filter(|n| !n.starts_with("Metadata_"))
-        .collect();
+    let features = feature_names(&input);
     let d = features.len();
     let n = input.num_rows();
-    let cols: Vec<Vec<f64>> = features.iter().map(|f| f64_col(&input, f)).collect();
-    let row = |i: usize| -> Vec<f64> { cols.iter().map(|c| c[i]).collect() };
+    let x = row_major(&input, &features);
+    let row = |i: usize| &x[i * d..(i + 1) * d];
     let negcon: Vec<bool> = str_col(&input, "Metadata_PertType")
         .iter()
         .map(|t| t == "negcon")
         .collect();
     let mut acc = SpheringAccumulator::new(d);
     for i in (0..n).filter(|&i| negcon[i]) {
-        acc.add_rows(&row(i));
+        acc.add_rows(row(i));
     }
     assert_eq!(acc.count(), 330);
     let model = acc.fit(SpheringMethod::ZcaCor, 1e-2, &features).unwrap();
@@ -64,7 +58,7 @@ fn zca_cor_matches_pycytominer() {
     let mut out = vec![0.0; d];
     let mut worst = 0.0f64;
     for i in 0..n {
-        model.apply_row(&row(i), &mut out);
+        model.apply_row(row(i), &mut out);
         for (o, col) in out.iter().zip(&want) {
             worst = worst.max((o - col[i]).abs() / col[i].abs().max(1.0));
         }

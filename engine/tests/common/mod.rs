@@ -19,6 +19,14 @@ pub fn example_path() -> String {
         .to_string()
 }
 
+/// The shared synthetic table (3,000 x 20, 5 batches, seed 7).
+pub fn synthetic_path() -> String {
+    shared()
+        .join("data/synthetic/synthetic_n3000_d20_k10_b5_seed7.parquet")
+        .display()
+        .to_string()
+}
+
 /// Runs `balans --quiet ARGS...`.
 pub fn balans(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_balans"))

@@ -637,37 +637,19 @@ impl Run {
         self.end_stage("smooth");
 
         // Smoothing pass 2: corrected rows joined with the metadata, in input order.
-        self.start_stage("write", Some(n as u64));
-        let meta = MappedIpcFile::open(&ing.meta.path)?;
-        let plan = self.output_columns(meta.schema())?;
-        let mut row = 0usize;
         let mut uncovered = 0usize;
-        for mb in meta.batches() {
-            let end = row + mb.num_rows();
-            let mut start = row;
-            while start < end {
-                self.check_cancel()?;
-                let stop = (start + chunk).min(end);
-                let points: Vec<PointRef<'_>> = (start..stop).map(point).collect();
-                let x = gather_rows(&x_blocks, start, stop);
-                let mut out = vec![0.0f32; x.len()];
-                let mut covered = vec![false; stop - start];
-                let (unc, _) = fitted.apply_chunk(&landmarks, &points, &x, &mut out, &mut covered);
-                uncovered += unc;
-                let meta_slice = mb.slice(start - row, stop - start);
-                let batch = self.assemble(&plan, &meta_slice, &out, dx, covered)?;
-                if self.tx.blocking_send(Ok(batch)).is_err() {
-                    return Err(OperatorError::Cancelled);
-                }
-                start = stop;
-                self.spec.progress.stage_progress(start as u64, None);
-            }
-            row = end;
-        }
+        self.write_pass(&ing.meta, n, dx, |start, stop| {
+            let points: Vec<PointRef<'_>> = (start..stop).map(point).collect();
+            let x = gather_rows(&x_blocks, start, stop);
+            let mut out = vec![0.0f32; x.len()];
+            let mut covered = vec![false; stop - start];
+            let (unc, _) = fitted.apply_chunk(&landmarks, &points, &x, &mut out, &mut covered);
+            uncovered += unc;
+            (out, covered)
+        })?;
         self.summary.uncovered = uncovered;
         self.summary.coverage = (n - uncovered) as f64 / n as f64;
         self.summary.rows = n;
-        self.end_stage("write");
         if uncovered > 0 {
             self.warn(format!("{uncovered} rows are covered by no landmark and keep their input values (see {COVERED_COLUMN})"));
         }
@@ -769,8 +751,7 @@ impl Run {
     }
 
     /// The write pass of the per-row methods: `apply(first row, chunk rows as f64, out)` for
-    /// every chunk of rows (row-major) in input order, joined with the metadata and sent
-    /// downstream.
+    /// every chunk of rows (row-major) in input order.
     fn write_rows(
         &mut self,
         blocks: &RowBlocks<'_>,
@@ -778,8 +759,29 @@ impl Run {
         apply: impl Fn(usize, &[f64], &mut [f64]),
     ) -> Result<()> {
         let d = self.spec.features.len();
+        self.write_pass(meta, blocks.n(), d, |start, stop| {
+            let rows64: Vec<f64> = (start..stop)
+                .flat_map(|i| blocks.row(i).iter().map(|&v| f64::from(v)))
+                .collect();
+            let mut out64 = vec![0.0f64; rows64.len()];
+            apply(start, &rows64, &mut out64);
+            let out = out64.iter().map(|&v| v as f32).collect();
+            (out, vec![true; stop - start])
+        })
+    }
+
+    /// The write stage every method ends with: for each chunk of rows `[start, stop)` in input
+    /// order, `produce` gives the `dx` output values per row and the covered flags; they are
+    /// joined with the metadata rows and sent downstream.
+    fn write_pass(
+        &mut self,
+        meta: &WorkFile,
+        n: usize,
+        dx: usize,
+        mut produce: impl FnMut(usize, usize) -> (Vec<f32>, Vec<bool>),
+    ) -> Result<()> {
         let chunk = self.spec.config.chunk_rows;
-        self.start_stage("write", Some(blocks.n() as u64));
+        self.start_stage("write", Some(n as u64));
         let meta = MappedIpcFile::open(&meta.path)?;
         let plan = self.output_columns(meta.schema())?;
         let mut row = 0usize;
@@ -789,14 +791,9 @@ impl Run {
             while start < end {
                 self.check_cancel()?;
                 let stop = (start + chunk).min(end);
-                let rows64: Vec<f64> = (start..stop)
-                    .flat_map(|i| blocks.row(i).iter().map(|&v| f64::from(v)))
-                    .collect();
-                let mut out64 = vec![0.0f64; rows64.len()];
-                apply(start, &rows64, &mut out64);
-                let out: Vec<f32> = out64.iter().map(|&v| v as f32).collect();
+                let (out, covered) = produce(start, stop);
                 let meta_slice = mb.slice(start - row, stop - start);
-                let batch = self.assemble(&plan, &meta_slice, &out, d, vec![true; stop - start])?;
+                let batch = self.assemble(&plan, &meta_slice, &out, dx, covered)?;
                 if self.tx.blocking_send(Ok(batch)).is_err() {
                     return Err(OperatorError::Cancelled);
                 }

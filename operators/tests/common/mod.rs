@@ -58,3 +58,25 @@ pub fn str_col(b: &RecordBatch, name: &str) -> Vec<String> {
         .map(|v| v.unwrap_or_default().to_string())
         .collect()
 }
+
+/// The feature columns of a profile table: every column not named `Metadata_*`, in order.
+pub fn feature_names(b: &RecordBatch) -> Vec<String> {
+    b.schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| !n.starts_with("Metadata_"))
+        .collect()
+}
+
+/// The named columns as one row-major f64 matrix.
+pub fn row_major(b: &RecordBatch, features: &[String]) -> Vec<f64> {
+    let d = features.len();
+    let mut x = vec![0.0; b.num_rows() * d];
+    for (f, name) in features.iter().enumerate() {
+        for (i, v) in f64_col(b, name).into_iter().enumerate() {
+            x[i * d + f] = v;
+        }
+    }
+    x
+}
