@@ -6,6 +6,7 @@ pub mod distance;
 pub mod elbow;
 pub mod landmark;
 pub mod pca;
+pub mod preprocess;
 pub mod quality;
 pub mod sampling;
 pub mod scale;
