@@ -4,6 +4,7 @@
 pub mod combat;
 pub mod distance;
 pub mod elbow;
+pub mod harmony;
 pub mod landmark;
 pub mod pca;
 pub mod preprocess;
