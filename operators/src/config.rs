@@ -76,6 +76,9 @@ pub enum Method {
     /// Sphering (ZCA / ZCA-cor whitening) fitted on negative controls, as pycytominer
     /// (`sphering`, `epsilon`, `nan` and `chunk_rows` apply).
     Sphering,
+    /// Harmony as harmonypy 2.1.0, on the PCA coordinates (`harmony`, `pca`, `seed`, `nan`
+    /// and `chunk_rows` apply).
+    Harmony,
 }
 
 impl fmt::Display for Method {
@@ -84,6 +87,7 @@ impl fmt::Display for Method {
             Self::Balans => "balans",
             Self::ComBat => "combat",
             Self::Sphering => "sphering",
+            Self::Harmony => "harmony",
         })
     }
 }
@@ -230,6 +234,44 @@ pub const MAX_ITERATIONS: usize = 16;
 /// each batch (their scaled distances are at most 1 by the definition of the local scale).
 pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
 
+/// Harmony's parameters (harmonypy's defaults; see [`crate::kernels::harmony`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HarmonyOptions {
+    /// Number of clusters (`None`: `min(round(N / 30), 100)`).
+    pub clusters: Option<usize>,
+    /// Diversity penalty θ (2).
+    pub theta: f64,
+    /// Soft k-means width σ (0.1).
+    pub sigma: f64,
+    /// Most iterations (10).
+    pub max_iterations: usize,
+}
+
+impl Default for HarmonyOptions {
+    fn default() -> Self {
+        Self {
+            clusters: None,
+            theta: 2.0,
+            sigma: 0.1,
+            max_iterations: 10,
+        }
+    }
+}
+
+impl HarmonyOptions {
+    /// The kernel's parameters with this seed.
+    pub fn params(&self, seed: u32) -> crate::kernels::harmony::HarmonyParams {
+        crate::kernels::harmony::HarmonyParams {
+            clusters: self.clusters,
+            theta: self.theta as f32,
+            sigma: self.sigma as f32,
+            max_iter_harmony: self.max_iterations,
+            seed,
+            ..Default::default()
+        }
+    }
+}
+
 /// All parameters of one BALANS run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalansConfig {
@@ -239,6 +281,8 @@ pub struct BalansConfig {
     pub sphering: SpheringMethod,
     /// Sphering's regulariser, added to the singular values (pycytominer's default 1e-6).
     pub epsilon: f64,
+    /// Harmony's parameters.
+    pub harmony: HarmonyOptions,
     /// Neighbour rank for the per-batch local scale (default 40; the paper reading uses 10).
     pub k: usize,
     /// Stop after this many consecutive landmarks that cover no new point (default 50).
@@ -285,6 +329,7 @@ impl Default for BalansConfig {
             method: Method::Balans,
             sphering: SpheringMethod::ZcaCor,
             epsilon: 1e-6,
+            harmony: HarmonyOptions::default(),
             k: 40,
             tau: 50,
             block: 20,
@@ -314,6 +359,10 @@ impl std::hash::Hash for BalansConfig {
         self.method.hash(state);
         self.sphering.hash(state);
         self.epsilon.to_bits().hash(state);
+        self.harmony.clusters.hash(state);
+        self.harmony.theta.to_bits().hash(state);
+        self.harmony.sigma.to_bits().hash(state);
+        self.harmony.max_iterations.hash(state);
         self.k.hash(state);
         self.tau.hash(state);
         self.block.hash(state);
@@ -353,6 +402,22 @@ impl BalansConfig {
         }
         if self.k == 0 {
             return bad("k must be at least 1");
+        }
+        let h = &self.harmony;
+        if !(h.theta >= 0.0 && h.theta.is_finite()) {
+            return bad("harmony theta must be a finite number >= 0");
+        }
+        if !(h.sigma > 0.0 && h.sigma.is_finite()) {
+            return bad("harmony sigma must be a finite number > 0");
+        }
+        if h.max_iterations == 0 {
+            return bad("harmony iterations must be at least 1");
+        }
+        if h.clusters == Some(0) {
+            return bad("harmony clusters must be at least 1");
+        }
+        if self.method == Method::Harmony && self.seed > u64::from(u32::MAX) {
+            return bad("harmony's seed is a 32-bit Mersenne Twister seed: at most 4294967295");
         }
         if self.tau == 0 {
             return bad("tau must be at least 1");
@@ -421,11 +486,20 @@ impl BalansConfig {
         }
     }
 
+    /// PCA components used for `d` features, or `None` for none. Harmony always works on
+    /// centred PCA coordinates: `auto` means `min(50, d)` for it.
+    pub fn pca_components(&self, d: usize) -> Option<usize> {
+        match (self.method, self.pca) {
+            (Method::Harmony, PcaSetting::Auto) => Some(d.min(50)),
+            (_, setting) => setting.components(d),
+        }
+    }
+
     /// Operators a correction chains: `iterations` for BALANS, one for ComBat.
     pub fn passes(&self) -> usize {
         match self.method {
             Method::Balans => self.iterations,
-            Method::ComBat | Method::Sphering => 1,
+            Method::ComBat | Method::Sphering | Method::Harmony => 1,
         }
     }
 
@@ -451,6 +525,21 @@ impl BalansConfig {
                 return format!(
                     "method=sphering sphering={} epsilon={} nan={}",
                     self.sphering, self.epsilon, self.nan
+                );
+            }
+            Method::Harmony => {
+                let h = &self.harmony;
+                return format!(
+                    "method=harmony pca={} clusters={} theta={} sigma={} max_iterations={} seed={} nan={}",
+                    self.pca,
+                    h.clusters
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "auto".into()),
+                    h.theta,
+                    h.sigma,
+                    h.max_iterations,
+                    self.seed,
+                    self.nan
                 );
             }
             Method::Balans => {}

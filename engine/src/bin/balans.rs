@@ -128,6 +128,9 @@ enum Method {
     Combat,
     /// Sphering (ZCA / ZCA-cor whitening) fitted on the --negcon rows, as pycytominer.
     Sphering,
+    /// Harmony on the PCA coordinates (--pca, default 50 when there are more features), as
+    /// harmonypy 2.1; writes PC1..PCp.
+    Harmony,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -199,6 +202,18 @@ struct CorrectArgs {
     /// Regulariser of --method sphering, added to the singular values as pycytominer does.
     #[arg(long, default_value_t = 1e-6)]
     epsilon: f64,
+    /// Clusters of --method harmony [default: min(round(rows / 30), 100)].
+    #[arg(long)]
+    clusters: Option<usize>,
+    /// Diversity penalty theta of --method harmony.
+    #[arg(long, default_value_t = 2.0)]
+    theta: f64,
+    /// Soft k-means width sigma of --method harmony.
+    #[arg(long, default_value_t = 0.1)]
+    sigma: f64,
+    /// Most iterations of --method harmony.
+    #[arg(long, default_value_t = 10)]
+    harmony_iterations: usize,
     /// Form of the correction; the other BALANS options default to this variant's defaults
     /// (docs/balans.md).
     #[arg(long, value_enum, default_value = "residual")]
@@ -508,6 +523,13 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
             Method::Balans => balans_operators::Method::Balans,
             Method::Combat => balans_operators::Method::ComBat,
             Method::Sphering => balans_operators::Method::Sphering,
+            Method::Harmony => balans_operators::Method::Harmony,
+        },
+        harmony: balans_operators::config::HarmonyOptions {
+            clusters: a.clusters,
+            theta: a.theta,
+            sigma: a.sigma,
+            max_iterations: a.harmony_iterations,
         },
         sphering: match a.sphering {
             SpheringArg::Zca => balans_operators::SpheringMethod::Zca,

@@ -46,6 +46,7 @@ use crate::io::mmap_ipc::{BatchWriter, MappedIpcFile, MatrixWriter};
 use crate::kernels::combat::{BatchMoments, fit_combat};
 use crate::kernels::distance::l2_normalize_rows;
 use crate::kernels::elbow::ElbowParams;
+use crate::kernels::harmony::{default_clusters, harmonize};
 use crate::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
 use crate::kernels::pca::{GramAccumulator, PcaModel};
 use crate::kernels::smooth::{PointRef, SmoothAccumulator};
@@ -100,6 +101,13 @@ impl BalansSpec {
 
     /// Output space of this pass: features for every pass but the last.
     pub fn output_space(&self) -> OutputSpace {
+        if self.config.method == Method::Harmony {
+            // Harmony corrects the PCA coordinates (or the features when PCA is off).
+            return match self.config.pca_components(self.features.len()) {
+                Some(_) => OutputSpace::Pca,
+                None => OutputSpace::Features,
+            };
+        }
         if self.is_last_pass() {
             self.config.output_space
         } else {
@@ -157,8 +165,7 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
         OutputSpace::Pca => {
             let p = spec
                 .config
-                .pca
-                .components(spec.features.len())
+                .pca_components(spec.features.len())
                 .ok_or_else(|| {
                     OperatorError::InvalidParameter(
                         "--output-space pca needs PCA (set --pca N)".into(),
@@ -449,7 +456,7 @@ impl Run {
     fn execute(mut self, input: SendableRecordBatchStream) -> Result<()> {
         let d = self.spec.features.len();
         let pca_p = match self.spec.config.method {
-            Method::Balans => self.spec.config.pca.components(d),
+            Method::Balans | Method::Harmony => self.spec.config.pca_components(d),
             Method::ComBat | Method::Sphering => None,
         };
         let ing = self.ingest(input, pca_p)?;
@@ -471,6 +478,10 @@ impl Run {
         match self.spec.config.method {
             Method::ComBat => return self.run_combat(&ing.features, &ing.meta, &codes, &keys),
             Method::Sphering => return self.run_sphering(&ing.features, &ing.meta, n),
+            Method::Harmony => {
+                let inputs = (&ing.features, &ing.meta, ing.gram.as_ref());
+                return self.run_harmony(inputs, pca_p, &codes, keys.len());
+            }
             Method::Balans => {}
         }
         let k = self.spec.config.k;
@@ -748,6 +759,83 @@ impl Run {
         self.write_rows(&blocks, meta, |_, rows, out| model.apply_rows(rows, out))?;
         self.summary.stop_reason = format!("{} negative-control rows", model.n);
         self.finish_linear(n, d)
+    }
+
+    /// Harmony over the PCA coordinates (or the features): PCA fit, the reduced rows, the
+    /// Harmony iterations in memory (the embedding and the `N x K` assignments and
+    /// distances are reserved), one pass writing the corrected coordinates.
+    fn run_harmony(
+        &mut self,
+        (features, meta, gram): (&WorkFile, &WorkFile, Option<&GramAccumulator>),
+        pca_p: Option<usize>,
+        codes: &[u32],
+        n_batches: usize,
+    ) -> Result<()> {
+        let n = codes.len();
+        self.start_stage("pca", None);
+        let model = match (pca_p, gram) {
+            (Some(p), Some(g)) => Some(g.finish(p)),
+            _ => None,
+        };
+        self.summary.pca_components = model.as_ref().map_or(0, |m| m.p);
+        self.end_stage("pca");
+        self.check_cancel()?;
+
+        self.start_stage("reduce", Some(n as u64));
+        let features = MappedIpcFile::open(&features.path)?;
+        let feature_blocks = features.row_blocks()?;
+        let reduced = self.work_file("Harmony input coordinates")?;
+        self.write_reduced(&feature_blocks, model.as_ref(), &reduced)?;
+        let reduced_map = MappedIpcFile::open(&reduced.path)?;
+        let z_blocks = reduced_map.row_blocks()?;
+        let p = z_blocks.p();
+        self.end_stage("reduce");
+
+        let seed = u32::try_from(self.spec.config.seed).map_err(|_| {
+            OperatorError::InvalidParameter("harmony's seed must fit in 32 bits".into())
+        })?;
+        let params = self.spec.config.harmony.params(seed);
+        let clusters = params.clusters.unwrap_or_else(|| default_clusters(n));
+        self.reserve(
+            n * p * 4 * 2 + n * clusters * 4 * 3 + n * 8,
+            "Harmony's state (2 x N x d coordinates, N x K assignments and distances)",
+        )?;
+        let z = gather_rows(&z_blocks, 0, n);
+        self.start_stage("harmony", Some(params.max_iter_harmony as u64));
+        let progress = self.spec.progress.clone();
+        let tx = self.tx.clone();
+        let out = harmonize(
+            &z,
+            p,
+            codes,
+            n_batches,
+            &params,
+            &|| tx.is_closed(),
+            &mut |iteration, objective| {
+                progress
+                    .stage_progress(iteration as u64, Some(format!("objective {objective:.2}")));
+            },
+        )?;
+        drop(z);
+        self.end_stage("harmony");
+        self.summary.stop_reason = format!(
+            "{} clusters, {} iterations ({})",
+            out.clusters,
+            out.iterations,
+            if out.converged {
+                "converged"
+            } else {
+                "iteration limit"
+            }
+        );
+        let corrected = out.z_corr;
+        self.write_pass(meta, n, p, |start, stop| {
+            (
+                corrected[start * p..stop * p].to_vec(),
+                vec![true; stop - start],
+            )
+        })?;
+        self.finish_linear(n, p)
     }
 
     /// The write pass of the per-row methods: `apply(first row, chunk rows as f64, out)` for
