@@ -10,6 +10,7 @@ pub mod bench;
 pub mod correct;
 pub mod error;
 pub mod evaluate;
+pub mod preprocess;
 pub mod progress;
 pub mod session;
 pub mod source;

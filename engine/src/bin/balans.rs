@@ -9,6 +9,9 @@ use balans_engine::correct::CorrectOutcome;
 use balans_engine::evaluate::{
     Evaluation, LoadedEmbedding, format_scores, format_timings, render_report,
 };
+use balans_engine::preprocess::{
+    Aggregation, NormalizeStep, PreprocessRequest, PreprocessSteps, SelectOp, run_preprocess,
+};
 use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
 use balans_engine::session::{SessionSettings, build_session, parse_bytes};
 use balans_engine::source::{FeatureSelection, SourceOptions, inspect, register_profiles};
@@ -20,6 +23,7 @@ use balans_metrics::suite::{EvalOptions, MetricSelection};
 use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::exec::balans::COVERED_COLUMN;
+use balans_operators::kernels::preprocess::Normalization;
 use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datafusion::prelude::SessionContext;
@@ -45,6 +49,9 @@ struct Cli {
 enum Command {
     /// Batch-correct a profile table and write corrected profiles as Parquet.
     Correct(Box<CorrectArgs>),
+    /// Aggregate, normalise and select features as pycytominer does (or run the
+    /// mad_int_featselect recipe) and write the preprocessed profiles as Parquet.
+    Preprocess(Box<PreprocessArgs>),
     /// Score batch mixing and biology preservation of an embedding (scib metrics + mAP).
     Evaluate(EvaluateArgs),
     /// Print the detected schema, batches and data problems of a profile table.
@@ -280,6 +287,121 @@ struct CorrectArgs {
     evaluate: bool,
     #[command(flatten)]
     eval: EvalArgs,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum RecipeArg {
+    /// Arevalo et al. 2024: drop NaN/inf columns, variant features, per-plate MAD
+    /// normalisation on the negative controls, rank INT, frequency and correlation thresholds.
+    MadIntFeatselect,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum AggregateArg {
+    Median,
+    Mean,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum NormalizeArg {
+    /// (x - mean) / std, population std (scikit-learn StandardScaler).
+    Standardize,
+    /// (x - median) / IQR (scikit-learn RobustScaler).
+    Robustize,
+    /// (x - median) / (1.4826 MAD + epsilon) (pycytominer mad_robustize).
+    MadRobustize,
+    /// (x - median) / MAD, unscaled, no epsilon (the recipe's form).
+    Mad,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ScopeArg {
+    /// Per plate (needs --plate).
+    Plate,
+    /// The whole table.
+    All,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+#[allow(clippy::enum_variant_names)]
+enum SelectArg {
+    DropNaColumns,
+    VarianceThreshold,
+    FrequencyThreshold,
+    CorrelationThreshold,
+    Blocklist,
+}
+
+#[derive(Args, Debug)]
+struct PreprocessArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// Output Parquet file (written atomically; never over the input).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// A whole recipe (the individual steps below then must not be given, except --aggregate).
+    #[arg(long, value_enum)]
+    recipe: Option<RecipeArg>,
+    /// Plate column: per-plate statistics and aggregation strata.
+    #[arg(long)]
+    plate: Option<String>,
+    /// Well column (aggregation strata).
+    #[arg(long)]
+    well: Option<String>,
+    /// SQL predicate marking the negative controls, e.g. "Metadata_PertType = 'negcon'".
+    #[arg(long)]
+    negcon: Option<String>,
+    /// Aggregate rows to one per plate and well first (single-cell input).
+    #[arg(long, value_enum)]
+    aggregate: Option<AggregateArg>,
+    /// Normalisation.
+    #[arg(long, value_enum)]
+    normalize: Option<NormalizeArg>,
+    /// Where the normalisation is fitted and applied [default: plate with --plate, else all].
+    #[arg(long, value_enum)]
+    normalize_scope: Option<ScopeArg>,
+    /// Fit the normalisation on all rows instead of the --negcon rows.
+    #[arg(long)]
+    normalize_on_all: bool,
+    /// Epsilon of mad_robustize (pycytominer's default).
+    #[arg(long, default_value_t = 1e-18)]
+    mad_epsilon: f64,
+    /// Rank inverse normal transform after normalising.
+    #[arg(long)]
+    rank_int: bool,
+    /// Feature-selection operations, comma-separated, applied in order.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    feature_select: Vec<SelectArg>,
+    /// drop_na_columns: largest NaN fraction kept.
+    #[arg(long, default_value_t = 0.05)]
+    na_cutoff: f64,
+    /// variance_threshold: smallest variance kept (exclusive).
+    #[arg(long, default_value_t = 1e-6)]
+    min_variance: f64,
+    /// frequency_threshold: second-most-common / most-common value count cut.
+    #[arg(long, default_value_t = 0.05)]
+    freq_cut: f64,
+    /// frequency_threshold: distinct values / rows cut.
+    #[arg(long, default_value_t = 0.01)]
+    unique_cut: f64,
+    /// correlation_threshold: signed Pearson correlation above which one feature of a pair goes.
+    #[arg(long, default_value_t = 0.9)]
+    corr_threshold: f64,
+    /// blocklist: a file of feature names, one per line (a first line "blocklist" is a header).
+    #[arg(long)]
+    blocklist: Option<PathBuf>,
+    /// Memory limit, e.g. 2GB.
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// Directory for temporary working files.
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+    /// Also write the run summary (kept and dropped features per step) as JSON.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
 }
 
 /// Metric-suite options shared by `evaluate` and `correct --evaluate`.
@@ -1078,6 +1200,178 @@ fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
+fn preprocess_steps(a: &PreprocessArgs) -> Result<PreprocessSteps> {
+    let individual = a.normalize.is_some() || a.rank_int || !a.feature_select.is_empty();
+    let mut steps = match a.recipe {
+        Some(RecipeArg::MadIntFeatselect) => {
+            if individual {
+                return Err(BalansError::InvalidArgument(
+                    "--recipe runs its own steps: leave out --normalize, --rank-int and \
+                     --feature-select (only --aggregate combines with a recipe)"
+                        .into(),
+                ));
+            }
+            PreprocessSteps::mad_int_featselect()
+        }
+        None => {
+            if !individual && a.aggregate.is_none() {
+                return Err(BalansError::InvalidArgument(
+                    "nothing to do: give --recipe mad_int_featselect or at least one of \
+                     --aggregate, --normalize, --rank-int, --feature-select"
+                        .into(),
+                ));
+            }
+            let per_plate = match a.normalize_scope {
+                Some(ScopeArg::Plate) => true,
+                Some(ScopeArg::All) => false,
+                None => a.plate.is_some(),
+            };
+            let mut select = Vec::new();
+            for op in &a.feature_select {
+                select.push(match op {
+                    SelectArg::DropNaColumns => SelectOp::DropNaColumns {
+                        cutoff: a.na_cutoff,
+                    },
+                    SelectArg::VarianceThreshold => SelectOp::VarianceThreshold {
+                        min_variance: a.min_variance,
+                    },
+                    SelectArg::FrequencyThreshold => SelectOp::FrequencyThreshold {
+                        freq_cut: a.freq_cut,
+                        unique_cut: a.unique_cut,
+                    },
+                    SelectArg::CorrelationThreshold => SelectOp::CorrelationThreshold {
+                        threshold: a.corr_threshold,
+                    },
+                    SelectArg::Blocklist => {
+                        let path = a.blocklist.as_ref().ok_or_else(|| {
+                            BalansError::InvalidArgument(
+                                "--feature-select blocklist needs --blocklist FILE".into(),
+                            )
+                        })?;
+                        let text = std::fs::read_to_string(path).map_err(|e| {
+                            BalansError::InvalidArgument(format!(
+                                "cannot read --blocklist {}: {e}",
+                                path.display()
+                            ))
+                        })?;
+                        let names = text
+                            .lines()
+                            .map(str::trim)
+                            .enumerate()
+                            .filter(|(i, l)| !l.is_empty() && !(*i == 0 && *l == "blocklist"))
+                            .map(|(_, l)| l.to_string())
+                            .collect();
+                        SelectOp::Blocklist(names)
+                    }
+                });
+            }
+            PreprocessSteps {
+                aggregate: None,
+                drop_nonfinite: false,
+                variant_features: false,
+                normalize: a.normalize.map(|m| NormalizeStep {
+                    method: match m {
+                        NormalizeArg::Standardize => Normalization::Standardize,
+                        NormalizeArg::Robustize => Normalization::Robustize,
+                        NormalizeArg::MadRobustize => Normalization::MadRobustize {
+                            epsilon: a.mad_epsilon,
+                        },
+                        NormalizeArg::Mad => Normalization::Mad,
+                    },
+                    per_plate,
+                    on_negcon: a.negcon.is_some() && !a.normalize_on_all,
+                }),
+                rank_int: a.rank_int,
+                select,
+            }
+        }
+    };
+    steps.aggregate = a.aggregate.map(|g| match g {
+        AggregateArg::Median => Aggregation::Median,
+        AggregateArg::Mean => Aggregation::Mean,
+    });
+    for (name, value) in [
+        ("--na-cutoff", a.na_cutoff),
+        ("--freq-cut", a.freq_cut),
+        ("--unique-cut", a.unique_cut),
+    ] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(BalansError::InvalidArgument(format!(
+                "{name} must lie in [0, 1], not {value}"
+            )));
+        }
+    }
+    if !(-1.0..=1.0).contains(&a.corr_threshold) {
+        return Err(BalansError::InvalidArgument(format!(
+            "--corr-threshold must lie in [-1, 1], not {}",
+            a.corr_threshold
+        )));
+    }
+    if !(a.mad_epsilon >= 0.0 && a.mad_epsilon.is_finite()) {
+        return Err(BalansError::InvalidArgument(
+            "--mad-epsilon must be a finite number >= 0".into(),
+        ));
+    }
+    Ok(steps)
+}
+
+async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let steps = preprocess_steps(&a)?;
+    let settings = SessionSettings {
+        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
+        temp_dir: a.temp_dir.clone(),
+        ..SessionSettings::default()
+    };
+    let ctx = build_session(&settings)?;
+    let request = PreprocessRequest {
+        input: a.input.input.clone(),
+        output: a.output.clone(),
+        selection: a.input.select.selection(),
+        plate: a.plate.clone(),
+        well: a.well.clone(),
+        negcon: a.negcon.clone(),
+        steps,
+        overwrite: a.overwrite,
+        source: a.input.select.source(),
+    };
+    let log = |line: &str| {
+        if !quiet {
+            eprintln!("balans preprocess: {line}");
+        }
+    };
+    let outcome = run_preprocess(&ctx, &request, &log).await?;
+    let total = started.elapsed().as_secs_f64();
+    eprintln!(
+        "balans: wrote {} rows x {} features ({} in) to {}",
+        outcome.rows,
+        outcome.features.len(),
+        outcome.input_features.len(),
+        a.output.display()
+    );
+    if !quiet {
+        let stages: Vec<String> = outcome
+            .timings
+            .iter()
+            .map(|(name, seconds)| format!("{name} {seconds:.2} s"))
+            .collect();
+        eprintln!("  stages: {}", stages.join(", "));
+        eprintln!(
+            "  total {total:.2} s, peak memory {}",
+            peak_rss_bytes().map_or("unknown".to_string(), |b| format!(
+                "{:.1} MiB",
+                b as f64 / (1u64 << 20) as f64
+            ))
+        );
+    }
+    if let Some(path) = &a.summary_json {
+        let json = serde_json::to_vec_pretty(&outcome)
+            .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
+        write_bytes_atomic(path, &json)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = cli
@@ -1107,6 +1401,7 @@ fn main() -> ExitCode {
         let job = async move {
             match cli.command {
                 Command::Correct(a) => correct(*a, quiet).await,
+                Command::Preprocess(a) => run_preprocess_command(*a, quiet).await,
                 Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
                 Command::Inspect(a) => run_inspect(a).await,
                 Command::Tune(a) => run_tune(a, quiet).await,

@@ -1,0 +1,962 @@
+//! The `preprocess` job: well aggregation, pycytominer-compatible normalisation and feature
+//! selection, and the `mad_int_featselect` recipe of Arevalo et al. 2024.
+//!
+//! The table is read once (through DataFusion; aggregation is a grouped query) into a
+//! column-major `f64` working file that is memory-mapped: feature `j` is one contiguous
+//! column, so every step is a pass over columns (per-plate statistics, ranks, the Gram matrix
+//! of the correlation rule) and memory holds one column at a time, not the table. The
+//! metadata goes to an Arrow IPC working file. The steps run in a fixed order — aggregate,
+//! drop non-finite columns, variant features, normalise, rank inverse normal transform,
+//! feature selection — and the result is written atomically, metadata first in input order,
+//! kept features as `Float64`.
+//!
+//! Feature selection changes the schema, so preprocessing is a job rather than a streaming
+//! operator: its output columns are known only after the data has been seen.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use balans_operators::io::mmap_ipc::{BatchWriter, MappedIpcFile};
+use balans_operators::kernels::preprocess::{
+    Normalization, correlation_exclusions, fails_frequency, fit_scaling, frequency_stats,
+    is_variant, mad, median_in_place, nan_fraction, nan_variance, pearson_correlation,
+    rank_inverse_normal,
+};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::execution::SpillFile;
+use datafusion::functions_aggregate::expr_fn::{avg, median, min};
+use datafusion::logical_expr::{Expr, ExprSchemable, when};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::prelude::{SessionContext, ident, lit};
+use datafusion::scalar::ScalarValue;
+use futures::StreamExt;
+use memmap2::MmapMut;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{BalansError, Result};
+use crate::evaluate::negcon_predicate;
+use crate::source::{FeatureSelection, SourceOptions, register_profiles, resolve_columns};
+use crate::writer::{WriteStats, check_output, write_parquet_atomic};
+
+/// Column the engine adds to carry the `negcon` predicate's value.
+const NEGCON_COLUMN: &str = "__balans_negcon";
+
+/// How single-cell rows are aggregated to wells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Mean per plate and well (NaN ignored).
+    Mean,
+    /// Median per plate and well (NaN ignored; pycytominer's default).
+    Median,
+}
+
+/// A normalisation step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormalizeStep {
+    /// Centre and scale.
+    pub method: Normalization,
+    /// Fit and apply per plate (else on the whole table).
+    pub per_plate: bool,
+    /// Fit on the negative controls (else on all rows).
+    pub on_negcon: bool,
+}
+
+/// A feature-selection operation (pycytominer `feature_select`, in the order given).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SelectOp {
+    /// Drop features with a NaN fraction above the cutoff (`drop_na_columns`, 0.05).
+    DropNaColumns {
+        /// Largest NaN fraction kept.
+        cutoff: f64,
+    },
+    /// Drop features whose variance is not above the minimum (`variance_threshold`, 1e-6).
+    VarianceThreshold {
+        /// Smallest variance kept (exclusive).
+        min_variance: f64,
+    },
+    /// Drop repetitive features (`frequency_threshold`: 0.05 and 0.01).
+    FrequencyThreshold {
+        /// Second-most-common over most-common value count below which a feature goes.
+        freq_cut: f64,
+        /// Distinct values over rows below which a feature goes.
+        unique_cut: f64,
+    },
+    /// Drop one feature of every pair correlated above the threshold (`correlation_threshold`,
+    /// Pearson, 0.9).
+    CorrelationThreshold {
+        /// Signed Pearson correlation above which a pair is redundant.
+        threshold: f64,
+    },
+    /// Drop the named features (`blocklist`).
+    Blocklist(Vec<String>),
+}
+
+impl SelectOp {
+    /// pycytominer's name of the operation.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SelectOp::DropNaColumns { .. } => "drop_na_columns",
+            SelectOp::VarianceThreshold { .. } => "variance_threshold",
+            SelectOp::FrequencyThreshold { .. } => "frequency_threshold",
+            SelectOp::CorrelationThreshold { .. } => "correlation_threshold",
+            SelectOp::Blocklist(_) => "blocklist",
+        }
+    }
+}
+
+/// The steps of a preprocessing run, applied in this field order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreprocessSteps {
+    /// Aggregate rows to one per plate and well first.
+    pub aggregate: Option<Aggregation>,
+    /// Drop every feature with a NaN or infinite value.
+    pub drop_nonfinite: bool,
+    /// Keep only features whose negative-control MAD is non-zero and above 1e-3 of the
+    /// median on every plate (Arevalo et al.'s variant features).
+    pub variant_features: bool,
+    /// Normalise.
+    pub normalize: Option<NormalizeStep>,
+    /// Rank inverse normal transform per feature over all rows.
+    pub rank_int: bool,
+    /// Feature selection, in order.
+    pub select: Vec<SelectOp>,
+}
+
+impl PreprocessSteps {
+    /// The `mad_int_featselect` recipe (`shared/specs/metrics.md`): drop non-finite columns,
+    /// variant features, per-plate MAD normalisation on the negative controls (unscaled, no
+    /// epsilon), rank INT, then frequency (0.05 / 0.01) and correlation (0.9) thresholds.
+    pub fn mad_int_featselect() -> Self {
+        Self {
+            aggregate: None,
+            drop_nonfinite: true,
+            variant_features: true,
+            normalize: Some(NormalizeStep {
+                method: Normalization::Mad,
+                per_plate: true,
+                on_negcon: true,
+            }),
+            rank_int: true,
+            select: vec![
+                SelectOp::FrequencyThreshold {
+                    freq_cut: 0.05,
+                    unique_cut: 0.01,
+                },
+                SelectOp::CorrelationThreshold { threshold: 0.9 },
+            ],
+        }
+    }
+
+    /// Whether any step needs the plate column.
+    fn needs_plate(&self) -> bool {
+        self.aggregate.is_some()
+            || self.variant_features
+            || self.normalize.is_some_and(|n| n.per_plate)
+    }
+
+    /// Whether any step needs the negative controls.
+    fn needs_negcon(&self) -> bool {
+        self.variant_features || self.normalize.is_some_and(|n| n.on_negcon)
+    }
+
+    /// One line per step (the run summary and the output's metadata).
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(a) = self.aggregate {
+            lines.push(format!("aggregate {a:?} per plate and well").to_lowercase());
+        }
+        if self.drop_nonfinite {
+            lines.push("drop features with NaN/inf".into());
+        }
+        if self.variant_features {
+            lines.push("variant features (negcon |MAD/median| > 1e-3 on every plate)".into());
+        }
+        if let Some(n) = self.normalize {
+            lines.push(format!(
+                "normalize {} {} fitted on {}",
+                n.method.name(),
+                if n.per_plate { "per plate" } else { "globally" },
+                if n.on_negcon {
+                    "negcon rows"
+                } else {
+                    "all rows"
+                }
+            ));
+        }
+        if self.rank_int {
+            lines.push("rank inverse normal transform".into());
+        }
+        for op in &self.select {
+            lines.push(format!("feature_select {}", op.name()));
+        }
+        lines
+    }
+}
+
+/// A preprocessing request.
+#[derive(Debug, Clone)]
+pub struct PreprocessRequest {
+    /// Input location.
+    pub input: String,
+    /// Output Parquet file.
+    pub output: PathBuf,
+    /// Feature columns.
+    pub selection: FeatureSelection,
+    /// Plate column (per-plate statistics, aggregation).
+    pub plate: Option<String>,
+    /// Well column (aggregation).
+    pub well: Option<String>,
+    /// SQL predicate marking the negative controls.
+    pub negcon: Option<String>,
+    /// The steps.
+    pub steps: PreprocessSteps,
+    /// Replace an existing output file.
+    pub overwrite: bool,
+    /// Object-store options.
+    pub source: SourceOptions,
+}
+
+/// Features one step removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DroppedFeatures {
+    /// The step.
+    pub step: String,
+    /// Removed features, in input order.
+    pub features: Vec<String>,
+}
+
+/// What a preprocessing run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreprocessOutcome {
+    /// Rows written.
+    pub rows: usize,
+    /// Plates seen (0 without a plate column).
+    pub plates: usize,
+    /// Negative-control rows.
+    pub negcon_rows: usize,
+    /// Input features, in input order.
+    pub input_features: Vec<String>,
+    /// Kept features, in input order.
+    pub features: Vec<String>,
+    /// What each step removed.
+    pub dropped: Vec<DroppedFeatures>,
+    /// Seconds per stage.
+    pub timings: Vec<(String, f64)>,
+    /// Rows and batches written.
+    #[serde(skip)]
+    pub written: Option<WriteStats>,
+}
+
+/// The column-major feature matrix in a memory-mapped working file.
+struct ColumnFile {
+    map: MmapMut,
+    n: usize,
+    d: usize,
+    _file: Arc<dyn SpillFile>,
+}
+
+impl ColumnFile {
+    fn data(&self) -> &[f64] {
+        // SAFETY: the mapping is page-aligned, `n * d * 8` bytes long, and only ever holds f64.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr() as *const f64, self.n * self.d) }
+    }
+
+    fn data_mut(&mut self) -> &mut [f64] {
+        // SAFETY: as in `data`, and `&mut self` guarantees exclusive access.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr() as *mut f64, self.n * self.d)
+        }
+    }
+
+    fn column(&self, j: usize) -> &[f64] {
+        &self.data()[j * self.n..(j + 1) * self.n]
+    }
+}
+
+/// Everything the steps work on.
+struct Table {
+    columns: ColumnFile,
+    meta: MappedIpcFile,
+    _meta_file: Arc<dyn SpillFile>,
+    /// Plate code per row (0 without plates); names in sorted order.
+    plate: Vec<u32>,
+    plate_names: Vec<String>,
+    /// Negative-control flag per row.
+    negcon: Vec<bool>,
+}
+
+/// Runs a preprocessing request in `ctx`; `log` receives one line per stage.
+pub async fn run_preprocess(
+    ctx: &SessionContext,
+    request: &PreprocessRequest,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<PreprocessOutcome> {
+    let steps = &request.steps;
+    if steps.needs_plate() && request.plate.is_none() {
+        return Err(BalansError::InvalidArgument(
+            "these steps work per plate: give --plate COLUMN (e.g. Metadata_Plate)".into(),
+        ));
+    }
+    if steps.needs_negcon() && request.negcon.is_none() {
+        return Err(BalansError::InvalidArgument(
+            "these steps are fitted on negative controls: give --negcon PREDICATE (e.g. \
+             \"Metadata_PertType = 'negcon'\")"
+                .into(),
+        ));
+    }
+    if steps.aggregate.is_some() && request.well.is_none() {
+        return Err(BalansError::InvalidArgument(
+            "aggregation groups by plate and well: give --well COLUMN (e.g. Metadata_Well)".into(),
+        ));
+    }
+    check_output(
+        &request.output,
+        request.overwrite,
+        std::slice::from_ref(&request.input),
+    )?;
+    let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
+    check_output(&request.output, request.overwrite, &table.files)?;
+    let keys: Vec<String> = request
+        .plate
+        .iter()
+        .chain(request.well.iter().filter(|_| steps.aggregate.is_some()))
+        .cloned()
+        .collect();
+    let roles = resolve_columns(&table.schema, &request.selection, &keys)?;
+    let features = roles.features.clone();
+    let mut timings: Vec<(String, f64)> = Vec::new();
+
+    let mut df = ctx.table("profiles").await?;
+    if let Some(aggregation) = steps.aggregate {
+        let started = Instant::now();
+        let plate = request.plate.as_deref().expect("checked above");
+        let well = request.well.as_deref().expect("checked above");
+        let group = vec![ident(plate), ident(well)];
+        let mut aggregates = Vec::new();
+        for name in &roles.metadata {
+            if name != plate && name != well {
+                aggregates.push(min(ident(name)).alias(name));
+            }
+        }
+        for name in &features {
+            let value = ident(name).cast_to(&DataType::Float64, df.schema())?;
+            let not_nan = when(
+                datafusion::functions::math::expr_fn::isnan(value.clone()),
+                lit(ScalarValue::Float64(None)),
+            )
+            .otherwise(value)?;
+            aggregates.push(
+                match aggregation {
+                    Aggregation::Mean => avg(not_nan),
+                    Aggregation::Median => median(not_nan),
+                }
+                .alias(name),
+            );
+        }
+        let order: Vec<Expr> = table
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| roles.metadata.contains(f.name()) || features.contains(f.name()))
+            .map(|f| ident(f.name()))
+            .collect();
+        df = df
+            .aggregate(group, aggregates)?
+            .sort(vec![
+                ident(plate).sort(true, false),
+                ident(well).sort(true, false),
+            ])?
+            .select(order)?;
+        timings.push(("aggregate (plan)".into(), started.elapsed().as_secs_f64()));
+        log(&format!("aggregate: {aggregation:?} per plate and well").to_lowercase());
+    }
+    if let Some(predicate) = &request.negcon {
+        let mask = negcon_predicate(&df, predicate)?;
+        df = df.with_column(NEGCON_COLUMN, mask)?;
+    }
+
+    let started = Instant::now();
+    let n = df.clone().count().await?;
+    if n == 0 {
+        return Err(BalansError::BadInput("the input has no rows".into()));
+    }
+    let loaded = ingest(ctx, df, &features, request.plate.as_deref(), n).await?;
+    timings.push(("read".into(), started.elapsed().as_secs_f64()));
+    log(&format!(
+        "read {n} rows x {} features{}",
+        features.len(),
+        if loaded.plate_names.len() > 1 {
+            format!(", {} plates", loaded.plate_names.len())
+        } else {
+            String::new()
+        }
+    ));
+
+    let steps = steps.clone();
+    let plate_column = request.plate.clone();
+    let log_lines: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let lines = log_lines.clone();
+    let names = features.clone();
+    let (table, kept, dropped, step_timings) = tokio::task::spawn_blocking(move || {
+        let mut table = loaded;
+        let mut kept = vec![true; names.len()];
+        let mut dropped = Vec::new();
+        let mut timings = Vec::new();
+        let result = apply_steps(
+            &mut table,
+            &names,
+            &steps,
+            plate_column.as_deref(),
+            &mut kept,
+            &mut dropped,
+            &mut timings,
+            &|line: &str| lines.lock().unwrap().push(line.to_string()),
+        );
+        result.map(|()| (table, kept, dropped, timings))
+    })
+    .await
+    .map_err(|e| BalansError::BadInput(format!("preprocessing stopped: {e}")))??;
+    for line in log_lines.lock().unwrap().iter() {
+        log(line);
+    }
+    timings.extend(step_timings);
+
+    let kept_names: Vec<String> = features
+        .iter()
+        .zip(&kept)
+        .filter(|(_, k)| **k)
+        .map(|(f, _)| f.clone())
+        .collect();
+    if kept_names.is_empty() {
+        return Err(BalansError::BadInput(
+            "every feature was removed; nothing to write (see the steps above)".into(),
+        ));
+    }
+    let outcome_base = PreprocessOutcome {
+        rows: n,
+        plates: if request.plate.is_some() {
+            table.plate_names.len()
+        } else {
+            0
+        },
+        negcon_rows: table.negcon.iter().filter(|&&b| b).count(),
+        input_features: features.clone(),
+        features: kept_names.clone(),
+        dropped,
+        timings: Vec::new(),
+        written: None,
+    };
+    let started = Instant::now();
+    let stream = output_stream(Arc::new(table), &features, &kept)?;
+    let metadata = vec![
+        ("balans.method".to_string(), "preprocess".to_string()),
+        (
+            "balans.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        (
+            "balans.preprocess".to_string(),
+            serde_json::to_string(&serde_json::json!({
+                "steps": request.steps.describe(),
+                "input_features": outcome_base.input_features.len(),
+                "features": outcome_base.features.len(),
+                "dropped": outcome_base.dropped,
+            }))
+            .unwrap_or_default(),
+        ),
+        ("balans.input".to_string(), request.input.clone()),
+    ];
+    let written = write_parquet_atomic(stream, &request.output, metadata).await?;
+    timings.push(("write".into(), started.elapsed().as_secs_f64()));
+    Ok(PreprocessOutcome {
+        timings,
+        written: Some(written),
+        ..outcome_base
+    })
+}
+
+/// Reads the query result into the column-major working file and the metadata file.
+async fn ingest(
+    ctx: &SessionContext,
+    df: datafusion::prelude::DataFrame,
+    features: &[String],
+    plate: Option<&str>,
+    n: usize,
+) -> Result<Table> {
+    let d = features.len();
+    let disk = ctx.runtime_env().disk_manager.clone();
+    let column_file = disk.create_tmp_file("preprocess feature columns")?;
+    let meta_file = disk.create_tmp_file("preprocess metadata")?;
+    let local = |f: &Arc<dyn SpillFile>| -> Result<PathBuf> {
+        f.path().map(|p| p.to_path_buf()).ok_or_else(|| {
+            BalansError::InvalidArgument("preprocessing needs a local temporary directory".into())
+        })
+    };
+    let column_path = local(&column_file)?;
+    let meta_path = local(&meta_file)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&column_path)?;
+    file.set_len((n * d * 8).max(8) as u64)?;
+    // SAFETY: the working file is private to this run and not resized while mapped.
+    let map = unsafe { MmapMut::map_mut(&file)? };
+    let mut columns = ColumnFile {
+        map,
+        n,
+        d,
+        _file: column_file,
+    };
+
+    let schema = df.schema().as_arrow().clone();
+    let feature_idx: Vec<usize> = features
+        .iter()
+        .map(|f| schema.index_of(f))
+        .collect::<std::result::Result<_, _>>()?;
+    let meta_idx: Vec<usize> = (0..schema.fields().len())
+        .filter(|i| !feature_idx.contains(i) && schema.field(*i).name() != NEGCON_COLUMN)
+        .collect();
+    let meta_schema = Arc::new(schema.project(&meta_idx)?);
+    let plate_idx = plate.map(|p| schema.index_of(p)).transpose()?;
+    let negcon_idx = schema.index_of(NEGCON_COLUMN).ok();
+    let mut writer = BatchWriter::create(&meta_path, &meta_schema)
+        .map_err(|e| BalansError::BadInput(e.to_string()))?;
+    let mut plate_codes: Vec<u32> = Vec::with_capacity(n);
+    let mut plate_index: HashMap<String, u32> = HashMap::new();
+    let mut plate_keys: Vec<String> = Vec::new();
+    let mut negcon: Vec<bool> = Vec::with_capacity(n);
+    let mut row = 0usize;
+    let mut stream = df.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let len = batch.num_rows();
+        if row + len > n {
+            return Err(BalansError::BadInput(
+                "the input changed while it was read (more rows than counted)".into(),
+            ));
+        }
+        writer
+            .write(&batch.project(&meta_idx)?)
+            .map_err(|e| BalansError::BadInput(e.to_string()))?;
+        let data = columns.data_mut();
+        for (j, &idx) in feature_idx.iter().enumerate() {
+            let values = cast(batch.column(idx), &DataType::Float64)?;
+            let values = values.as_primitive::<Float64Type>();
+            let out = &mut data[j * n + row..j * n + row + len];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = if values.is_null(i) {
+                    f64::NAN
+                } else {
+                    values.value(i)
+                };
+            }
+        }
+        match plate_idx {
+            Some(idx) => {
+                let keys = cast(batch.column(idx), &DataType::Utf8)?;
+                let keys = keys.as_string::<i32>();
+                for i in 0..len {
+                    let key = if keys.is_null(i) {
+                        "null"
+                    } else {
+                        keys.value(i)
+                    };
+                    let next = plate_keys.len() as u32;
+                    let code = *plate_index.entry(key.to_string()).or_insert_with(|| {
+                        plate_keys.push(key.to_string());
+                        next
+                    });
+                    plate_codes.push(code);
+                }
+            }
+            None => plate_codes.extend(std::iter::repeat_n(0, len)),
+        }
+        match negcon_idx {
+            Some(idx) => {
+                let flags = batch.column(idx).as_boolean();
+                negcon.extend((0..len).map(|i| flags.is_valid(i) && flags.value(i)));
+            }
+            None => negcon.extend(std::iter::repeat_n(false, len)),
+        }
+        row += len;
+    }
+    writer
+        .finish()
+        .map_err(|e| BalansError::BadInput(e.to_string()))?;
+    if row != n {
+        return Err(BalansError::BadInput(format!(
+            "the input changed while it was read ({row} rows, {n} counted)"
+        )));
+    }
+    if plate_keys.is_empty() {
+        plate_keys.push(String::new());
+    }
+    // Plates in sorted order, so messages and statistics do not depend on the row order.
+    let mut order: Vec<usize> = (0..plate_keys.len()).collect();
+    order.sort_by(|&a, &b| plate_keys[a].cmp(&plate_keys[b]));
+    let mut remap = vec![0u32; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        remap[old] = new as u32;
+    }
+    let plate = plate_codes.iter().map(|&c| remap[c as usize]).collect();
+    let plate_names = order.iter().map(|&o| plate_keys[o].clone()).collect();
+    let meta = MappedIpcFile::open(&meta_path).map_err(|e| BalansError::BadInput(e.to_string()))?;
+    Ok(Table {
+        columns,
+        meta,
+        _meta_file: meta_file,
+        plate,
+        plate_names,
+        negcon,
+    })
+}
+
+/// Runs the steps over the kept features, in place.
+#[allow(clippy::too_many_arguments)]
+fn apply_steps(
+    table: &mut Table,
+    names: &[String],
+    steps: &PreprocessSteps,
+    plate_column: Option<&str>,
+    kept: &mut [bool],
+    dropped: &mut Vec<DroppedFeatures>,
+    timings: &mut Vec<(String, f64)>,
+    log: &dyn Fn(&str),
+) -> Result<()> {
+    let n = table.columns.n;
+    let plates = table.plate_names.len();
+    let mut plate_rows: Vec<Vec<usize>> = vec![Vec::new(); plates];
+    for (i, &p) in table.plate.iter().enumerate() {
+        plate_rows[p as usize].push(i);
+    }
+    let record_drop =
+        |step: &str, kept: &mut [bool], flags: Vec<bool>, dropped: &mut Vec<DroppedFeatures>| {
+            let mut removed = Vec::new();
+            for (j, gone) in flags.into_iter().enumerate() {
+                if gone && kept[j] {
+                    kept[j] = false;
+                    removed.push(names[j].clone());
+                }
+            }
+            let left = kept.iter().filter(|&&k| k).count();
+            log(&format!(
+                "{step}: dropped {} feature(s), {left} left{}",
+                removed.len(),
+                preview(&removed)
+            ));
+            dropped.push(DroppedFeatures {
+                step: step.to_string(),
+                features: removed,
+            });
+        };
+    let kept_indices =
+        |kept: &[bool]| -> Vec<usize> { (0..kept.len()).filter(|&j| kept[j]).collect::<Vec<_>>() };
+
+    if steps.drop_nonfinite {
+        let started = Instant::now();
+        let columns = &table.columns;
+        let flags: Vec<bool> = (0..names.len())
+            .into_par_iter()
+            .map(|j| columns.column(j).iter().any(|v| !v.is_finite()))
+            .collect();
+        record_drop("drop non-finite columns", kept, flags, dropped);
+        timings.push(("drop non-finite".into(), started.elapsed().as_secs_f64()));
+    }
+
+    if steps.needs_negcon() {
+        for (p, rows) in plate_rows.iter().enumerate() {
+            let controls = rows.iter().filter(|&&i| table.negcon[i]).count();
+            let per_plate = steps.variant_features || steps.normalize.is_some_and(|s| s.per_plate);
+            if controls == 0 && per_plate {
+                return Err(BalansError::BadInput(format!(
+                    "plate '{}' (column {}) has no negative-control rows: per-plate statistics \
+                     are fitted on them (check --negcon, or drop the plate)",
+                    table.plate_names[p],
+                    plate_column.unwrap_or("plate")
+                )));
+            }
+        }
+        if !table.negcon.iter().any(|&b| b) {
+            return Err(BalansError::BadInput(
+                "no row matches the --negcon predicate".into(),
+            ));
+        }
+    }
+
+    if steps.variant_features {
+        let started = Instant::now();
+        let columns = &table.columns;
+        let negcon = &table.negcon;
+        let flags: Vec<bool> = (0..names.len())
+            .into_par_iter()
+            .map(|j| {
+                if !kept[j] {
+                    return false;
+                }
+                let column = columns.column(j);
+                let mut scratch = Vec::new();
+                plate_rows.iter().any(|rows| {
+                    let mut values: Vec<f64> = rows
+                        .iter()
+                        .filter(|&&i| negcon[i])
+                        .map(|&i| column[i])
+                        .filter(|v| v.is_finite())
+                        .collect();
+                    if values.is_empty() {
+                        return true;
+                    }
+                    let median = median_in_place(&mut values);
+                    let spread = mad(&values, median, &mut scratch);
+                    !is_variant(median, spread)
+                })
+            })
+            .collect();
+        record_drop("variant features", kept, flags, dropped);
+        timings.push(("variant features".into(), started.elapsed().as_secs_f64()));
+    }
+
+    if let Some(step) = steps.normalize {
+        let started = Instant::now();
+        let groups: Vec<Vec<usize>> = if step.per_plate {
+            plate_rows.clone()
+        } else {
+            vec![(0..n).collect()]
+        };
+        let negcon = table.negcon.clone();
+        let plate_names = table.plate_names.clone();
+        let data = table.columns.data_mut();
+        let failures: Vec<String> = data
+            .par_chunks_mut(n)
+            .enumerate()
+            .filter(|(j, _)| kept[*j])
+            .filter_map(|(j, column)| {
+                for (g, rows) in groups.iter().enumerate() {
+                    let mut fit: Vec<f64> = rows
+                        .iter()
+                        .filter(|&&i| !step.on_negcon || negcon[i])
+                        .map(|&i| column[i])
+                        .filter(|v| v.is_finite())
+                        .collect();
+                    let Some(scaling) = fit_scaling(&mut fit, step.method) else {
+                        return Some(if step.per_plate {
+                            format!(
+                                "feature '{}' has no finite {} value on plate '{}'",
+                                names[j],
+                                if step.on_negcon {
+                                    "negative-control"
+                                } else {
+                                    ""
+                                },
+                                plate_names[g]
+                            )
+                        } else {
+                            format!("feature '{}' has no finite value to fit on", names[j])
+                        });
+                    };
+                    for &i in rows {
+                        let v = column[i];
+                        if v.is_finite() {
+                            column[i] = scaling.apply(v);
+                        }
+                    }
+                }
+                None
+            })
+            .collect();
+        if let Some(first) = failures.first() {
+            return Err(BalansError::BadInput(format!(
+                "cannot normalise: {first}{} (drop such features first, e.g. --feature-select \
+                 drop_na_columns, or use --recipe mad_int_featselect, which drops them)",
+                if failures.len() > 1 {
+                    format!(" and {} more", failures.len() - 1)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        log(&format!(
+            "normalize: {} {}",
+            step.method.name(),
+            if step.per_plate {
+                format!("per plate ({plates} plates)")
+            } else {
+                "on the whole table".to_string()
+            }
+        ));
+        timings.push(("normalize".into(), started.elapsed().as_secs_f64()));
+    }
+
+    if steps.rank_int {
+        let started = Instant::now();
+        let data = table.columns.data_mut();
+        let bad: Vec<usize> = data
+            .par_chunks_mut(n)
+            .enumerate()
+            .filter(|(j, _)| kept[*j])
+            .filter_map(|(j, column)| {
+                if column.iter().any(|v| !v.is_finite()) {
+                    return Some(j);
+                }
+                rank_inverse_normal(column);
+                None
+            })
+            .collect();
+        if let Some(&j) = bad.first() {
+            return Err(BalansError::BadInput(format!(
+                "the rank inverse normal transform needs finite values, but feature '{}' has \
+                 NaN or inf{}",
+                names[j],
+                if bad.len() > 1 {
+                    format!(" (and {} more features)", bad.len() - 1)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        log("rank inverse normal transform");
+        timings.push(("rank INT".into(), started.elapsed().as_secs_f64()));
+    }
+
+    for op in &steps.select {
+        let started = Instant::now();
+        let columns = &table.columns;
+        let flags: Vec<bool> = match op {
+            SelectOp::DropNaColumns { cutoff } => (0..names.len())
+                .into_par_iter()
+                .map(|j| kept[j] && nan_fraction(columns.column(j)) > *cutoff)
+                .collect(),
+            SelectOp::VarianceThreshold { min_variance } => (0..names.len())
+                .into_par_iter()
+                .map(|j| kept[j] && !(nan_variance(columns.column(j)) > *min_variance))
+                .collect(),
+            SelectOp::FrequencyThreshold {
+                freq_cut,
+                unique_cut,
+            } => (0..names.len())
+                .into_par_iter()
+                .map(|j| {
+                    let mut scratch = Vec::new();
+                    kept[j]
+                        && fails_frequency(
+                            frequency_stats(columns.column(j), &mut scratch),
+                            *freq_cut,
+                            *unique_cut,
+                        )
+                })
+                .collect(),
+            SelectOp::CorrelationThreshold { threshold } => {
+                let idx = kept_indices(kept);
+                if let Some(&j) = idx
+                    .iter()
+                    .find(|&&j| columns.column(j).iter().any(|v| !v.is_finite()))
+                {
+                    return Err(BalansError::BadInput(format!(
+                        "correlation_threshold needs finite values, but feature '{}' has NaN \
+                         or inf (run drop_na_columns first)",
+                        names[j]
+                    )));
+                }
+                let corr = pearson_correlation(columns.data(), n, &idx, 4096);
+                let gone = correlation_exclusions(&corr, *threshold);
+                let mut flags = vec![false; names.len()];
+                for (&j, g) in idx.iter().zip(gone) {
+                    flags[j] = g;
+                }
+                flags
+            }
+            SelectOp::Blocklist(list) => names.iter().map(|f| list.contains(f)).collect(),
+        };
+        record_drop(op.name(), kept, flags, dropped);
+        timings.push((op.name().to_string(), started.elapsed().as_secs_f64()));
+    }
+    Ok(())
+}
+
+fn preview(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<&str> = names.iter().take(5).map(|s| s.as_str()).collect();
+    format!(
+        " ({}{})",
+        shown.join(", "),
+        if names.len() > 5 { ", ..." } else { "" }
+    )
+}
+
+/// The output rows: metadata batches joined with the kept feature columns, in input column
+/// order, built one metadata batch at a time from the mapped files.
+fn output_stream(
+    table: Arc<Table>,
+    features: &[String],
+    kept: &[bool],
+) -> Result<datafusion::execution::SendableRecordBatchStream> {
+    let meta_schema = table.meta.schema().clone();
+    let kept_features: BTreeMap<String, usize> = features
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| kept[*j])
+        .map(|(j, f)| (f.clone(), j))
+        .collect();
+    // Metadata columns first (in input order), then the kept features in input order: the
+    // layout pycytominer writes and every profile table in this field uses.
+    let input_order: Vec<String> = meta_schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .chain(
+            features
+                .iter()
+                .filter(|f| kept_features.contains_key(*f))
+                .cloned(),
+        )
+        .collect();
+    enum Source {
+        Meta(usize),
+        Feature(usize),
+    }
+    let mut fields: Vec<Field> = Vec::new();
+    let mut sources: Vec<Source> = Vec::new();
+    for name in &input_order {
+        if let Ok(i) = meta_schema.index_of(name) {
+            fields.push(meta_schema.field(i).clone());
+            sources.push(Source::Meta(i));
+        } else {
+            fields.push(Field::new(name, DataType::Float64, false));
+            sources.push(Source::Feature(kept_features[name]));
+        }
+    }
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let out_schema = schema.clone();
+    let n_batches = table.meta.batches().len();
+    let batches = (0..n_batches).scan(0usize, move |row, b| {
+        let meta = &table.meta.batches()[b];
+        let len = meta.num_rows();
+        let start = *row;
+        *row += len;
+        let columns: Vec<ArrayRef> = sources
+            .iter()
+            .map(|s| match s {
+                Source::Meta(i) => meta.column(*i).clone(),
+                Source::Feature(j) => Arc::new(Float64Array::from(
+                    table.columns.column(*j)[start..start + len].to_vec(),
+                )) as ArrayRef,
+            })
+            .collect();
+        Some(
+            RecordBatch::try_new(out_schema.clone(), columns)
+                .map_err(datafusion::error::DataFusionError::from),
+        )
+    });
+    Ok(Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::iter(batches),
+    )))
+}
