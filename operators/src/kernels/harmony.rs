@@ -443,7 +443,9 @@ impl<'a> Harmony<'a> {
     /// Cosine distances to the centroids and the softmax assignment without the penalty.
     fn assign_without_diversity(&mut self) -> Result<()> {
         let (d, k) = (self.d, self.k);
-        let y = &self.y;
+        // Centroids transposed (dimension-major), so each dimension updates all K dot
+        // products at once; every dot product still sums its terms in dimension order.
+        let y_t = transpose(&self.y, k, d);
         let sigma = &self.sigma;
         let ok = self
             .z_corr
@@ -451,13 +453,15 @@ impl<'a> Harmony<'a> {
             .zip(self.dist.par_chunks_mut(k))
             .zip(self.r.par_chunks_mut(k))
             .map(|((x, dist), r)| {
-                for c in 0..k {
-                    let centroid = &y[c * d..(c + 1) * d];
-                    let mut dot = 0.0f32;
-                    for (a, b) in x.iter().zip(centroid) {
-                        dot += a * b;
+                dist.iter_mut().for_each(|v| *v = 0.0);
+                for (a, &xa) in x.iter().enumerate() {
+                    let row = &y_t[a * k..(a + 1) * k];
+                    for (acc, &yv) in dist.iter_mut().zip(row) {
+                        *acc += xa * yv;
                     }
-                    dist[c] = 2.0f32 * (1.0f32 - dot);
+                }
+                for c in 0..k {
+                    dist[c] = 2.0f32 * (1.0f32 - dist[c]);
                     r[c] = (-dist[c]) / sigma[c];
                 }
                 softmax(r)
@@ -705,18 +709,23 @@ impl<'a> Harmony<'a> {
                 if !used[b] {
                     return None;
                 }
+                // rz[i * K + c]: dimension-major, so each coordinate updates all K sums at
+                // once; every sum still adds the cells in order.
                 let mut rz = vec![0.0f64; k * d];
                 let mut tot = vec![0.0f64; k];
+                let mut r64 = vec![0.0f64; k];
                 for &j in &self.batch_cells[b] {
                     let j = j as usize;
                     let r = &self.r[j * k..(j + 1) * k];
+                    for ((t, w), &v) in tot.iter_mut().zip(r64.iter_mut()).zip(r) {
+                        *w = f64::from(v);
+                        *t += *w;
+                    }
                     let z = &self.z_orig[j * d..(j + 1) * d];
-                    for c in 0..k {
-                        let rc = f64::from(r[c]);
-                        tot[c] += rc;
-                        let row = &mut rz[c * d..(c + 1) * d];
-                        for (acc, &zi) in row.iter_mut().zip(z) {
-                            *acc += rc * f64::from(zi);
+                    for (i, &zi) in z.iter().enumerate() {
+                        let zi = f64::from(zi);
+                        for (acc, &w) in rz[i * k..(i + 1) * k].iter_mut().zip(&r64) {
+                            *acc += w * zi;
                         }
                     }
                 }
@@ -747,8 +756,8 @@ impl<'a> Harmony<'a> {
                 diag.push(o + lambda);
                 s += o;
                 rhs.iter_mut()
-                    .zip(&rz[c * d..(c + 1) * d])
-                    .for_each(|(r, v)| *r += v);
+                    .enumerate()
+                    .for_each(|(i, r)| *r += rz[i * k + c]);
             }
             let largest = s;
             for (&b, &dd) in kept.iter().zip(&diag) {
@@ -757,8 +766,8 @@ impl<'a> Harmony<'a> {
                 let scale = o / dd;
                 s -= scale * o;
                 rhs.iter_mut()
-                    .zip(&rz[c * d..(c + 1) * d])
-                    .for_each(|(r, v)| *r -= scale * v);
+                    .enumerate()
+                    .for_each(|(i, r)| *r -= scale * rz[i * k + c]);
             }
             if !(s > 1e-10 * largest) {
                 return Err(numerical("the ridge system of a cluster is singular"));
@@ -772,7 +781,7 @@ impl<'a> Harmony<'a> {
                 let (rz, tot) = sums[b].as_ref().expect("used batch");
                 let o = tot[c];
                 for i in 0..d {
-                    m[b][c * d + i] = ((rz[c * d + i] - o * w0[i]) / dd) as f32;
+                    m[b][c * d + i] = ((rz[i * k + c] - o * w0[i]) / dd) as f32;
                 }
             }
         }
@@ -810,34 +819,38 @@ impl<'a> Harmony<'a> {
 /// last member of a live mean, as harmonypy's Armadillo-compatible step does). `false` if
 /// it cannot refill the empty means.
 fn lloyd_step(means: &mut [f32], x: &[f32], d: usize, k: usize) -> bool {
+    // Means transposed: each dimension updates the running sums of all K means at once.
+    // Per mean, even dimensions go to one sum and odd ones to another, in dimension order
+    // (harmonypy's two-lane distance).
+    let means_t = transpose(means, k, d);
     let assignment: Vec<usize> = x
         .par_chunks(d)
-        .map(|cell| {
-            let mut best = 0usize;
-            let mut best_dist = f32::INFINITY;
-            for g in 0..k {
-                let mean = &means[g * d..(g + 1) * d];
-                let (mut acc1, mut acc2) = (0.0f32, 0.0f32);
-                let mut a = 0;
-                while a + 1 < d {
-                    let t0 = cell[a] - mean[a];
-                    let t1 = cell[a + 1] - mean[a + 1];
-                    acc1 += t0 * t0;
-                    acc2 += t1 * t1;
-                    a += 2;
+        .map_init(
+            || (vec![0.0f32; k], vec![0.0f32; k]),
+            |(acc1, acc2), cell| {
+                acc1.iter_mut().for_each(|v| *v = 0.0);
+                acc2.iter_mut().for_each(|v| *v = 0.0);
+                for (a, &xa) in cell.iter().enumerate() {
+                    let row = &means_t[a * k..(a + 1) * k];
+                    // The last, unpaired dimension of an odd d goes to the first lane.
+                    let acc = if a % 2 == 0 { &mut *acc1 } else { &mut *acc2 };
+                    for (s, &m) in acc.iter_mut().zip(row) {
+                        let t = xa - m;
+                        *s += t * t;
+                    }
                 }
-                if a < d {
-                    let t0 = cell[a] - mean[a];
-                    acc1 += t0 * t0;
+                let mut best = 0usize;
+                let mut best_dist = f32::INFINITY;
+                for g in 0..k {
+                    let dist = acc1[g] + acc2[g];
+                    if dist < best_dist {
+                        best_dist = dist;
+                        best = g;
+                    }
                 }
-                let dist = acc1 + acc2;
-                if dist < best_dist {
-                    best_dist = dist;
-                    best = g;
-                }
-            }
-            best
-        })
+                best
+            },
+        )
         .collect();
     let mut sums = vec![0.0f32; k * d];
     let mut counts = vec![0usize; k];
@@ -877,6 +890,17 @@ fn lloyd_step(means: &mut [f32], x: &[f32], d: usize, k: usize) -> bool {
     }
     means.copy_from_slice(&new_means);
     true
+}
+
+/// Row-major `rows x cols` to row-major `cols x rows`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
 }
 
 /// `Σ_{j ∈ cells} R[:, j]` in cell order.
