@@ -113,14 +113,20 @@ impl Mt19937 {
     }
 
     fn twist(&mut self) {
-        for i in 0..624 {
-            let y = (self.state[i] & 0x8000_0000) | (self.state[(i + 1) % 624] & 0x7fff_ffff);
-            let mut next = self.state[(i + 397) % 624] ^ (y >> 1);
-            if y & 1 != 0 {
-                next ^= 0x9908_b0df;
-            }
-            self.state[i] = next;
+        const N: usize = 624;
+        const M: usize = 397;
+        let mix = |upper: u32, lower: u32, far: u32| {
+            let y = (upper & 0x8000_0000) | (lower & 0x7fff_ffff);
+            far ^ (y >> 1) ^ if y & 1 != 0 { 0x9908_b0df } else { 0 }
+        };
+        let s = &mut self.state;
+        for i in 0..N - M {
+            s[i] = mix(s[i], s[i + 1], s[i + M]);
         }
+        for i in N - M..N - 1 {
+            s[i] = mix(s[i], s[i + 1], s[i + M - N]);
+        }
+        s[N - 1] = mix(s[N - 1], s[0], s[M - 1]);
         self.index = 0;
     }
 
@@ -408,23 +414,14 @@ impl<'a> Harmony<'a> {
                     let distance = ((1.0f32 - dot8(&pick, cell)) * 2.0f32).abs();
                     *p = (-u.ln()) / (distance + 1e-10f32);
                 });
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = parallel_max(&p);
             for &c in &chosen {
                 p[c] = max;
             }
-            let argmin = |p: &[f32]| {
-                let mut best = 0;
-                for (j, &v) in p.iter().enumerate() {
-                    if v < p[best] {
-                        best = j;
-                    }
-                }
-                best
-            };
-            let mut best = argmin(&p);
+            let mut best = first_argmin(&p);
             while chosen.contains(&best) {
-                p[best] = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                best = argmin(&p);
+                p[best] = parallel_max(&p);
+                best = first_argmin(&p);
             }
             chosen.push(best);
             y[i * d..(i + 1) * d].copy_from_slice(&x[best * d..(best + 1) * d]);
@@ -608,6 +605,7 @@ impl<'a> Harmony<'a> {
         let per_block = ((n as f32 * self.params.block_size) as usize).max(1);
         let (mut update_error, mut update_entropy) = (0.0f64, 0.0f64);
         let mut log_div = vec![0.0f32; k * self.b];
+        let mut new_r: Vec<f32> = Vec::new();
         for i in 0..n_blocks {
             let lo = i * per_block;
             if lo >= n {
@@ -619,13 +617,15 @@ impl<'a> Harmony<'a> {
                 ((i + 1) * per_block).min(n)
             };
             // Cells grouped by batch (stable), in runs of at most CHUNK of one batch.
-            let mut block: Vec<u32> = order[lo..hi].to_vec();
-            block.sort_by_key(|&j| self.batch[j as usize]);
+            let block = group_by_batch(&order[lo..hi], self.batch, self.b);
             let runs = batch_runs(&block, self.batch);
             // Take the block out of O and E.
+            let run_sums: Vec<Vec<f32>> = runs
+                .par_iter()
+                .map(|&(_, start, end)| sum_cells(&self.r, k, &block[start..end]))
+                .collect();
             let mut totals = vec![0.0f32; k];
-            for &(b, start, end) in &runs {
-                let sums = sum_cells(&self.r, k, &block[start..end]);
+            for (&(b, _, _), sums) in runs.iter().zip(&run_sums) {
                 for c in 0..k {
                     self.o[b * k + c] -= sums[c];
                     totals[c] += sums[c];
@@ -644,42 +644,74 @@ impl<'a> Harmony<'a> {
                     log_div[b * k + c] = ((twice + 1.0).ln() - (o + e + 1.0).ln()) * self.theta[b];
                 }
             }
-            // Reassign the block's cells (independent given the frozen O, E).
-            let reassigned: Vec<RunResult> = runs
-                .par_iter()
-                .map(|&(b, start, end)| {
-                    reassign_run(
-                        &block[start..end],
-                        &self.dist,
-                        &log_div[b * k..(b + 1) * k],
-                        &self.sigma,
-                        k,
-                    )
+            // Reassign the block's cells (independent given the frozen O, E), in parallel;
+            // the per-run sums then add the cells in order.
+            new_r.clear();
+            new_r.resize(block.len() * k, 0.0);
+            let terms: Vec<Option<(f64, f64)>> = new_r
+                .par_chunks_mut(k * 64)
+                .zip(block.par_chunks(64))
+                .flat_map_iter(|(out, cells)| {
+                    let mut terms = Vec::with_capacity(cells.len());
+                    for (&j, rj) in cells.iter().zip(out.chunks_mut(k)) {
+                        let b = self.batch[j as usize] as usize;
+                        terms.push(reassign_cell(
+                            &self.dist[j as usize * k..(j as usize + 1) * k],
+                            &log_div[b * k..(b + 1) * k],
+                            &self.sigma,
+                            rj,
+                        ));
+                    }
+                    terms
                 })
                 .collect();
+            if terms.iter().any(Option::is_none) {
+                return Err(numerical(
+                    "the assignment normalisers must be finite and positive",
+                ));
+            }
+            // Per run, in cell order: the new assignments' sums, error and entropy.
+            let per_run: Vec<(Vec<f32>, f64, f64)> = runs
+                .par_iter()
+                .map(|&(_, start, end)| {
+                    let mut sums = vec![0.0f32; k];
+                    let (mut error, mut entropy) = (0.0f64, 0.0f64);
+                    for pos in start..end {
+                        let (cell_error, cell_entropy) = terms[pos].expect("checked");
+                        let rj = &new_r[pos * k..(pos + 1) * k];
+                        sums.iter_mut().zip(rj).for_each(|(s, &p)| *s += p);
+                        error += cell_error;
+                        entropy += cell_entropy;
+                    }
+                    (sums, error, entropy)
+                })
+                .collect();
+            // Scatter the new rows into R (the block's cells are distinct).
+            let rows = RowsPtr(self.r.as_mut_ptr());
+            block
+                .par_iter()
+                .zip(new_r.par_chunks(k))
+                .for_each(|(&j, rj)| {
+                    let rows = &rows;
+                    // SAFETY: every cell appears once in the block, so the rows written are
+                    // disjoint, and `self.r` has N x K values.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(rj.as_ptr(), rows.0.add(j as usize * k), k)
+                    };
+                });
             let mut totals = vec![0.0f32; k];
-            for (&(b, start, end), result) in runs.iter().zip(&reassigned) {
-                if !result.ok {
-                    return Err(numerical(
-                        "the assignment normalisers must be finite and positive",
-                    ));
-                }
-                for (&j, rj) in block[start..end].iter().zip(result.r.chunks(k)) {
-                    self.r[j as usize * k..(j as usize + 1) * k].copy_from_slice(rj);
-                }
+            for (&(b, _, _), (sums, error, entropy)) in runs.iter().zip(&per_run) {
                 for c in 0..k {
-                    self.o[b * k + c] += result.sums[c];
-                    totals[c] += result.sums[c];
+                    self.o[b * k + c] += sums[c];
+                    totals[c] += sums[c];
                 }
+                update_error += error;
+                update_entropy += entropy;
             }
             for b in 0..self.b {
                 for c in 0..k {
                     self.e[b * k + c] += totals[c] * self.pr_b[b];
                 }
-            }
-            for result in &reassigned {
-                update_error += result.error;
-                update_entropy += result.entropy;
             }
         }
         Ok((update_error, update_entropy))
@@ -892,6 +924,61 @@ fn lloyd_step(means: &mut [f32], x: &[f32], d: usize, k: usize) -> bool {
     true
 }
 
+/// A raw pointer to R's rows, shared by the threads that write distinct rows.
+struct RowsPtr(*mut f32);
+// SAFETY: only used to write disjoint rows from several threads.
+unsafe impl Sync for RowsPtr {}
+
+/// Largest value (exact in any order).
+fn parallel_max(p: &[f32]) -> f32 {
+    p.par_chunks(1 << 14)
+        .map(|c| c.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .reduce(|| f32::NEG_INFINITY, f32::max)
+}
+
+/// Index of the first smallest value.
+fn first_argmin(p: &[f32]) -> usize {
+    let chunk = 1 << 14;
+    let best: Vec<(f32, usize)> = p
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(c, values)| {
+            let mut best = 0;
+            for (j, &v) in values.iter().enumerate() {
+                if v < values[best] {
+                    best = j;
+                }
+            }
+            (values[best], c * chunk + best)
+        })
+        .collect();
+    let mut winner = best[0];
+    for &candidate in &best[1..] {
+        if candidate.0 < winner.0 {
+            winner = candidate;
+        }
+    }
+    winner.1
+}
+
+/// `cells` stably grouped by batch (batch ascending, input order within a batch), by counting.
+fn group_by_batch(cells: &[u32], batch: &[u32], n_batches: usize) -> Vec<u32> {
+    let mut offsets = vec![0usize; n_batches + 1];
+    let codes: Vec<u32> = cells.iter().map(|&j| batch[j as usize]).collect();
+    for &b in &codes {
+        offsets[b as usize + 1] += 1;
+    }
+    for b in 0..n_batches {
+        offsets[b + 1] += offsets[b];
+    }
+    let mut out = vec![0u32; cells.len()];
+    for (&j, &b) in cells.iter().zip(&codes) {
+        out[offsets[b as usize]] = j;
+        offsets[b as usize] += 1;
+    }
+    out
+}
+
 /// Row-major `rows x cols` to row-major `cols x rows`.
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0f32; rows * cols];
@@ -935,63 +1022,40 @@ fn batch_runs(block: &[u32], batch: &[u32]) -> Vec<(usize, usize, usize)> {
     runs
 }
 
-struct RunResult {
-    r: Vec<f32>,
-    sums: Vec<f32>,
-    error: f64,
-    entropy: f64,
-    ok: bool,
-}
-
-/// New assignments of one run of cells of one batch, with the penalty `log_div` frozen.
-fn reassign_run(
-    cells: &[u32],
+/// New assignments of one cell into `r` with the penalty `log_div` of its batch frozen;
+/// its k-means error and entropy terms, or `None` if the normaliser is not finite and positive.
+fn reassign_cell(
     dist: &[f32],
     log_div: &[f32],
     sigma: &[f32],
-    k: usize,
-) -> RunResult {
-    let mut r = vec![0.0f32; cells.len() * k];
-    let mut sums = vec![0.0f32; k];
-    let (mut error, mut entropy) = (0.0f64, 0.0f64);
-    let mut ok = true;
-    for (&j, logits) in cells.iter().zip(r.chunks_mut(k)) {
-        let dj = &dist[j as usize * k..(j as usize + 1) * k];
-        for c in 0..k {
-            logits[c] = (-dj[c]) / sigma[c] + log_div[c];
-        }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (mut weighted, mut weighted_shifted) = (0.0f64, 0.0f64);
-        for c in 0..k {
-            let shifted = logits[c] - max;
-            let e = shifted.exp();
-            logits[c] = e;
-            let w = f64::from(sigma[c]) * f64::from(e);
-            weighted += w;
-            weighted_shifted += w * f64::from(shifted);
-        }
-        let total = two_lane_sum(logits);
-        if !(total.is_finite() && total > 0.0) {
-            ok = false;
-            continue;
-        }
-        let mut cell_error = 0.0f64;
-        for c in 0..k {
-            let p = logits[c] / total;
-            logits[c] = p;
-            sums[c] += p;
-            cell_error += f64::from(p) * f64::from(dj[c]);
-        }
-        error += cell_error;
-        entropy += (weighted_shifted - f64::from(total).ln() * weighted) / f64::from(total);
+    r: &mut [f32],
+) -> Option<(f64, f64)> {
+    let k = r.len();
+    for c in 0..k {
+        r[c] = (-dist[c]) / sigma[c] + log_div[c];
     }
-    RunResult {
-        r,
-        sums,
-        error,
-        entropy,
-        ok,
+    let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (mut weighted, mut weighted_shifted) = (0.0f64, 0.0f64);
+    for c in 0..k {
+        let shifted = r[c] - max;
+        let e = shifted.exp();
+        r[c] = e;
+        let w = f64::from(sigma[c]) * f64::from(e);
+        weighted += w;
+        weighted_shifted += w * f64::from(shifted);
     }
+    let total = two_lane_sum(r);
+    if !(total.is_finite() && total > 0.0) {
+        return None;
+    }
+    let mut error = 0.0f64;
+    for c in 0..k {
+        let p = r[c] / total;
+        r[c] = p;
+        error += f64::from(p) * f64::from(dist[c]);
+    }
+    let entropy = (weighted_shifted - f64::from(total).ln() * weighted) / f64::from(total);
+    Some((error, entropy))
 }
 
 fn numerical(what: &str) -> OperatorError {
