@@ -834,7 +834,11 @@ fn apply_steps(
                 .collect(),
             SelectOp::VarianceThreshold { min_variance } => (0..names.len())
                 .into_par_iter()
-                .map(|j| kept[j] && !(nan_variance(columns.column(j)) > *min_variance))
+                .map(|j| {
+                    // Kept only if the variance is above the minimum (a NaN variance fails).
+                    let variance = nan_variance(columns.column(j));
+                    kept[j] && (variance.is_nan() || variance <= *min_variance)
+                })
                 .collect(),
             SelectOp::FrequencyThreshold {
                 freq_cut,

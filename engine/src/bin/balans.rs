@@ -1258,7 +1258,7 @@ fn preprocess_steps(a: &PreprocessArgs) -> Result<PreprocessSteps> {
                             .lines()
                             .map(str::trim)
                             .enumerate()
-                            .filter(|(i, l)| !l.is_empty() && !(*i == 0 && *l == "blocklist"))
+                            .filter(|(i, l)| !(l.is_empty() || (*i == 0 && *l == "blocklist")))
                             .map(|(_, l)| l.to_string())
                             .collect();
                         SelectOp::Blocklist(names)

@@ -22,6 +22,10 @@
 //! Matrices are cell-major: cell `j`'s coordinates are `z[j * d..(j + 1) * d]` (harmonypy's
 //! column-major `d x N`), its assignments `r[j * K..(j + 1) * K]`.
 
+// The K x B statistics (O, E, log-diversity) share one layout; index loops over clusters read
+// clearer than zipped iterators over several of them.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use crate::error::{OperatorError, Result};
@@ -177,7 +181,7 @@ impl Mt19937 {
         if (u32::MAX as u64) / n >= n {
             // Two positions per draw.
             let mut i = 1usize;
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 let j = self.below(2) as usize;
                 v.swap(1, j);
                 i = 2;
@@ -801,7 +805,7 @@ impl<'a> Harmony<'a> {
                     .enumerate()
                     .for_each(|(i, r)| *r -= scale * rz[i * k + c]);
             }
-            if !(s > 1e-10 * largest) {
+            if s.is_nan() || s <= 1e-10 * largest {
                 return Err(numerical("the ridge system of a cluster is singular"));
             }
             let l = s.sqrt();
