@@ -14,6 +14,7 @@ pub mod preprocess;
 pub mod progress;
 pub mod session;
 pub mod source;
+pub mod sql;
 pub mod synth;
 pub mod writer;
 

@@ -49,6 +49,9 @@ struct Cli {
 enum Command {
     /// Batch-correct a profile table and write corrected profiles as Parquet.
     Correct(Box<CorrectArgs>),
+    /// Run SQL statements (separated by semicolons) with Balans' functions registered; print
+    /// the last result as a table or write it as Parquet.
+    Sql(SqlArgs),
     /// Aggregate, normalise and select features as pycytominer does (or run the
     /// mad_int_featselect recipe) and write the preprocessed profiles as Parquet.
     Preprocess(Box<PreprocessArgs>),
@@ -287,6 +290,31 @@ struct CorrectArgs {
     evaluate: bool,
     #[command(flatten)]
     eval: EvalArgs,
+}
+
+#[derive(Args, Debug)]
+struct SqlArgs {
+    /// The statements, e.g. "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION 'x.parquet';
+    /// SELECT count(*) FROM p".
+    query: Option<String>,
+    /// Read the statements from this file instead.
+    #[arg(long, short)]
+    file: Option<PathBuf>,
+    /// Write the last statement's result to this Parquet file instead of printing it.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print at most this many rows of the result.
+    #[arg(long, default_value_t = 50)]
+    max_rows: usize,
+    /// Memory limit, e.g. 2GB.
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// Directory for temporary working files.
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -1372,6 +1400,68 @@ async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+async fn run_sql_command(a: SqlArgs) -> Result<()> {
+    let script = match (&a.query, &a.file) {
+        (Some(q), None) => q.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            BalansError::InvalidArgument(format!("cannot read {}: {e}", path.display()))
+        })?,
+        (Some(_), Some(_)) => {
+            return Err(BalansError::InvalidArgument(
+                "give the statements either as an argument or with --file, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(BalansError::InvalidArgument(
+                "give SQL statements as an argument or with --file (an interactive shell is \
+                 not available yet)"
+                    .into(),
+            ));
+        }
+    };
+    let settings = SessionSettings {
+        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
+        temp_dir: a.temp_dir.clone(),
+        ..SessionSettings::default()
+    };
+    let ctx = build_session(&settings)?;
+    match &a.output {
+        Some(path) => {
+            let written =
+                balans_engine::sql::run_sql_to_file(&ctx, &script, path, a.overwrite).await?;
+            eprintln!("balans: wrote {} rows to {}", written.rows, path.display());
+        }
+        None => {
+            let (schema, batches) = balans_engine::sql::run_sql(&ctx, &script).await?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            let mut shown = Vec::new();
+            let mut left = a.max_rows;
+            for b in &batches {
+                if left == 0 {
+                    break;
+                }
+                let take = b.num_rows().min(left);
+                shown.push(b.slice(0, take));
+                left -= take;
+            }
+            if shown.is_empty() {
+                shown.push(datafusion::arrow::array::RecordBatch::new_empty(schema));
+            }
+            let table = datafusion::arrow::util::pretty::pretty_format_batches(&shown)?;
+            println!("{table}");
+            if rows > a.max_rows {
+                println!(
+                    "({rows} rows, first {} shown; --max-rows or --output for more)",
+                    a.max_rows
+                );
+            } else {
+                println!("({rows} row{})", if rows == 1 { "" } else { "s" });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = cli
@@ -1402,6 +1492,7 @@ fn main() -> ExitCode {
             match cli.command {
                 Command::Correct(a) => correct(*a, quiet).await,
                 Command::Preprocess(a) => run_preprocess_command(*a, quiet).await,
+                Command::Sql(a) => run_sql_command(a).await,
                 Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
                 Command::Inspect(a) => run_inspect(a).await,
                 Command::Tune(a) => run_tune(a, quiet).await,
