@@ -11,6 +11,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{BalansError, Result};
+use crate::relation::CorrectionRelationPlanner;
 
 /// Settings of a Balans session.
 #[derive(Debug, Clone)]
@@ -76,6 +77,7 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .with_runtime_env(runtime.build_arc()?)
         .with_default_features()
         .with_query_planner(Arc::new(BalansQueryPlanner))
+        .with_relation_planners(vec![Arc::new(CorrectionRelationPlanner)])
         .build();
     let ctx = SessionContext::new_with_state(state);
     balans_udfs::register_all(&ctx);

@@ -460,7 +460,7 @@ fn tune_scores_every_setting_of_a_grid() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
     for (grid, needle) in [
-        ("alpha=1", "unknown --grid parameter"),
+        ("alpha=1", "unknown parameter 'alpha'"),
         ("k", "NAME=V1,V2"),
         ("elbow=sideways", "--grid elbow=sideways"),
     ] {

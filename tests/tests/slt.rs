@@ -5,6 +5,8 @@
 //! - `query <column types> [rowsort]` followed by SQL, `----` and the expected rows
 //!   (values separated by one space; `NULL` for nulls; floats with up to 6 decimals,
 //!   trailing zeros removed);
+//! - `query <column types> contains`: every expected line must appear in the result's text
+//!   (for `EXPLAIN`, whose full text names every column);
 //! - `query error <text>` followed by SQL.
 //!
 //! A record ends at a blank line; `#` starts a comment. `${EXAMPLE}` in SQL is the bundled
@@ -24,6 +26,7 @@ enum Expect {
     Ok,
     Error(String),
     Rows { sort: bool, rows: Vec<String> },
+    Contains(Vec<String>),
 }
 
 #[derive(Debug)]
@@ -69,9 +72,13 @@ fn parse(text: &str) -> Vec<Record> {
                     rows.push(lines[i].trim().to_string());
                     i += 1;
                 }
-                Expect::Rows {
-                    sort: rest.contains(&"rowsort"),
-                    rows,
+                if rest.contains(&"contains") {
+                    Expect::Contains(rows)
+                } else {
+                    Expect::Rows {
+                        sort: rest.contains(&"rowsort"),
+                        rows,
+                    }
                 }
             }
             _ => panic!("line {start}: unknown record '{line}'"),
@@ -148,7 +155,14 @@ async fn run_record(ctx: &SessionContext, record: &Record) -> Result<(), String>
             }
         }
         (Expect::Error(text), Ok(_)) => Err(format!("expected an error containing '{text}'")),
-        (Expect::Rows { .. }, Err(e)) => Err(format!("query failed: {e}")),
+        (Expect::Rows { .. } | Expect::Contains(_), Err(e)) => Err(format!("query failed: {e}")),
+        (Expect::Contains(lines), Ok(batches)) => {
+            let text = rows(&batches).join("\n");
+            match lines.iter().find(|l| !text.contains(l.as_str())) {
+                None => Ok(()),
+                Some(missing) => Err(format!("'{missing}' is not in the result:\n{text}")),
+            }
+        }
         (Expect::Rows { sort, rows: want }, Ok(batches)) => {
             let mut got = rows(&batches);
             let mut want = want.clone();

@@ -626,13 +626,7 @@ struct SynthArgs {
 }
 
 fn pca_setting(text: &str) -> Result<PcaSetting> {
-    Ok(match text {
-        "auto" => PcaSetting::Auto,
-        "off" | "none" | "0" => PcaSetting::Off,
-        n => PcaSetting::Components(n.parse().map_err(|_| {
-            BalansError::InvalidArgument(format!("--pca takes auto, off or a number, not '{n}'"))
-        })?),
-    })
+    balans_engine::parameters::pca_setting(text)
 }
 
 fn elbow_rule(a: ElbowArg) -> ElbowRule {
@@ -718,56 +712,17 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
     Ok(config)
 }
 
-/// Parameters a `--grid` dimension may vary.
-const GRID_PARAMETERS: &str = "variant, iterations, elbow, batch-knn-floor, strength, k, tau, block, pca, metric, \
-     estimator, seed, max-landmarks";
+/// Parameters a `--grid` dimension may vary: every correction parameter.
+const GRID_PARAMETERS: &str = balans_engine::parameters::PARAMETERS;
 
 /// Sets one BALANS parameter from its `--grid` name and text value.
 fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Result<()> {
-    let bad = |e: String| BalansError::InvalidArgument(format!("--grid {name}={value}: {e}"));
-    let number = |v: &str| v.parse::<usize>().map_err(|e| bad(e.to_string()));
-    match name {
-        "variant" => {
-            // A variant brings its own defaults; the grid applies it before the other values.
-            let v = variant(VariantArg::from_str(value, true).map_err(bad)?);
-            *config = BalansConfig {
-                seed: config.seed,
-                ..BalansConfig::for_variant(v)
-            };
-        }
-        "elbow" => config.elbow = elbow_rule(ElbowArg::from_str(value, true).map_err(bad)?),
-        "strength" => {
-            config.strength = value
-                .parse()
-                .map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?
-        }
-        "batch-knn-floor" => {
-            config.batch_knn_floor = value
-                .parse()
-                .map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?
-        }
-        "k" => config.k = number(value)?,
-        "iterations" => config.iterations = number(value)?,
-        "tau" => config.tau = number(value)?,
-        "block" => config.block = number(value)?,
-        "pca" => config.pca = pca_setting(value)?,
-        "metric" => config.metric = metric(MetricArg::from_str(value, true).map_err(bad)?),
-        "estimator" => {
-            config.estimator = estimator(EstimatorArg::from_str(value, true).map_err(bad)?)
-        }
-        "seed" => {
-            config.seed = value
-                .parse()
-                .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
-        }
-        "max-landmarks" => config.max_landmarks = Some(number(value)?),
-        other => {
-            return Err(BalansError::InvalidArgument(format!(
-                "unknown --grid parameter '{other}' (one of: {GRID_PARAMETERS})"
-            )));
-        }
-    }
-    Ok(())
+    balans_engine::parameters::set_parameter(config, name, value).map_err(|e| {
+        BalansError::InvalidArgument(format!(
+            "--grid {name}={value}: {}",
+            e.to_string().trim_start_matches("invalid argument: ")
+        ))
+    })
 }
 
 /// The settings of a grid: the cartesian product of its dimensions, each a list of

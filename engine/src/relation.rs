@@ -1,0 +1,197 @@
+//! The corrections as SQL relations: `balans((SELECT ...), batch => 'Metadata_Batch', k => 10)`
+//! and `correct((SELECT ...), method => 'harmony', batch => ...)`, planned by a DataFusion
+//! `RelationPlanner` into the same extension nodes as `balans correct`, so `EXPLAIN` shows
+//! `Balans` / `BalansExec`.
+//!
+//! The first argument is a subquery in parentheses (its tables are resolved as usual); every
+//! other argument is named: `batch` (required; comma-separated for several columns),
+//! `features` / `exclude` (comma-separated names or regular expressions, as `--features`),
+//! `negcon` (an SQL predicate, for sphering), and any correction parameter of
+//! [`crate::parameters::PARAMETERS`].
+
+use std::sync::Arc;
+
+use balans_operators::exec::BalansSpec;
+use balans_operators::{BalansConfig, Method, NoProgress};
+use balans_planner::balans_plan;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{DFSchema, Result, ScalarValue, plan_datafusion_err, plan_err};
+use datafusion::logical_expr::planner::{
+    PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
+};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlanBuilder, lit};
+use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use crate::parameters::set_parameter;
+use crate::source::{FeatureSelection, resolve_columns};
+
+/// Column carrying the `negcon` predicate to the sphering operator.
+const FIT_MASK_COLUMN: &str = "__balans_fit_row";
+
+/// Plans `balans(...)` and `correct(...)` in `FROM` clauses.
+#[derive(Debug, Default)]
+pub struct CorrectionRelationPlanner;
+
+/// Text of a literal argument (`'x'`, `10`, `true`).
+fn literal_text(context: &mut dyn RelationPlannerContext, expr: &SqlExpr) -> Result<String> {
+    match context.sql_to_expr(expr.clone(), &DFSchema::empty())? {
+        Expr::Literal(ScalarValue::Utf8(Some(s)), _)
+        | Expr::Literal(ScalarValue::LargeUtf8(Some(s)), _)
+        | Expr::Literal(ScalarValue::Utf8View(Some(s)), _) => Ok(s),
+        Expr::Literal(value, _) if !value.is_null() => Ok(value.to_string()),
+        other => plan_err!("parameter values must be literals, got {other}"),
+    }
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl RelationPlanner for CorrectionRelationPlanner {
+    fn plan_relation(
+        &self,
+        relation: TableFactor,
+        context: &mut dyn RelationPlannerContext,
+    ) -> Result<RelationPlanning> {
+        let TableFactor::Table {
+            name,
+            alias,
+            args: Some(args),
+            ..
+        } = &relation
+        else {
+            return Ok(RelationPlanning::Original(Box::new(relation)));
+        };
+        let function = name.to_string().to_ascii_lowercase();
+        let method = match function.as_str() {
+            "balans" | "correct" => Method::Balans,
+            _ => return Ok(RelationPlanning::Original(Box::new(relation))),
+        };
+        let usage =
+            format!("{function}((SELECT ...), batch => 'Metadata_Batch'[, name => value ...])");
+        let mut arguments = args.args.iter();
+        let input = match arguments.next() {
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(SqlExpr::Subquery(query)))) => context
+                .plan(TableFactor::Derived {
+                    lateral: false,
+                    subquery: query.clone(),
+                    alias: None,
+                    sample: None,
+                })?,
+            _ => {
+                return plan_err!(
+                    "{function}: the first argument must be a subquery in parentheses: {usage}"
+                );
+            }
+        };
+        let mut named: Vec<(String, String)> = Vec::new();
+        for argument in arguments {
+            let (key, value) = match argument {
+                FunctionArg::Named {
+                    name,
+                    arg: FunctionArgExpr::Expr(value),
+                    ..
+                } => (name.value.clone(), value),
+                FunctionArg::ExprNamed {
+                    name: SqlExpr::Identifier(name),
+                    arg: FunctionArgExpr::Expr(value),
+                    ..
+                } => (name.value.clone(), value),
+                other => {
+                    return plan_err!(
+                        "{function}: arguments after the subquery are named (k => 10), got '{other}'"
+                    );
+                }
+            };
+            named.push((key.to_ascii_lowercase(), literal_text(context, value)?));
+        }
+        let take = |key: &str, named: &mut Vec<(String, String)>| {
+            named
+                .iter()
+                .position(|(k, _)| k == key)
+                .map(|i| named.remove(i).1)
+        };
+        let batch = take("batch", &mut named).map(|b| list(&b)).ok_or_else(|| {
+            plan_datafusion_err!("{function}: batch => 'COLUMN' is required: {usage}")
+        })?;
+        let selection = FeatureSelection {
+            include: take("features", &mut named).map_or_else(Vec::new, |f| list(&f)),
+            exclude: take("exclude", &mut named).map_or_else(Vec::new, |f| list(&f)),
+        };
+        let negcon = take("negcon", &mut named);
+        let mut config = BalansConfig {
+            method,
+            ..BalansConfig::default()
+        };
+        // The method and the variant bring defaults: apply them before the other values.
+        for first in ["method", "variant"] {
+            if let Some(value) = take(first, &mut named) {
+                set_parameter(&mut config, first, &value)
+                    .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
+            }
+        }
+        if function == "balans" && config.method != Method::Balans {
+            return plan_err!("{function}: use correct((...), method => '...') for other methods");
+        }
+        for (key, value) in &named {
+            set_parameter(&mut config, key, value)
+                .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
+        }
+        config
+            .validate()
+            .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
+        let schema = input.schema().as_arrow().clone();
+        let roles = resolve_columns(&schema, &selection, &batch)
+            .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
+        let mut spec = BalansSpec::new(
+            roles.features.clone(),
+            roles.batch.clone(),
+            config.clone(),
+            Arc::new(NoProgress),
+        );
+        let input = match (config.method, negcon) {
+            (Method::Sphering, Some(predicate)) => {
+                let parsed = Parser::new(&GenericDialect {})
+                    .try_with_sql(&predicate)
+                    .and_then(|mut p| p.parse_expr())
+                    .map_err(|e| {
+                        plan_datafusion_err!("{function}: negcon => '{predicate}' is not SQL: {e}")
+                    })?;
+                let mask = context.sql_to_expr(parsed, input.schema())?;
+                if mask.get_type(input.schema())? != DataType::Boolean {
+                    return plan_err!("{function}: negcon must be a boolean predicate");
+                }
+                let mask = datafusion::functions::expr_fn::coalesce(vec![mask, lit(false)]);
+                let mut columns: Vec<Expr> = input
+                    .schema()
+                    .columns()
+                    .into_iter()
+                    .map(Expr::Column)
+                    .collect();
+                columns.push(mask.alias(FIT_MASK_COLUMN));
+                spec.fit_mask = Some(FIT_MASK_COLUMN.to_string());
+                LogicalPlanBuilder::from(input).project(columns)?.build()?
+            }
+            (Method::Sphering, None) => {
+                return plan_err!(
+                    "{function}: sphering is fitted on negative controls: add negcon => 'PREDICATE'"
+                );
+            }
+            (_, Some(_)) => {
+                return plan_err!("{function}: negcon applies to method => 'sphering' only");
+            }
+            (_, None) => input,
+        };
+        let plan = balans_plan(input, spec)?;
+        Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+            plan,
+            alias.clone(),
+        ))))
+    }
+}
