@@ -17,6 +17,7 @@ pub mod relation;
 pub mod session;
 pub mod source;
 pub mod sql;
+pub mod stores;
 pub mod synth;
 pub mod writer;
 

@@ -12,6 +12,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{BalansError, Result};
 use crate::relation::CorrectionRelationPlanner;
+use crate::source::SourceOptions;
+use crate::stores::BalansObjectStoreRegistry;
 
 /// Settings of a Balans session.
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ pub struct SessionSettings {
     pub temp_dir: Option<PathBuf>,
     /// Rows per record batch.
     pub batch_size: usize,
+    /// Object-store settings for `s3://` locations named in SQL.
+    pub source: SourceOptions,
 }
 
 impl Default for SessionSettings {
@@ -31,6 +35,7 @@ impl Default for SessionSettings {
             memory_limit: None,
             temp_dir: None,
             batch_size: 8192,
+            source: SourceOptions::default(),
         }
     }
 }
@@ -54,8 +59,16 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
             false,
         )
         // Profile columns are mixed case (`Metadata_PertType`): SQL names them as written.
-        .set_bool("datafusion.sql_parser.enable_ident_normalization", false);
-    let mut runtime = RuntimeEnvBuilder::new();
+        .set_bool("datafusion.sql_parser.enable_ident_normalization", false)
+        // JUMP layouts keep one file per plate in nested folders: an external table over a
+        // prefix reads all of them.
+        .set_bool(
+            "datafusion.execution.listing_table_ignore_subdirectory",
+            false,
+        );
+    let mut runtime = RuntimeEnvBuilder::new().with_object_store_registry(Arc::new(
+        BalansObjectStoreRegistry::new(settings.source.clone()),
+    ));
     if let Some(limit) = settings.memory_limit {
         let pool = TrackConsumersPool::new(
             FairSpillPool::new(limit),

@@ -469,6 +469,24 @@ fn resolve_s3(
         BalansError::InvalidArgument(format!("invalid S3 key in '{location}': {e}"))
     })?;
 
+    let store = s3_store(bucket, opts).map_err(|e| source_error(location, e))?;
+    let store_url = Url::parse(&format!("s3://{bucket}/")).map_err(|e| {
+        BalansError::InvalidArgument(format!("invalid bucket name in '{location}': {e}"))
+    })?;
+    ctx.register_object_store(&store_url, Arc::clone(&store));
+    Ok(ResolvedLocation {
+        store_url,
+        store,
+        base,
+        glob: glob.map(|g| glob_to_regex(location, &g)).transpose()?,
+        kind: StoreKind::S3,
+    })
+}
+
+/// An S3 store for `bucket`: `--s3-endpoint` or `AWS_ENDPOINT_URL`, unsigned requests when
+/// no `AWS_ACCESS_KEY_ID` is set (public buckets), region `us-east-1` unless set, plain HTTP
+/// for `http://` endpoints, and the options' timeouts and retries.
+pub fn s3_store(bucket: &str, opts: &SourceOptions) -> object_store::Result<Arc<dyn ObjectStore>> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let endpoint = opts
         .s3_endpoint
@@ -495,23 +513,7 @@ fn resolve_s3(
     if allow_http {
         builder = builder.with_allow_http(true);
     }
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        builder
-            .with_retry(retry_config(opts))
-            .build()
-            .map_err(|e| source_error(location, e))?,
-    );
-    let store_url = Url::parse(&format!("s3://{bucket}/")).map_err(|e| {
-        BalansError::InvalidArgument(format!("invalid bucket name in '{location}': {e}"))
-    })?;
-    ctx.register_object_store(&store_url, Arc::clone(&store));
-    Ok(ResolvedLocation {
-        store_url,
-        store,
-        base,
-        glob: glob.map(|g| glob_to_regex(location, &g)).transpose()?,
-        kind: StoreKind::S3,
-    })
+    Ok(Arc::new(builder.with_retry(retry_config(opts)).build()?))
 }
 
 fn resolve_http(

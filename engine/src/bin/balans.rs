@@ -309,6 +309,9 @@ struct SqlArgs {
     /// Print at most this many rows of the result.
     #[arg(long, default_value_t = 50)]
     max_rows: usize,
+    /// S3 endpoint for s3:// locations (e.g. http://127.0.0.1:8333); also AWS_ENDPOINT_URL.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
     /// Memory limit, e.g. 2GB.
     #[arg(long)]
     memory_limit: Option<String>,
@@ -1378,6 +1381,13 @@ async fn run_sql_command(a: SqlArgs) -> Result<()> {
         memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
         temp_dir: a.temp_dir.clone(),
         ..SessionSettings::default()
+    };
+    let settings = SessionSettings {
+        source: SourceOptions {
+            s3_endpoint: a.s3_endpoint.clone(),
+            ..SourceOptions::default()
+        },
+        ..settings
     };
     let ctx = build_session(&settings)?;
     match &a.output {
