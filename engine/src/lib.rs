@@ -10,6 +10,7 @@ pub mod bench;
 pub mod correct;
 pub mod error;
 pub mod evaluate;
+pub mod evaluate_relation;
 pub mod parameters;
 pub mod preprocess;
 pub mod progress;

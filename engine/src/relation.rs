@@ -1,4 +1,5 @@
-//! The corrections as SQL relations: `balans((SELECT ...), batch => 'Metadata_Batch', k => 10)`
+//! The corrections (and the metric suite, `evaluate((SELECT ...), batch => ..., label => ...)`)
+//! as SQL relations: `balans((SELECT ...), batch => 'Metadata_Batch', k => 10)`
 //! and `correct((SELECT ...), method => 'harmony', batch => ...)`, planned by a DataFusion
 //! `RelationPlanner` into the same extension nodes as `balans correct`, so `EXPLAIN` shows
 //! `Balans` / `BalansExec`.
@@ -19,11 +20,16 @@ use datafusion::common::{DFSchema, Result, ScalarValue, plan_datafusion_err, pla
 use datafusion::logical_expr::planner::{
     PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
 };
-use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlanBuilder, lit};
+use datafusion::logical_expr::{
+    Expr, ExprSchemable, Extension, LogicalPlan, LogicalPlanBuilder, lit,
+};
+use datafusion::prelude::ident;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
+use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN};
+use crate::evaluate_relation::{EvaluateNode, EvaluateSpec, METRIC_FAMILIES};
 use crate::parameters::set_parameter;
 use crate::source::{FeatureSelection, resolve_columns};
 
@@ -53,6 +59,156 @@ fn list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `negcon => 'predicate'` as a boolean expression over `input` (null counts as false).
+fn negcon_mask(
+    function: &str,
+    predicate: &str,
+    input: &LogicalPlan,
+    context: &mut dyn RelationPlannerContext,
+) -> Result<Expr> {
+    let parsed = Parser::new(&GenericDialect {})
+        .try_with_sql(predicate)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| plan_datafusion_err!("{function}: negcon => '{predicate}' is not SQL: {e}"))?;
+    let mask = context.sql_to_expr(parsed, input.schema())?;
+    if mask.get_type(input.schema())? != DataType::Boolean {
+        return plan_err!("{function}: negcon must be a boolean predicate");
+    }
+    Ok(datafusion::functions::expr_fn::coalesce(vec![
+        mask,
+        lit(false),
+    ]))
+}
+
+/// `evaluate((SELECT ...), batch => ..., label => ...[, negcon, plate, well, features,
+/// exclude, skip, seed, subsample])`: the canonical projection and the [`EvaluateNode`].
+fn plan_evaluate(
+    input: LogicalPlan,
+    batch: Vec<String>,
+    selection: FeatureSelection,
+    negcon: Option<String>,
+    mut named: Vec<(String, String)>,
+    context: &mut dyn RelationPlannerContext,
+) -> Result<LogicalPlan> {
+    let take = |key: &str, named: &mut Vec<(String, String)>| {
+        named
+            .iter()
+            .position(|(k, _)| k == key)
+            .map(|i| named.remove(i).1)
+    };
+    let label = take("label", &mut named)
+        .ok_or_else(|| plan_datafusion_err!("evaluate: label => 'COLUMN' is required"))?;
+    let schema = input.schema().as_arrow().clone();
+    let optional = |given: Option<String>, default: &str| -> Result<Option<String>> {
+        match given {
+            Some(name) if schema.index_of(&name).is_err() => {
+                plan_err!("evaluate: column '{name}' is not in the input")
+            }
+            Some(name) => Ok(Some(name)),
+            None => Ok(schema
+                .index_of(default)
+                .is_ok()
+                .then(|| default.to_string())),
+        }
+    };
+    let plate = optional(take("plate", &mut named), DEFAULT_PLATE_COLUMN)?;
+    let well = optional(take("well", &mut named), DEFAULT_WELL_COLUMN)?;
+    if schema.index_of(&label).is_err() {
+        return plan_err!("evaluate: label column '{label}' is not in the input");
+    }
+    let skip: Vec<String> = take("skip", &mut named)
+        .map_or_else(Vec::new, |s| list(&s))
+        .into_iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if let Some(bad) = skip.iter().find(|s| !METRIC_FAMILIES.contains(&s.as_str())) {
+        return plan_err!(
+            "evaluate: skip => '{bad}' is not a metric family (one of: {})",
+            METRIC_FAMILIES.join(", ")
+        );
+    }
+    let seed = match take("seed", &mut named) {
+        Some(s) => s.parse().map_err(|_| {
+            plan_datafusion_err!("evaluate: seed => '{s}': expected a whole number")
+        })?,
+        None => 0,
+    };
+    let subsample = match take("subsample", &mut named) {
+        Some(s) => Some(s.parse().map_err(|_| {
+            plan_datafusion_err!("evaluate: subsample => '{s}': expected a whole number")
+        })?),
+        None => None,
+    };
+    if let Some((key, _)) = named.first() {
+        return plan_err!(
+            "evaluate: unknown parameter '{key}' (one of: batch, label, negcon, plate, well, \
+             features, exclude, skip, seed, subsample)"
+        );
+    }
+    if plate.is_none() && !skip.iter().any(|s| s == "map") {
+        return plan_err!(
+            "evaluate: mAP needs a plate column (there is no '{DEFAULT_PLATE_COLUMN}'): name one \
+             with plate => 'COL', or skip => 'map'"
+        );
+    }
+    let mut roles = resolve_columns(&schema, &selection, &batch)
+        .map_err(|e| plan_datafusion_err!("evaluate: {e}"))?;
+    let roles_meta: Vec<&String> = [Some(&label), plate.as_ref(), well.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    roles.features.retain(|f| !roles_meta.contains(&f));
+    if roles.features.is_empty() {
+        return plan_err!("evaluate: no embedding columns left");
+    }
+    let as_text = |name: &str| -> Result<Expr> {
+        Ok(datafusion::functions::expr_fn::coalesce(vec![
+            ident(name).cast_to(&DataType::Utf8, input.schema())?,
+            lit("(null)"),
+        ]))
+    };
+    let mut columns: Vec<Expr> = Vec::new();
+    for (i, f) in roles.features.iter().enumerate() {
+        columns.push(
+            ident(f.as_str())
+                .cast_to(&DataType::Float64, input.schema())?
+                .alias(format!("f{i}")),
+        );
+    }
+    let mut keys = Vec::new();
+    for (i, b) in roles.batch.iter().enumerate() {
+        if i > 0 {
+            keys.push(lit(" / "));
+        }
+        keys.push(as_text(b)?);
+    }
+    columns.push(datafusion::functions::expr_fn::concat(keys).alias("__batch"));
+    columns.push(as_text(&label)?.alias("__label"));
+    if let Some(p) = &plate {
+        columns.push(as_text(p)?.alias("__plate"));
+    }
+    if let Some(w) = &well {
+        columns.push(as_text(w)?.alias("__well"));
+    }
+    let mask = match &negcon {
+        Some(predicate) => negcon_mask("evaluate", predicate, &input, context)?,
+        None => lit(false),
+    };
+    columns.push(mask.alias("__negcon"));
+    let projected = LogicalPlanBuilder::from(input).project(columns)?.build()?;
+    let spec = EvaluateSpec {
+        d: roles.features.len(),
+        has_plate: plate.is_some(),
+        has_well: well.is_some(),
+        seed,
+        skip,
+        subsample,
+    };
+    Ok(LogicalPlan::Extension(Extension {
+        node: Arc::new(EvaluateNode::try_new(projected, spec)?),
+    }))
+}
+
 impl RelationPlanner for CorrectionRelationPlanner {
     fn plan_relation(
         &self,
@@ -70,7 +226,7 @@ impl RelationPlanner for CorrectionRelationPlanner {
         };
         let function = name.to_string().to_ascii_lowercase();
         let method = match function.as_str() {
-            "balans" | "correct" => Method::Balans,
+            "balans" | "correct" | "evaluate" => Method::Balans,
             _ => return Ok(RelationPlanning::Original(Box::new(relation))),
         };
         let usage =
@@ -125,6 +281,13 @@ impl RelationPlanner for CorrectionRelationPlanner {
             exclude: take("exclude", &mut named).map_or_else(Vec::new, |f| list(&f)),
         };
         let negcon = take("negcon", &mut named);
+        if function == "evaluate" {
+            let plan = plan_evaluate(input, batch, selection, negcon, named, context)?;
+            return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+                plan,
+                alias.clone(),
+            ))));
+        }
         let mut config = BalansConfig {
             method,
             ..BalansConfig::default()
@@ -157,17 +320,7 @@ impl RelationPlanner for CorrectionRelationPlanner {
         );
         let input = match (config.method, negcon) {
             (Method::Sphering, Some(predicate)) => {
-                let parsed = Parser::new(&GenericDialect {})
-                    .try_with_sql(&predicate)
-                    .and_then(|mut p| p.parse_expr())
-                    .map_err(|e| {
-                        plan_datafusion_err!("{function}: negcon => '{predicate}' is not SQL: {e}")
-                    })?;
-                let mask = context.sql_to_expr(parsed, input.schema())?;
-                if mask.get_type(input.schema())? != DataType::Boolean {
-                    return plan_err!("{function}: negcon must be a boolean predicate");
-                }
-                let mask = datafusion::functions::expr_fn::coalesce(vec![mask, lit(false)]);
+                let mask = negcon_mask(&function, &predicate, &input, context)?;
                 let mut columns: Vec<Expr> = input
                     .schema()
                     .columns()

@@ -4,13 +4,13 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use balans_planner::BalansQueryPlanner;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{BalansError, Result};
+use crate::evaluate_relation::EngineQueryPlanner;
 use crate::relation::CorrectionRelationPlanner;
 use crate::source::SourceOptions;
 use crate::stores::BalansObjectStoreRegistry;
@@ -89,7 +89,7 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .with_config(config)
         .with_runtime_env(runtime.build_arc()?)
         .with_default_features()
-        .with_query_planner(Arc::new(BalansQueryPlanner))
+        .with_query_planner(Arc::new(EngineQueryPlanner))
         .with_relation_planners(vec![Arc::new(CorrectionRelationPlanner)])
         .build();
     let ctx = SessionContext::new_with_state(state);
