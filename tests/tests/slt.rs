@@ -10,7 +10,7 @@
 //! - `query error <text>` followed by SQL.
 //!
 //! A record ends at a blank line; `#` starts a comment. `${EXAMPLE}` in SQL is the bundled
-//! example table's path. (The `sqllogictest` crate would change feature flags that the
+//! example table's path, `${SHARED}` the shared data folder (`../shared` or `$BALANS_SHARED`). (The `sqllogictest` crate would change feature flags that the
 //! DataFusion build shares and rebuild it, so the runner is kept here.)
 
 use std::path::{Path, PathBuf};
@@ -200,6 +200,9 @@ async fn sqllogictest_files_pass() {
         .join("../examples/data/bbbc021.parquet")
         .canonicalize()
         .unwrap();
+    let shared = std::env::var_os("BALANS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     let files = slt_files();
     assert!(!files.is_empty(), "no .slt files in tests/slt");
     let mut failures = Vec::new();
@@ -211,7 +214,8 @@ async fn sqllogictest_files_pass() {
         for mut record in parse(&text) {
             record.sql = record
                 .sql
-                .replace("${EXAMPLE}", &example.display().to_string());
+                .replace("${EXAMPLE}", &example.display().to_string())
+                .replace("${SHARED}", &shared.display().to_string());
             count += 1;
             if let Err(message) = run_record(&ctx, &record).await {
                 failures.push(format!(

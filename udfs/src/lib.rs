@@ -4,18 +4,26 @@
 //!
 //! - `pack_features(c1, ..., cn)` packs numeric columns into one `FixedSizeList<Float32, n>`
 //!   vector per row (the engine's working layout for profiles);
-//! - `l2_distance(a, b)` and `cosine_similarity(a, b)` compare two packed vectors.
+//! - `l2_distance(a, b)` and `cosine_similarity(a, b)` compare two packed vectors;
+//! - `mad(x)`, an aggregate: the unscaled median absolute deviation (scipy's
+//!   `median_abs_deviation`; NaN and nulls skipped), per group, mergeable across partitions
+//!   (with DataFusion's `median(x)` it gives the per-plate robust statistics of pycytominer's
+//!   `mad_robustize`: multiply by 1.4826).
 
 use std::sync::Arc;
 
+use balans_operators::kernels::preprocess::{mad, median_in_place};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float32Type, Float64Type};
+use datafusion::common::ScalarValue;
 use datafusion::common::{Result, exec_err, plan_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
 
@@ -28,6 +36,116 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(
         Comparison::CosineSimilarity,
     )));
+    ctx.register_udaf(AggregateUDF::new_from_impl(MedianAbsoluteDeviation::new()));
+}
+
+/// `mad(x)`: the unscaled median absolute deviation of the finite values of a group.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct MedianAbsoluteDeviation {
+    signature: Signature,
+}
+
+impl MedianAbsoluteDeviation {
+    /// The function.
+    pub fn new() -> Self {
+        Self {
+            signature: Signature::numeric(1, Volatility::Immutable),
+        }
+    }
+}
+
+impl Default for MedianAbsoluteDeviation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AggregateUDFImpl for MedianAbsoluteDeviation {
+    fn name(&self) -> &str {
+        "mad"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Float64)
+    }
+
+    fn accumulator(&self, _acc_args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(MadAccumulator::default()))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}_values", args.name),
+            DataType::List(Arc::new(Field::new("item", DataType::Float64, true))),
+            true,
+        ))])
+    }
+}
+
+/// Keeps a group's finite values (exact, like DataFusion's `median`).
+#[derive(Debug, Default)]
+struct MadAccumulator {
+    values: Vec<f64>,
+}
+
+impl MadAccumulator {
+    fn extend(&mut self, array: &ArrayRef) -> Result<()> {
+        let values = cast(array, &DataType::Float64)?;
+        let values = values.as_primitive::<Float64Type>();
+        self.values
+            .extend(values.iter().flatten().filter(|v| v.is_finite()));
+        Ok(())
+    }
+}
+
+impl Accumulator for MadAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.extend(&values[0])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        if self.values.is_empty() {
+            return Ok(ScalarValue::Float64(None));
+        }
+        let mut values = self.values.clone();
+        let median = median_in_place(&mut values);
+        let mut scratch = Vec::new();
+        Ok(ScalarValue::Float64(Some(mad(
+            &values,
+            median,
+            &mut scratch,
+        ))))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.values.capacity() * 8
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let list = ScalarValue::new_list_nullable(
+            &self
+                .values
+                .iter()
+                .map(|&v| ScalarValue::Float64(Some(v)))
+                .collect::<Vec<_>>(),
+            &DataType::Float64,
+        );
+        Ok(vec![ScalarValue::List(list)])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let lists = states[0].as_list::<i32>();
+        for i in 0..lists.len() {
+            if lists.is_valid(i) {
+                self.extend(&lists.value(i))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn vector_type(n: usize) -> DataType {
@@ -207,7 +325,6 @@ impl ScalarUDFImpl for VectorCompare {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::datatypes::Float64Type;
 
     async fn query(sql: &str) -> Result<Vec<datafusion::arrow::array::RecordBatch>> {
         let ctx = SessionContext::new();
@@ -229,6 +346,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(packed[0].schema().field(0).data_type(), &vector_type(3));
+    }
+
+    #[tokio::test]
+    async fn mad_matches_scipy_per_group_and_skips_nan() {
+        let ctx = SessionContext::new();
+        register_all(&ctx);
+        // scipy.stats.median_abs_deviation([1, 2, 3, 4, 100]) = 1; ([2, 4]) = 1.
+        let out = ctx
+            .sql(
+                "SELECT g, mad(x) AS m FROM (VALUES ('a', 1.0), ('a', 2.0), ('a', 3.0), \
+                 ('a', 4.0), ('a', 100.0), ('b', 2.0), ('b', 'NaN'::double), ('b', 4.0), \
+                 ('c', NULL)) AS t(g, x) GROUP BY g ORDER BY g",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let m = out[0].column(1).as_primitive::<Float64Type>();
+        assert_eq!((m.value(0), m.value(1)), (1.0, 1.0));
+        assert!(m.is_null(2), "no finite value: NULL");
     }
 
     #[tokio::test]
