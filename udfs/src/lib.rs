@@ -5,6 +5,8 @@
 //! - `pack_features(c1, ..., cn)` packs numeric columns into one `FixedSizeList<Float32, n>`
 //!   vector per row (the engine's working layout for profiles);
 //! - `l2_distance(a, b)` and `cosine_similarity(a, b)` compare two packed vectors;
+//! - `unpack_features(v [, 'name1,name2,...'])` turns a packed vector back into a struct of
+//!   `Float32` fields (`f1..fn`, or the names given); `unnest(...)` spreads it into columns;
 //! - `mad(x)`, an aggregate: the unscaled median absolute deviation (scipy's
 //!   `median_abs_deviation`; NaN and nulls skipped), per group, mergeable across partitions
 //!   (with DataFusion's `median(x)` it gives the per-plate robust statistics of pycytominer's
@@ -14,16 +16,16 @@ use std::sync::Arc;
 
 use balans_operators::kernels::preprocess::{mad, median_in_place};
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array,
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, StructArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float32Type, Float64Type};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Float32Type, Float64Type};
 use datafusion::common::ScalarValue;
 use datafusion::common::{Result, exec_err, plan_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF,
-    ScalarUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ReturnFieldArgs,
+    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
 
@@ -36,7 +38,113 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(VectorCompare::new(
         Comparison::CosineSimilarity,
     )));
+    ctx.register_udf(ScalarUDF::new_from_impl(UnpackFeatures::new()));
     ctx.register_udaf(AggregateUDF::new_from_impl(MedianAbsoluteDeviation::new()));
+}
+
+/// `unpack_features(v [, 'names'])`: `FixedSizeList<_, n>` → `Struct<n x Float32>`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct UnpackFeatures {
+    signature: Signature,
+}
+
+impl UnpackFeatures {
+    /// The function.
+    pub fn new() -> Self {
+        Self {
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
+    }
+}
+
+impl Default for UnpackFeatures {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The struct fields of an unpacked `n`-vector: `names` (comma-separated) or `f1..fn`.
+fn unpacked_fields(n: usize, names: Option<&str>) -> Result<Fields> {
+    let names: Vec<String> = match names {
+        Some(text) => text.split(',').map(|s| s.trim().to_string()).collect(),
+        None => (1..=n).map(|i| format!("f{i}")).collect(),
+    };
+    if names.len() != n {
+        return plan_err!(
+            "unpack_features: {} names for a vector of {n} values",
+            names.len()
+        );
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| Field::new(name, DataType::Float32, true))
+        .collect())
+}
+
+impl ScalarUDFImpl for UnpackFeatures {
+    fn name(&self) -> &str {
+        "unpack_features"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        plan_err!("unpack_features: the type comes from return_field_from_args")
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let n = match args.arg_fields.first().map(|f| f.data_type()) {
+            Some(DataType::FixedSizeList(_, n)) => *n as usize,
+            Some(other) => {
+                return plan_err!("unpack_features takes a packed vector, got {other}");
+            }
+            None => return plan_err!("unpack_features takes a packed vector"),
+        };
+        let names = match (args.arg_fields.len(), args.scalar_arguments.get(1)) {
+            (1, _) => None,
+            (2, Some(Some(ScalarValue::Utf8(Some(text))))) => Some(text.as_str()),
+            _ => {
+                return plan_err!(
+                    "unpack_features(v [, 'name1,name2,...']): the names must be one string literal"
+                );
+            }
+        };
+        Ok(Arc::new(Field::new(
+            self.name(),
+            DataType::Struct(unpacked_fields(n, names)?),
+            true,
+        )))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let DataType::Struct(fields) = args.return_field.data_type() else {
+            return exec_err!("unpack_features: unexpected return type");
+        };
+        let rows = args.number_rows;
+        let vectors = args.args[0].to_array(rows)?;
+        let vectors = vectors.as_fixed_size_list();
+        let n = vectors.value_length() as usize;
+        let values = cast(vectors.values(), &DataType::Float32)?;
+        let values = values.as_primitive::<Float32Type>();
+        let columns: Vec<ArrayRef> = (0..n)
+            .map(|j| {
+                let column: Float32Array = (0..rows)
+                    .map(|i| {
+                        let at = (vectors.offset() + i) * n + j;
+                        (vectors.is_valid(i) && values.is_valid(at)).then(|| values.value(at))
+                    })
+                    .collect();
+                Arc::new(column) as ArrayRef
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(StructArray::try_new(
+            fields.clone(),
+            columns,
+            vectors.nulls().cloned(),
+        )?)))
+    }
 }
 
 /// `mad(x)`: the unscaled median absolute deviation of the finite values of a group.
