@@ -7,10 +7,13 @@
 //! - `l2_distance(a, b)` and `cosine_similarity(a, b)` compare two packed vectors;
 //! - `unpack_features(v [, 'name1,name2,...'])` turns a packed vector back into a struct of
 //!   `Float32` fields (`f1..fn`, or the names given); `unnest(...)` spreads it into columns;
+//! - `pca_fit(v, k)` (aggregate) and `pca_project(v, model, k)` ([`pca`]): PCA in SQL;
 //! - `mad(x)`, an aggregate: the unscaled median absolute deviation (scipy's
 //!   `median_abs_deviation`; NaN and nulls skipped), per group, mergeable across partitions
 //!   (with DataFusion's `median(x)` it gives the per-plate robust statistics of pycytominer's
 //!   `mad_robustize`: multiply by 1.4826).
+
+pub mod pca;
 
 use std::sync::Arc;
 
@@ -40,6 +43,8 @@ pub fn register_all(ctx: &SessionContext) {
     )));
     ctx.register_udf(ScalarUDF::new_from_impl(UnpackFeatures::new()));
     ctx.register_udaf(AggregateUDF::new_from_impl(MedianAbsoluteDeviation::new()));
+    ctx.register_udaf(AggregateUDF::new_from_impl(pca::PcaFit::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(pca::PcaProject::new()));
 }
 
 /// `unpack_features(v [, 'names'])`: `FixedSizeList<_, n>` → `Struct<n x Float32>`.

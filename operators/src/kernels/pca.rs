@@ -80,6 +80,62 @@ impl GramAccumulator {
         }
     }
 
+    /// Merges a state accumulated around another shift: `other` is first re-centred on this
+    /// state's shift `a` (from shift `b`, with `s_b = Σ(x − b)` and `δ = b − a`:
+    /// `Σ(x−a)(x−a)ᵀ = Σ(x−b)(x−b)ᵀ + δ s_bᵀ + s_b δᵀ + n_b δδᵀ`, `Σ(x−a) = s_b + n_b δ`).
+    pub fn merge_recentred(&mut self, other: &GramAccumulator) {
+        assert_eq!(
+            self.d, other.d,
+            "merged PCA states must have the same width"
+        );
+        if self.shift == other.shift {
+            self.merge(other);
+            return;
+        }
+        let d = self.d;
+        let nb = other.n as f64;
+        let delta: Vec<f64> = other
+            .shift
+            .iter()
+            .zip(&self.shift)
+            .map(|(b, a)| b - a)
+            .collect();
+        for j in 0..d {
+            for i in 0..d {
+                self.gram[(i, j)] += other.gram[(i, j)]
+                    + delta[i] * other.sum[j]
+                    + other.sum[i] * delta[j]
+                    + nb * delta[i] * delta[j];
+            }
+        }
+        for ((acc, s), dl) in self.sum.iter_mut().zip(&other.sum).zip(&delta) {
+            *acc += s + nb * dl;
+        }
+        self.n += other.n;
+    }
+
+    /// The state as flat parts: `(shift, n, sum, gram column-major)`, for serialising.
+    pub fn to_parts(&self) -> (Vec<f64>, u64, Vec<f64>, Vec<f64>) {
+        let d = self.d;
+        let gram = (0..d * d).map(|k| self.gram[(k % d, k / d)]).collect();
+        (self.shift.clone(), self.n, self.sum.clone(), gram)
+    }
+
+    /// The state from [`GramAccumulator::to_parts`]; `None` if the lengths do not agree.
+    pub fn from_parts(shift: Vec<f64>, n: u64, sum: Vec<f64>, gram: Vec<f64>) -> Option<Self> {
+        let d = shift.len();
+        if sum.len() != d || gram.len() != d * d {
+            return None;
+        }
+        Some(Self {
+            d,
+            shift,
+            n,
+            sum,
+            gram: Mat::from_fn(d, d, |i, j| gram[j * d + i]),
+        })
+    }
+
     /// Number of rows seen.
     pub fn count(&self) -> u64 {
         self.n
@@ -217,6 +273,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn recentred_merge_and_parts_round_trip() {
+        let (n, d) = (300, 4);
+        let x: Vec<f32> = data(n, d, 11).iter().map(|v| v + 1000.0).collect();
+        let mut whole = GramAccumulator::new(x[..d].iter().map(|&v| v as f64).collect());
+        whole.update(&x);
+        // Two halves with different shifts, merged, and a round trip through the parts.
+        let mut a = GramAccumulator::new(x[..d].iter().map(|&v| v as f64).collect());
+        a.update(&x[..150 * d]);
+        let mut b = GramAccumulator::new(x[150 * d..151 * d].iter().map(|&v| v as f64).collect());
+        b.update(&x[150 * d..]);
+        let (shift, count, sum, gram) = b.to_parts();
+        let b = GramAccumulator::from_parts(shift, count, sum, gram).unwrap();
+        a.merge_recentred(&b);
+        let ((ca, ma), (cw, mw)) = (a.covariance(), whole.covariance());
+        for i in 0..d {
+            assert!((ma[i] - mw[i]).abs() < 1e-9);
+            for j in 0..d {
+                assert!((ca[(i, j)] - cw[(i, j)]).abs() < 1e-9 * cw[(i, i)].abs().max(1.0));
+            }
+        }
+        assert!(GramAccumulator::from_parts(vec![0.0; 2], 1, vec![0.0; 2], vec![0.0; 3]).is_none());
     }
 
     #[test]
