@@ -533,21 +533,7 @@ fn resolve_http(
     }
     let mut store_url = url.clone();
     store_url.set_path("/");
-    let mut client = ClientOptions::new();
-    for (key, value) in client_config(opts) {
-        client = client.with_config(key, value);
-    }
-    if url.scheme() == "http" {
-        client = client.with_allow_http(true);
-    }
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        HttpBuilder::new()
-            .with_url(store_url.as_str().trim_end_matches('/'))
-            .with_client_options(client)
-            .with_retry(retry_config(opts))
-            .build()
-            .map_err(|e| source_error(location, e))?,
-    );
+    let store = http_store(&store_url, opts).map_err(|e| source_error(location, e))?;
     ctx.register_object_store(&store_url, Arc::clone(&store));
     let base = ObjectPath::from_url_path(url.path())
         .map_err(|e| BalansError::InvalidArgument(format!("invalid path in '{location}': {e}")))?;
@@ -558,6 +544,28 @@ fn resolve_http(
         glob: None,
         kind: StoreKind::Http,
     })
+}
+
+/// An HTTP(S) store for the server of `url` (scheme, host and port), with the options'
+/// timeouts and retries; plain HTTP allowed for `http://`.
+pub fn http_store(url: &Url, opts: &SourceOptions) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let mut base = url.clone();
+    base.set_path("/");
+    base.set_query(None);
+    let mut client = ClientOptions::new();
+    for (key, value) in client_config(opts) {
+        client = client.with_config(key, value);
+    }
+    if url.scheme() == "http" {
+        client = client.with_allow_http(true);
+    }
+    Ok(Arc::new(
+        HttpBuilder::new()
+            .with_url(base.as_str().trim_end_matches('/'))
+            .with_client_options(client)
+            .with_retry(retry_config(opts))
+            .build()?,
+    ))
 }
 
 /// Client settings derived from the options, as `object_store` configuration keys.

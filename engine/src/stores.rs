@@ -1,4 +1,5 @@
-//! The session's object-store registry: `s3://bucket` stores are created on first use (for
+//! The session's object-store registry: `s3://bucket` and `http(s)://host` stores are created
+//! on first use (for
 //! `CREATE EXTERNAL TABLE ... LOCATION 's3://...'` and `COPY ... TO 's3://...'` in SQL) with
 //! the same settings as `--input s3://...` (endpoint, unsigned public access, short timeouts).
 
@@ -9,7 +10,7 @@ use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStor
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::source::{SourceOptions, s3_store};
+use crate::source::{SourceOptions, http_store, s3_store};
 
 /// [`DefaultObjectStoreRegistry`] plus S3 stores made on demand.
 #[derive(Debug)]
@@ -53,6 +54,12 @@ impl ObjectStoreRegistry for BalansObjectStoreRegistry {
                     .ok_or_else(|| exec_datafusion_err!("'{url}' names no bucket"))?;
                 let store = s3_store(bucket, &self.options)
                     .map_err(|e| exec_datafusion_err!("cannot open s3://{bucket}: {e}"))?;
+                self.inner.register_store(url, Arc::clone(&store));
+                Ok(store)
+            }
+            "http" | "https" => {
+                let store = http_store(url, &self.options)
+                    .map_err(|e| exec_datafusion_err!("cannot open {url}: {e}"))?;
                 self.inner.register_store(url, Arc::clone(&store));
                 Ok(store)
             }

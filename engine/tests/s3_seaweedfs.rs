@@ -96,6 +96,7 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
 struct Server {
     child: Child,
     s3_port: u16,
+    filer_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -104,6 +105,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let mut taken = Vec::new();
         let s3_port = free_port(&mut taken);
+        let filer_port = free_port(&mut taken);
         let mut command = Command::new(weed_binary());
         command
             .arg("mini")
@@ -111,14 +113,9 @@ impl Server {
             .arg("-ip=127.0.0.1")
             .arg("-ip.bind=127.0.0.1")
             .arg(format!("-bucket={BUCKET}"))
-            .arg(format!("-s3.port={s3_port}"));
-        for flag in [
-            "master.port",
-            "filer.port",
-            "volume.port",
-            "admin.port",
-            "webdav.port",
-        ] {
+            .arg(format!("-s3.port={s3_port}"))
+            .arg(format!("-filer.port={filer_port}"));
+        for flag in ["master.port", "volume.port", "admin.port", "webdav.port"] {
             command.arg(format!("-{flag}={}", free_port(&mut taken)));
         }
         command.arg("-admin.ui=false");
@@ -130,6 +127,7 @@ impl Server {
         let server = Server {
             child,
             s3_port,
+            filer_port,
             _dir: dir,
         };
         let started = Instant::now();
@@ -272,6 +270,22 @@ fn jump_layout_in_a_bucket_is_read_corrected_and_written_back() {
         "{}",
         stdout(&o)
     );
+
+    // One plate over plain HTTP (SeaweedFS's filer serves the bucket's files).
+    let (batch, plate) = &pairs[0];
+    let url = format!(
+        "http://127.0.0.1:{}/buckets/{BUCKET}/source_1/workspace/profiles/{batch}/{plate}/{plate}.parquet",
+        server.filer_port
+    );
+    let o = balans(&[
+        "sql",
+        &format!(
+            "CREATE EXTERNAL TABLE h STORED AS PARQUET LOCATION '{url}'; \
+             SELECT count(DISTINCT Metadata_Plate) AS plates FROM h"
+        ),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("| 1      |"), "{}", stdout(&o));
 
     // A stopped server gives a clear error quickly, not a hang.
     server.stop();
