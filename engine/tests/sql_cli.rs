@@ -60,7 +60,54 @@ fn a_failing_statement_is_named_and_nothing_is_written() {
         "{stderr}"
     );
     assert!(!out.exists());
-    let o = balans(&["sql"]);
+    let o = balans(&["sql", "--output", out.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("give SQL statements"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--output needs the statements"));
+}
+
+#[test]
+fn statements_from_standard_input_run_one_by_one_and_are_kept_in_the_history() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    let script = format!(
+        "{};\nSELECT count(*) AS wells\n  FROM p;\nSELECT nope FROM p;\nSELECT 41 + 1 AS answer;\n",
+        create(&example_path())
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_balans"))
+        .args(["--quiet", "sql"])
+        .env("BALANS_HISTORY", &history)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    // Every statement ran; the failing one is reported and the next still runs.
+    assert!(
+        stdout.contains("| 632   |") && stdout.contains("| 42     |"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("nope"), "{stderr}");
+    assert!(
+        !o.status.success(),
+        "a failed statement makes piped input fail"
+    );
+    let kept = std::fs::read_to_string(&history).unwrap();
+    assert_eq!(kept.lines().count(), 4, "{kept}");
+    assert!(
+        kept.contains("SELECT count(*) AS wells   FROM p;"),
+        "{kept}"
+    );
 }

@@ -295,7 +295,8 @@ struct CorrectArgs {
 #[derive(Args, Debug)]
 struct SqlArgs {
     /// The statements, e.g. "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION 'x.parquet';
-    /// SELECT count(*) FROM p".
+    /// SELECT count(*) FROM p". Without statements (and --file), they are read from standard
+    /// input: an interactive shell on a terminal, with a history file.
     query: Option<String>,
     /// Read the statements from this file instead.
     #[arg(long, short)]
@@ -1358,6 +1359,137 @@ async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Prints the first `max_rows` rows of a result as a table, with a row count.
+fn print_result(
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    batches: &[datafusion::arrow::array::RecordBatch],
+    max_rows: usize,
+) -> Result<()> {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut shown = Vec::new();
+    let mut left = max_rows;
+    for b in batches {
+        if left == 0 {
+            break;
+        }
+        let take = b.num_rows().min(left);
+        shown.push(b.slice(0, take));
+        left -= take;
+    }
+    if shown.is_empty() {
+        shown.push(datafusion::arrow::array::RecordBatch::new_empty(schema));
+    }
+    println!(
+        "{}",
+        datafusion::arrow::util::pretty::pretty_format_batches(&shown)?
+    );
+    if rows > max_rows {
+        println!("({rows} rows, first {max_rows} shown; --max-rows or --output for more)");
+    } else {
+        println!("({rows} row{})", if rows == 1 { "" } else { "s" });
+    }
+    Ok(())
+}
+
+/// The file the shell appends its statements to.
+fn history_path() -> Option<PathBuf> {
+    std::env::var_os("BALANS_HISTORY")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".balans_history")))
+}
+
+/// `balans sql` without statements: read them from standard input, one result per statement.
+/// On a terminal it prompts, keeps a history file (`$BALANS_HISTORY` or `~/.balans_history`),
+/// shows it with `\history`, and ends with `\q`, `exit` or end of input; an error is printed
+/// and the session goes on.
+async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let settings = SessionSettings {
+        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
+        temp_dir: a.temp_dir.clone(),
+        source: SourceOptions {
+            s3_endpoint: a.s3_endpoint.clone(),
+            ..SourceOptions::default()
+        },
+        ..SessionSettings::default()
+    };
+    let ctx = build_session(&settings)?;
+    let interactive = std::io::stdin().is_terminal();
+    let history = history_path();
+    if interactive {
+        eprintln!("balans sql: end statements with ';'; \\history lists earlier ones, \\q quits");
+    }
+    let mut pending = String::new();
+    let mut failures = 0usize;
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!(
+                "{}",
+                if pending.trim().is_empty() {
+                    "balans> "
+                } else {
+                    "   ...> "
+                }
+            );
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let command = line.trim();
+        if pending.trim().is_empty() {
+            match command {
+                "\\q" | "exit" | "quit" => break,
+                "\\history" => {
+                    if let Some(text) = history
+                        .as_ref()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                    {
+                        print!("{text}");
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        pending.push_str(&line);
+        pending.push('\n');
+        if !pending.trim_end().ends_with(';') {
+            continue;
+        }
+        for statement in balans_engine::sql::split_statements(&pending) {
+            if let Some(path) = &history {
+                if let Ok(mut file) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
+                    let _ = writeln!(file, "{};", statement.replace('\n', " "));
+                }
+            }
+            match balans_engine::sql::run_sql(&ctx, &statement).await {
+                Ok((schema, batches)) => print_result(schema, &batches, a.max_rows)?,
+                Err(e) => {
+                    failures += 1;
+                    eprintln!("balans: error: {e}");
+                }
+            }
+        }
+        pending.clear();
+    }
+    if !pending.trim().is_empty() {
+        return Err(BalansError::InvalidArgument(
+            "the input ended inside a statement (missing ';')".into(),
+        ));
+    }
+    if failures > 0 && !interactive {
+        return Err(BalansError::InvalidArgument(format!(
+            "{failures} statement(s) failed"
+        )));
+    }
+    Ok(())
+}
+
 async fn run_sql_command(a: SqlArgs) -> Result<()> {
     let script = match (&a.query, &a.file) {
         (Some(q), None) => q.clone(),
@@ -1370,11 +1502,12 @@ async fn run_sql_command(a: SqlArgs) -> Result<()> {
             ));
         }
         (None, None) => {
-            return Err(BalansError::InvalidArgument(
-                "give SQL statements as an argument or with --file (an interactive shell is \
-                 not available yet)"
-                    .into(),
-            ));
+            if a.output.is_some() {
+                return Err(BalansError::InvalidArgument(
+                    "--output needs the statements as an argument or with --file".into(),
+                ));
+            }
+            return run_sql_shell(&a).await;
         }
     };
     let settings = SessionSettings {
@@ -1398,30 +1531,7 @@ async fn run_sql_command(a: SqlArgs) -> Result<()> {
         }
         None => {
             let (schema, batches) = balans_engine::sql::run_sql(&ctx, &script).await?;
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let mut shown = Vec::new();
-            let mut left = a.max_rows;
-            for b in &batches {
-                if left == 0 {
-                    break;
-                }
-                let take = b.num_rows().min(left);
-                shown.push(b.slice(0, take));
-                left -= take;
-            }
-            if shown.is_empty() {
-                shown.push(datafusion::arrow::array::RecordBatch::new_empty(schema));
-            }
-            let table = datafusion::arrow::util::pretty::pretty_format_batches(&shown)?;
-            println!("{table}");
-            if rows > a.max_rows {
-                println!(
-                    "({rows} rows, first {} shown; --max-rows or --output for more)",
-                    a.max_rows
-                );
-            } else {
-                println!("({rows} row{})", if rows == 1 { "" } else { "s" });
-            }
+            print_result(schema, &batches, a.max_rows)?;
         }
     }
     Ok(())
