@@ -1458,14 +1458,14 @@ async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
             continue;
         }
         for statement in balans_engine::sql::split_statements(&pending) {
-            if let Some(path) = &history {
-                if let Ok(mut file) = std::fs::OpenOptions::new()
+            // The history is best effort: a read-only home does not stop the shell.
+            if let Some(Ok(mut file)) = history.as_ref().map(|path| {
+                std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
-                {
-                    let _ = writeln!(file, "{};", statement.replace('\n', " "));
-                }
+            }) {
+                let _ = writeln!(file, "{};", statement.replace('\n', " "));
             }
             match balans_engine::sql::run_sql(&ctx, &statement).await {
                 Ok((schema, batches)) => print_result(schema, &batches, a.max_rows)?,
