@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's command-line tests.
 #![allow(dead_code)]
 
+pub mod seaweed;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
