@@ -39,7 +39,7 @@ pub struct CorrectRequest {
 }
 
 /// Column the engine adds to carry the `negcon` predicate's value to the operator.
-const FIT_MASK_COLUMN: &str = "__balans_fit_row";
+pub(crate) const FIT_MASK_COLUMN: &str = "__balans_fit_row";
 
 /// What a correction did.
 #[derive(Debug, Clone)]

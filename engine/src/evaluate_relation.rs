@@ -14,9 +14,11 @@ use std::sync::{Arc, LazyLock};
 use async_trait::async_trait;
 use balans_metrics::suite::{EvalInput, EvalOptions, MetricSelection, evaluate};
 use balans_metrics::types::Codes;
+
+use crate::evaluate::CanonicalRows;
 use balans_planner::BalansExtensionPlanner;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef, exec_datafusion_err};
 use datafusion::error::{DataFusionError, Result};
@@ -275,46 +277,18 @@ impl ExecutionPlan for EvaluateExec {
 /// The suite over the canonical columns of `batches`, as the score table.
 fn score_table(spec: &EvaluateSpec, batches: &[RecordBatch]) -> Result<RecordBatch> {
     let d = spec.d;
-    let mut x: Vec<f64> = Vec::new();
-    let (mut batch, mut label, mut plate, mut well) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut is_negcon: Vec<bool> = Vec::new();
+    let mut rows = CanonicalRows::default();
     for b in batches {
-        let rows = b.num_rows();
-        let start = x.len();
-        x.resize(start + rows * d, 0.0);
-        for j in 0..d {
-            let column = b.column(j).as_primitive::<Float64Type>();
-            for i in 0..rows {
-                x[start + i * d + j] = if column.is_null(i) {
-                    f64::NAN
-                } else {
-                    column.value(i)
-                };
-            }
-        }
-        let text = |name: &str, out: &mut Vec<String>| -> Result<()> {
-            let column = b
-                .column_by_name(name)
-                .ok_or_else(|| exec_datafusion_err!("evaluate: column {name} missing"))?;
-            let column = column.as_string::<i32>();
-            out.extend((0..rows).map(|i| column.value(i).to_string()));
-            Ok(())
-        };
-        text("__batch", &mut batch)?;
-        text("__label", &mut label)?;
-        if spec.has_plate {
-            text("__plate", &mut plate)?;
-        }
-        if spec.has_well {
-            text("__well", &mut well)?;
-        }
-        let flags = b
-            .column_by_name("__negcon")
-            .ok_or_else(|| exec_datafusion_err!("evaluate: column __negcon missing"))?
-            .as_boolean();
-        is_negcon.extend((0..rows).map(|i| flags.is_valid(i) && flags.value(i)));
+        rows.push(b, d)?;
     }
+    let CanonicalRows {
+        x,
+        batch,
+        label,
+        plate,
+        well,
+        is_negcon,
+    } = rows;
     if is_negcon.is_empty() {
         return Err(exec_datafusion_err!("evaluate: the input has no rows"));
     }

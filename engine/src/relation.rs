@@ -23,18 +23,15 @@ use datafusion::logical_expr::planner::{
 use datafusion::logical_expr::{
     Expr, ExprSchemable, Extension, LogicalPlan, LogicalPlanBuilder, lit,
 };
-use datafusion::prelude::ident;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
-use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN};
+use crate::correct::FIT_MASK_COLUMN;
+use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN, canonical_columns};
 use crate::evaluate_relation::{EvaluateNode, EvaluateSpec, METRIC_FAMILIES};
 use crate::parameters::set_parameter;
 use crate::source::{FeatureSelection, resolve_columns};
-
-/// Column carrying the `negcon` predicate to the sphering operator.
-const FIT_MASK_COLUMN: &str = "__balans_fit_row";
 
 /// Plans `balans(...)` and `correct(...)` in `FROM` clauses.
 #[derive(Debug, Default)]
@@ -57,6 +54,14 @@ fn list(text: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// Removes the named argument `key` and returns its value.
+fn take_named(named: &mut Vec<(String, String)>, key: &str) -> Option<String> {
+    named
+        .iter()
+        .position(|(k, _)| k == key)
+        .map(|i| named.remove(i).1)
 }
 
 /// `negcon => 'predicate'` as a boolean expression over `input` (null counts as false).
@@ -90,13 +95,7 @@ fn plan_evaluate(
     mut named: Vec<(String, String)>,
     context: &mut dyn RelationPlannerContext,
 ) -> Result<LogicalPlan> {
-    let take = |key: &str, named: &mut Vec<(String, String)>| {
-        named
-            .iter()
-            .position(|(k, _)| k == key)
-            .map(|i| named.remove(i).1)
-    };
-    let label = take("label", &mut named)
+    let label = take_named(&mut named, "label")
         .ok_or_else(|| plan_datafusion_err!("evaluate: label => 'COLUMN' is required"))?;
     let schema = input.schema().as_arrow().clone();
     let optional = |given: Option<String>, default: &str| -> Result<Option<String>> {
@@ -111,12 +110,12 @@ fn plan_evaluate(
                 .then(|| default.to_string())),
         }
     };
-    let plate = optional(take("plate", &mut named), DEFAULT_PLATE_COLUMN)?;
-    let well = optional(take("well", &mut named), DEFAULT_WELL_COLUMN)?;
+    let plate = optional(take_named(&mut named, "plate"), DEFAULT_PLATE_COLUMN)?;
+    let well = optional(take_named(&mut named, "well"), DEFAULT_WELL_COLUMN)?;
     if schema.index_of(&label).is_err() {
         return plan_err!("evaluate: label column '{label}' is not in the input");
     }
-    let skip: Vec<String> = take("skip", &mut named)
+    let skip: Vec<String> = take_named(&mut named, "skip")
         .map_or_else(Vec::new, |s| list(&s))
         .into_iter()
         .map(|s| s.to_ascii_lowercase())
@@ -127,13 +126,13 @@ fn plan_evaluate(
             METRIC_FAMILIES.join(", ")
         );
     }
-    let seed = match take("seed", &mut named) {
+    let seed = match take_named(&mut named, "seed") {
         Some(s) => s.parse().map_err(|_| {
             plan_datafusion_err!("evaluate: seed => '{s}': expected a whole number")
         })?,
         None => 0,
     };
-    let subsample = match take("subsample", &mut named) {
+    let subsample = match take_named(&mut named, "subsample") {
         Some(s) => Some(s.parse().map_err(|_| {
             plan_datafusion_err!("evaluate: subsample => '{s}': expected a whole number")
         })?),
@@ -161,40 +160,19 @@ fn plan_evaluate(
     if roles.features.is_empty() {
         return plan_err!("evaluate: no embedding columns left");
     }
-    let as_text = |name: &str| -> Result<Expr> {
-        Ok(datafusion::functions::expr_fn::coalesce(vec![
-            ident(name).cast_to(&DataType::Utf8, input.schema())?,
-            lit("(null)"),
-        ]))
-    };
-    let mut columns: Vec<Expr> = Vec::new();
-    for (i, f) in roles.features.iter().enumerate() {
-        columns.push(
-            ident(f.as_str())
-                .cast_to(&DataType::Float64, input.schema())?
-                .alias(format!("f{i}")),
-        );
-    }
-    let mut keys = Vec::new();
-    for (i, b) in roles.batch.iter().enumerate() {
-        if i > 0 {
-            keys.push(lit(" / "));
-        }
-        keys.push(as_text(b)?);
-    }
-    columns.push(datafusion::functions::expr_fn::concat(keys).alias("__batch"));
-    columns.push(as_text(&label)?.alias("__label"));
-    if let Some(p) = &plate {
-        columns.push(as_text(p)?.alias("__plate"));
-    }
-    if let Some(w) = &well {
-        columns.push(as_text(w)?.alias("__well"));
-    }
     let mask = match &negcon {
         Some(predicate) => negcon_mask("evaluate", predicate, &input, context)?,
         None => lit(false),
     };
-    columns.push(mask.alias("__negcon"));
+    let columns = canonical_columns(
+        input.schema(),
+        &roles.features,
+        &roles.batch,
+        &label,
+        plate.as_deref(),
+        well.as_deref(),
+        mask,
+    )?;
     let projected = LogicalPlanBuilder::from(input).project(columns)?.build()?;
     let spec = EvaluateSpec {
         d: roles.features.len(),
@@ -267,20 +245,16 @@ impl RelationPlanner for CorrectionRelationPlanner {
             };
             named.push((key.to_ascii_lowercase(), literal_text(context, value)?));
         }
-        let take = |key: &str, named: &mut Vec<(String, String)>| {
-            named
-                .iter()
-                .position(|(k, _)| k == key)
-                .map(|i| named.remove(i).1)
-        };
-        let batch = take("batch", &mut named).map(|b| list(&b)).ok_or_else(|| {
-            plan_datafusion_err!("{function}: batch => 'COLUMN' is required: {usage}")
-        })?;
+        let batch = take_named(&mut named, "batch")
+            .map(|b| list(&b))
+            .ok_or_else(|| {
+                plan_datafusion_err!("{function}: batch => 'COLUMN' is required: {usage}")
+            })?;
         let selection = FeatureSelection {
-            include: take("features", &mut named).map_or_else(Vec::new, |f| list(&f)),
-            exclude: take("exclude", &mut named).map_or_else(Vec::new, |f| list(&f)),
+            include: take_named(&mut named, "features").map_or_else(Vec::new, |f| list(&f)),
+            exclude: take_named(&mut named, "exclude").map_or_else(Vec::new, |f| list(&f)),
         };
-        let negcon = take("negcon", &mut named);
+        let negcon = take_named(&mut named, "negcon");
         if function == "evaluate" {
             let plan = plan_evaluate(input, batch, selection, negcon, named, context)?;
             return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
@@ -294,7 +268,7 @@ impl RelationPlanner for CorrectionRelationPlanner {
         };
         // The method and the variant bring defaults: apply them before the other values.
         for first in ["method", "variant"] {
-            if let Some(value) = take(first, &mut named) {
+            if let Some(value) = take_named(&mut named, first) {
                 set_parameter(&mut config, first, &value)
                     .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
             }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{balans, example_path, shared, synthetic_path};
+use common::{balans, example_path, read, shared, stderr, synthetic_path};
 
 use std::fs::File;
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use balans_operators::kernels::quality::{batch_mixing, knn_indices, label_purity};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
-use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -23,19 +23,6 @@ fn correct(input: &str, output: &str, extra: &[&str]) -> Output {
     let mut args = vec!["correct", "-i", input, "-b", "Metadata_Batch", "-o", output];
     args.extend_from_slice(extra);
     balans(&args)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn read(path: &Path) -> RecordBatch {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn matrix(b: &RecordBatch, prefix: &str) -> (Vec<f32>, usize) {

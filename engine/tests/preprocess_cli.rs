@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
-use common::{balans, shared};
+use common::{balans, read, shared, stderr};
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type};
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const NEGCON: &str = "Metadata_PertType = 'negcon'";
 
@@ -20,19 +19,6 @@ fn raw() -> String {
         .join("data/bbbc021/bbbc021_well_raw.parquet")
         .display()
         .to_string()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn read(path: &Path) -> RecordBatch {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 /// Feature columns (non-`Metadata_`) by name, as f64, in schema order.

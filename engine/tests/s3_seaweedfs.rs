@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::seaweed::{BUCKET, Server};
-use common::{balans, example_path};
+use common::{balans, example_path, stderr, stdout};
 
 /// A loopback TCP proxy to `target` that cuts every connection, and refuses new ones, once
 /// it has passed `budget` bytes from the server to its clients: a server that goes away in
@@ -70,14 +70,6 @@ fn cutting_proxy(target: u16, budget: usize) -> (u16, Arc<AtomicBool>) {
 
 fn sql(endpoint: &str, script: &str) -> std::process::Output {
     balans(&["sql", "--s3-endpoint", endpoint, script])
-}
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 #[test]

@@ -130,6 +130,27 @@ impl SelectionArgs {
     }
 }
 
+/// Memory and working-file options of the commands that run a session.
+#[derive(Args, Debug, Clone)]
+struct SessionArgs {
+    /// Memory limit, e.g. 2GB (DataFusion pool and the operators' reservations).
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// Directory for temporary working files.
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
+}
+
+impl SessionArgs {
+    fn settings(&self) -> Result<SessionSettings> {
+        Ok(SessionSettings {
+            memory_limit: self.memory_limit.as_deref().map(parse_bytes).transpose()?,
+            temp_dir: self.temp_dir.clone(),
+            ..SessionSettings::default()
+        })
+    }
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum Method {
     /// BALANS (batch-dependent local-scale affinities, adaptive landmarks).
@@ -272,12 +293,8 @@ struct CorrectArgs {
     /// What to do with NaN / infinite / null features.
     #[arg(long, value_enum, default_value = "error")]
     nan: NanArg,
-    /// Memory limit, e.g. 2GB (DataFusion pool and the operators' reservations).
-    #[arg(long)]
-    memory_limit: Option<String>,
-    /// Directory for temporary working files.
-    #[arg(long)]
-    temp_dir: Option<PathBuf>,
+    #[command(flatten)]
+    session: SessionArgs,
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
@@ -313,12 +330,8 @@ struct SqlArgs {
     /// S3 endpoint for s3:// locations (e.g. http://127.0.0.1:8333); also AWS_ENDPOINT_URL.
     #[arg(long)]
     s3_endpoint: Option<String>,
-    /// Memory limit, e.g. 2GB.
-    #[arg(long)]
-    memory_limit: Option<String>,
-    /// Directory for temporary working files.
-    #[arg(long)]
-    temp_dir: Option<PathBuf>,
+    #[command(flatten)]
+    session: SessionArgs,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -422,12 +435,8 @@ struct PreprocessArgs {
     /// blocklist: a file of feature names, one per line (a first line "blocklist" is a header).
     #[arg(long)]
     blocklist: Option<PathBuf>,
-    /// Memory limit, e.g. 2GB.
-    #[arg(long)]
-    memory_limit: Option<String>,
-    /// Directory for temporary working files.
-    #[arg(long)]
-    temp_dir: Option<PathBuf>,
+    #[command(flatten)]
+    session: SessionArgs,
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
@@ -778,12 +787,7 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
             "--json and --report of `correct` need --evaluate".into(),
         ));
     }
-    let settings = SessionSettings {
-        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
-        temp_dir: a.temp_dir.clone(),
-        ..SessionSettings::default()
-    };
-    let ctx = build_session(&settings)?;
+    let ctx = build_session(&a.session.settings()?)?;
     let progress = Arc::new(TerminalProgress::new(quiet));
     let request = CorrectRequest {
         input: a.input.input.clone(),
@@ -1305,12 +1309,7 @@ fn preprocess_steps(a: &PreprocessArgs) -> Result<PreprocessSteps> {
 async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let steps = preprocess_steps(&a)?;
-    let settings = SessionSettings {
-        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
-        temp_dir: a.temp_dir.clone(),
-        ..SessionSettings::default()
-    };
-    let ctx = build_session(&settings)?;
+    let ctx = build_session(&a.session.settings()?)?;
     let request = PreprocessRequest {
         input: a.input.input.clone(),
         output: a.output.clone(),
@@ -1391,6 +1390,17 @@ fn print_result(
     Ok(())
 }
 
+/// The session of `balans sql`: the memory options and the S3 endpoint.
+fn sql_session(a: &SqlArgs) -> Result<SessionContext> {
+    build_session(&SessionSettings {
+        source: SourceOptions {
+            s3_endpoint: a.s3_endpoint.clone(),
+            ..SourceOptions::default()
+        },
+        ..a.session.settings()?
+    })
+}
+
 /// The file the shell appends its statements to.
 fn history_path() -> Option<PathBuf> {
     std::env::var_os("BALANS_HISTORY")
@@ -1404,16 +1414,7 @@ fn history_path() -> Option<PathBuf> {
 /// and the session goes on.
 async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
-    let settings = SessionSettings {
-        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
-        temp_dir: a.temp_dir.clone(),
-        source: SourceOptions {
-            s3_endpoint: a.s3_endpoint.clone(),
-            ..SourceOptions::default()
-        },
-        ..SessionSettings::default()
-    };
-    let ctx = build_session(&settings)?;
+    let ctx = sql_session(a)?;
     let interactive = std::io::stdin().is_terminal();
     let history = history_path();
     if interactive {
@@ -1510,19 +1511,7 @@ async fn run_sql_command(a: SqlArgs) -> Result<()> {
             return run_sql_shell(&a).await;
         }
     };
-    let settings = SessionSettings {
-        memory_limit: a.memory_limit.as_deref().map(parse_bytes).transpose()?,
-        temp_dir: a.temp_dir.clone(),
-        ..SessionSettings::default()
-    };
-    let settings = SessionSettings {
-        source: SourceOptions {
-            s3_endpoint: a.s3_endpoint.clone(),
-            ..SourceOptions::default()
-        },
-        ..settings
-    };
-    let ctx = build_session(&settings)?;
+    let ctx = sql_session(&a)?;
     match &a.output {
         Some(path) => {
             let written =

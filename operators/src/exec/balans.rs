@@ -507,14 +507,7 @@ impl Run {
         }
 
         // PCA fit and reduced matrices.
-        self.start_stage("pca", None);
-        let model = match (pca_p, &ing.gram) {
-            (Some(p), Some(g)) => Some(g.finish(p)),
-            _ => None,
-        };
-        self.summary.pca_components = model.as_ref().map_or(0, |m| m.p);
-        self.end_stage("pca");
-        self.check_cancel()?;
+        let model = self.fit_pca(pca_p, ing.gram.as_ref())?;
 
         self.start_stage("reduce", Some(n as u64));
         let features = MappedIpcFile::open(&ing.features.path)?;
@@ -761,6 +754,23 @@ impl Run {
         self.finish_linear(n, d)
     }
 
+    /// The "pca" stage: the top `pca_p` axes from the ingest's Gram state (none without PCA).
+    fn fit_pca(
+        &mut self,
+        pca_p: Option<usize>,
+        gram: Option<&GramAccumulator>,
+    ) -> Result<Option<PcaModel>> {
+        self.start_stage("pca", None);
+        let model = match (pca_p, gram) {
+            (Some(p), Some(g)) => Some(g.finish(p)),
+            _ => None,
+        };
+        self.summary.pca_components = model.as_ref().map_or(0, |m| m.p);
+        self.end_stage("pca");
+        self.check_cancel()?;
+        Ok(model)
+    }
+
     /// Harmony over the PCA coordinates (or the features): PCA fit, the reduced rows, the
     /// Harmony iterations in memory (the embedding and the `N x K` assignments and
     /// distances are reserved), one pass writing the corrected coordinates.
@@ -772,14 +782,7 @@ impl Run {
         n_batches: usize,
     ) -> Result<()> {
         let n = codes.len();
-        self.start_stage("pca", None);
-        let model = match (pca_p, gram) {
-            (Some(p), Some(g)) => Some(g.finish(p)),
-            _ => None,
-        };
-        self.summary.pca_components = model.as_ref().map_or(0, |m| m.p);
-        self.end_stage("pca");
-        self.check_cancel()?;
+        let model = self.fit_pca(pca_p, gram)?;
 
         self.start_stage("reduce", Some(n as u64));
         let features = MappedIpcFile::open(&features.path)?;
