@@ -360,6 +360,7 @@ impl QueryPlanner for EngineQueryPlanner {
         DefaultPhysicalPlanner::with_extension_planners(vec![
             Arc::new(BalansExtensionPlanner),
             Arc::new(EvaluateExtensionPlanner),
+            Arc::new(crate::preprocess_relation::PreprocessExtensionPlanner),
         ])
         .create_physical_plan(logical_plan, session)
         .await

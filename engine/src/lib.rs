@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod evaluate_relation;
 pub mod parameters;
 pub mod preprocess;
+pub mod preprocess_relation;
 pub mod progress;
 pub mod relation;
 pub mod session;

@@ -200,6 +200,329 @@ impl PreprocessSteps {
     }
 }
 
+/// The named feature-selection operations (`feature_select` in SQL, `--feature-select`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectName {
+    /// `drop_na_columns`.
+    DropNaColumns,
+    /// `variance_threshold`.
+    VarianceThreshold,
+    /// `frequency_threshold`.
+    FrequencyThreshold,
+    /// `correlation_threshold`.
+    CorrelationThreshold,
+    /// `blocklist`.
+    Blocklist,
+}
+
+impl SelectName {
+    /// Parses pycytominer's operation name (`-` and `_` alike).
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "drop_na_columns" => Ok(Self::DropNaColumns),
+            "variance_threshold" => Ok(Self::VarianceThreshold),
+            "frequency_threshold" => Ok(Self::FrequencyThreshold),
+            "correlation_threshold" => Ok(Self::CorrelationThreshold),
+            "blocklist" => Ok(Self::Blocklist),
+            other => Err(BalansError::InvalidArgument(format!(
+                "unknown feature_select operation '{other}' (one of: drop_na_columns, \
+                 variance_threshold, frequency_threshold, correlation_threshold, blocklist)"
+            ))),
+        }
+    }
+}
+
+/// The user's preprocessing choices, before they become [`PreprocessSteps`]: the one place
+/// that checks them, shared by `balans preprocess` and SQL's `preprocess(...)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOptions {
+    /// Run the `mad_int_featselect` recipe (then only `aggregate` combines with it).
+    pub recipe: bool,
+    /// Aggregate rows to one per plate and well first.
+    pub aggregate: Option<Aggregation>,
+    /// Normalisation (`MadRobustize`'s epsilon is replaced by `mad_epsilon`).
+    pub normalize: Option<Normalization>,
+    /// Normalise per plate (`Some(true)`), globally (`Some(false)`), or per plate when there
+    /// is a plate column (`None`).
+    pub normalize_per_plate: Option<bool>,
+    /// Fit the normalisation on all rows, not the negative controls.
+    pub normalize_on_all: bool,
+    /// Epsilon of `mad_robustize`.
+    pub mad_epsilon: f64,
+    /// Rank inverse normal transform after normalising.
+    pub rank_int: bool,
+    /// Feature-selection operations, in order.
+    pub feature_select: Vec<SelectName>,
+    /// `drop_na_columns` cutoff.
+    pub na_cutoff: f64,
+    /// `variance_threshold` minimum.
+    pub min_variance: f64,
+    /// `frequency_threshold` cuts.
+    pub freq_cut: f64,
+    /// `frequency_threshold` distinct-value cut.
+    pub unique_cut: f64,
+    /// `correlation_threshold` threshold.
+    pub corr_threshold: f64,
+    /// `blocklist` feature names.
+    pub blocklist: Option<Vec<String>>,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        Self {
+            recipe: false,
+            aggregate: None,
+            normalize: None,
+            normalize_per_plate: None,
+            normalize_on_all: false,
+            mad_epsilon: 1e-18,
+            rank_int: false,
+            feature_select: Vec::new(),
+            na_cutoff: 0.05,
+            min_variance: 1e-6,
+            freq_cut: 0.05,
+            unique_cut: 0.01,
+            corr_threshold: 0.9,
+            blocklist: None,
+        }
+    }
+}
+
+/// Reads a blocklist file: one feature name per line (a first line `blocklist` is a header,
+/// as in pycytominer's bundled list).
+pub fn read_blocklist(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        BalansError::InvalidArgument(format!("cannot read blocklist {}: {e}", path.display()))
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(i, l)| !(l.is_empty() || (*i == 0 && *l == "blocklist")))
+        .map(|(_, l)| l.to_string())
+        .collect())
+}
+
+fn parse_number(key: &str, value: &str) -> Result<f64> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| BalansError::InvalidArgument(format!("{key} => '{value}': expected a number")))
+}
+
+fn parse_flag(key: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(BalansError::InvalidArgument(format!(
+            "{key} => '{value}': expected true or false"
+        ))),
+    }
+}
+
+impl StepOptions {
+    /// The names [`StepOptions::set`] accepts.
+    pub const NAMES: &'static [&'static str] = &[
+        "recipe",
+        "aggregate",
+        "normalize",
+        "normalize_scope",
+        "normalize_on_all",
+        "mad_epsilon",
+        "rank_int",
+        "feature_select",
+        "na_cutoff",
+        "min_variance",
+        "freq_cut",
+        "unique_cut",
+        "corr_threshold",
+        "blocklist",
+        "blocklist_file",
+    ];
+
+    /// Sets one option by its SQL name (`recipe => 'mad_int_featselect'`,
+    /// `feature_select => 'variance_threshold,correlation_threshold'`, `blocklist => 'a,b'`,
+    /// `blocklist_file => 'path'`, ...).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let lower = value.trim().to_ascii_lowercase().replace('-', "_");
+        match key {
+            "recipe" => match lower.as_str() {
+                "mad_int_featselect" => self.recipe = true,
+                _ => {
+                    return Err(BalansError::InvalidArgument(format!(
+                        "unknown recipe '{value}' (one of: mad_int_featselect)"
+                    )));
+                }
+            },
+            "aggregate" => {
+                self.aggregate = Some(match lower.as_str() {
+                    "median" => Aggregation::Median,
+                    "mean" => Aggregation::Mean,
+                    _ => {
+                        return Err(BalansError::InvalidArgument(format!(
+                            "aggregate => '{value}': one of median, mean"
+                        )));
+                    }
+                })
+            }
+            "normalize" => {
+                self.normalize = Some(match lower.as_str() {
+                    "standardize" => Normalization::Standardize,
+                    "robustize" => Normalization::Robustize,
+                    "mad_robustize" => Normalization::MadRobustize { epsilon: 0.0 },
+                    "mad" => Normalization::Mad,
+                    _ => {
+                        return Err(BalansError::InvalidArgument(format!(
+                            "normalize => '{value}': one of standardize, robustize, \
+                             mad_robustize, mad"
+                        )));
+                    }
+                })
+            }
+            "normalize_scope" => {
+                self.normalize_per_plate = Some(match lower.as_str() {
+                    "plate" => true,
+                    "all" => false,
+                    _ => {
+                        return Err(BalansError::InvalidArgument(format!(
+                            "normalize_scope => '{value}': one of plate, all"
+                        )));
+                    }
+                })
+            }
+            "normalize_on_all" => self.normalize_on_all = parse_flag(key, value)?,
+            "mad_epsilon" => self.mad_epsilon = parse_number(key, value)?,
+            "rank_int" => self.rank_int = parse_flag(key, value)?,
+            "feature_select" => {
+                self.feature_select = value
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(SelectName::parse)
+                    .collect::<Result<_>>()?
+            }
+            "na_cutoff" => self.na_cutoff = parse_number(key, value)?,
+            "min_variance" => self.min_variance = parse_number(key, value)?,
+            "freq_cut" => self.freq_cut = parse_number(key, value)?,
+            "unique_cut" => self.unique_cut = parse_number(key, value)?,
+            "corr_threshold" => self.corr_threshold = parse_number(key, value)?,
+            "blocklist" => {
+                self.blocklist = Some(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
+            "blocklist_file" => {
+                self.blocklist = Some(read_blocklist(std::path::Path::new(value.trim()))?)
+            }
+            other => {
+                return Err(BalansError::InvalidArgument(format!(
+                    "unknown parameter '{other}' (one of: {}, plate, well, negcon, features, \
+                     exclude)",
+                    Self::NAMES.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The steps these options describe; `has_plate` / `has_negcon` say whether a plate column
+    /// and a negative-control predicate were given.
+    pub fn steps(&self, has_plate: bool, has_negcon: bool) -> Result<PreprocessSteps> {
+        let individual =
+            self.normalize.is_some() || self.rank_int || !self.feature_select.is_empty();
+        let mut steps = if self.recipe {
+            if individual {
+                return Err(BalansError::InvalidArgument(
+                    "the recipe runs its own steps: leave out normalize, rank_int and \
+                     feature_select (only aggregate combines with a recipe)"
+                        .into(),
+                ));
+            }
+            PreprocessSteps::mad_int_featselect()
+        } else {
+            if !individual && self.aggregate.is_none() {
+                return Err(BalansError::InvalidArgument(
+                    "nothing to do: give the recipe mad_int_featselect or at least one of \
+                     aggregate, normalize, rank_int, feature_select"
+                        .into(),
+                ));
+            }
+            let mut select = Vec::new();
+            for op in &self.feature_select {
+                select.push(match op {
+                    SelectName::DropNaColumns => SelectOp::DropNaColumns {
+                        cutoff: self.na_cutoff,
+                    },
+                    SelectName::VarianceThreshold => SelectOp::VarianceThreshold {
+                        min_variance: self.min_variance,
+                    },
+                    SelectName::FrequencyThreshold => SelectOp::FrequencyThreshold {
+                        freq_cut: self.freq_cut,
+                        unique_cut: self.unique_cut,
+                    },
+                    SelectName::CorrelationThreshold => SelectOp::CorrelationThreshold {
+                        threshold: self.corr_threshold,
+                    },
+                    SelectName::Blocklist => {
+                        SelectOp::Blocklist(self.blocklist.clone().ok_or_else(|| {
+                            BalansError::InvalidArgument(
+                                "feature selection 'blocklist' needs the list: --blocklist FILE, \
+                                 or blocklist => 'a,b' / blocklist_file => 'FILE' in SQL"
+                                    .into(),
+                            )
+                        })?)
+                    }
+                });
+            }
+            PreprocessSteps {
+                aggregate: None,
+                drop_nonfinite: false,
+                variant_features: false,
+                normalize: self.normalize.map(|method| NormalizeStep {
+                    method: match method {
+                        Normalization::MadRobustize { .. } => Normalization::MadRobustize {
+                            epsilon: self.mad_epsilon,
+                        },
+                        other => other,
+                    },
+                    per_plate: self.normalize_per_plate.unwrap_or(has_plate),
+                    on_negcon: has_negcon && !self.normalize_on_all,
+                }),
+                rank_int: self.rank_int,
+                select,
+            }
+        };
+        steps.aggregate = self.aggregate;
+        for (name, value) in [
+            ("na_cutoff (--na-cutoff)", self.na_cutoff),
+            ("freq_cut (--freq-cut)", self.freq_cut),
+            ("unique_cut (--unique-cut)", self.unique_cut),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(BalansError::InvalidArgument(format!(
+                    "{name} must lie in [0, 1], not {value}"
+                )));
+            }
+        }
+        if !(-1.0..=1.0).contains(&self.corr_threshold) {
+            return Err(BalansError::InvalidArgument(format!(
+                "corr_threshold (--corr-threshold) must lie in [-1, 1], not {}",
+                self.corr_threshold
+            )));
+        }
+        if !(self.mad_epsilon >= 0.0 && self.mad_epsilon.is_finite()) {
+            return Err(BalansError::InvalidArgument(
+                "mad_epsilon (--mad-epsilon) must be a finite number >= 0".into(),
+            ));
+        }
+        Ok(steps)
+    }
+}
+
 /// A preprocessing request.
 #[derive(Debug, Clone)]
 pub struct PreprocessRequest {
@@ -292,56 +615,119 @@ struct Table {
     negcon: Vec<bool>,
 }
 
-/// Runs a preprocessing request in `ctx`; `log` receives one line per stage.
-pub async fn run_preprocess(
-    ctx: &SessionContext,
-    request: &PreprocessRequest,
-    log: &(dyn Fn(&str) + Sync),
-) -> Result<PreprocessOutcome> {
-    let steps = &request.steps;
-    if steps.needs_plate() && request.plate.is_none() {
-        return Err(BalansError::InvalidArgument(
-            "these steps work per plate: give --plate COLUMN (e.g. Metadata_Plate)".into(),
-        ));
-    }
-    if steps.needs_negcon() && request.negcon.is_none() {
-        return Err(BalansError::InvalidArgument(
-            "these steps are fitted on negative controls: give --negcon PREDICATE (e.g. \
-             \"Metadata_PertType = 'negcon'\")"
-                .into(),
-        ));
-    }
-    if steps.aggregate.is_some() && request.well.is_none() {
-        return Err(BalansError::InvalidArgument(
-            "aggregation groups by plate and well: give --well COLUMN (e.g. Metadata_Well)".into(),
-        ));
-    }
-    check_output(
-        &request.output,
-        request.overwrite,
-        std::slice::from_ref(&request.input),
-    )?;
-    let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
-    check_output(&request.output, request.overwrite, &table.files)?;
-    let keys: Vec<String> = request
-        .plate
-        .iter()
-        .chain(request.well.iter().filter(|_| steps.aggregate.is_some()))
-        .cloned()
-        .collect();
-    let roles = resolve_columns(&table.schema, &request.selection, &keys)?;
-    let features = roles.features.clone();
-    let mut timings: Vec<(String, f64)> = Vec::new();
+/// What to preprocess in a DataFrame: its feature columns, the roles of other columns and
+/// the steps.
+#[derive(Debug, Clone)]
+pub struct FrameSpec {
+    /// Feature columns (numeric), in input order.
+    pub features: Vec<String>,
+    /// Plate column (per-plate statistics, aggregation).
+    pub plate: Option<String>,
+    /// Well column (aggregation).
+    pub well: Option<String>,
+    /// SQL predicate marking the negative controls.
+    pub negcon: Option<String>,
+    /// The steps.
+    pub steps: PreprocessSteps,
+}
 
-    let mut df = ctx.table("profiles").await?;
+impl FrameSpec {
+    /// Checks that the steps have the columns and predicate they need.
+    pub fn check(&self) -> Result<()> {
+        let steps = &self.steps;
+        if steps.needs_plate() && self.plate.is_none() {
+            return Err(BalansError::InvalidArgument(
+                "these steps work per plate: give the plate column (--plate COLUMN, or \
+             plate => 'COLUMN' in SQL; e.g. Metadata_Plate)"
+                    .into(),
+            ));
+        }
+        if steps.needs_negcon() && self.negcon.is_none() {
+            return Err(BalansError::InvalidArgument(
+                "these steps are fitted on negative controls: give the predicate (--negcon \
+             PREDICATE, or negcon => 'PREDICATE' in SQL; e.g. Metadata_PertType = 'negcon')"
+                    .into(),
+            ));
+        }
+        if steps.aggregate.is_some() && self.well.is_none() {
+            return Err(BalansError::InvalidArgument(
+                "aggregation groups by plate and well: give the well column (--well COLUMN, or \
+             well => 'COLUMN' in SQL; e.g. Metadata_Well)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A preprocessed table held in memory-mapped working files (deleted when dropped), ready
+/// to be streamed any number of times.
+pub struct Preprocessed {
+    table: Arc<Table>,
+    kept: Vec<bool>,
+    /// What the run did (`written` is `None`).
+    pub outcome: PreprocessOutcome,
+}
+
+impl std::fmt::Debug for Preprocessed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preprocessed")
+            .field("rows", &self.outcome.rows)
+            .field("features", &self.outcome.features.len())
+            .finish()
+    }
+}
+
+impl Preprocessed {
+    /// The output rows: metadata columns in input order, then the kept features as `Float64`.
+    pub fn stream(&self) -> Result<datafusion::execution::SendableRecordBatchStream> {
+        output_stream(self.table.clone(), &self.outcome.input_features, &self.kept)
+    }
+
+    /// The schema of [`Preprocessed::stream`].
+    pub fn schema(&self) -> Result<SchemaRef> {
+        Ok(self.stream()?.schema())
+    }
+}
+
+/// Runs the steps of `spec` over the rows of `df`: reads them once into the working files
+/// (aggregating first when asked) and transforms them there. `log` receives one line per
+/// stage.
+pub async fn preprocess_frame(
+    df: datafusion::prelude::DataFrame,
+    spec: &FrameSpec,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<Preprocessed> {
+    spec.check()?;
+    let steps = &spec.steps;
+    let features = spec.features.clone();
+    if features.is_empty() {
+        return Err(BalansError::BadInput("there are no feature columns".into()));
+    }
+    let input_schema = df.schema().as_arrow().clone();
+    for name in features
+        .iter()
+        .chain(spec.plate.iter())
+        .chain(spec.well.iter())
+    {
+        if input_schema.index_of(name).is_err() {
+            return Err(BalansError::BadInput(format!(
+                "column '{name}' is not in the input"
+            )));
+        }
+    }
+    let disk = df.task_ctx().runtime_env().disk_manager.clone();
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let mut df = df;
     if let Some(aggregation) = steps.aggregate {
         let started = Instant::now();
-        let plate = request.plate.as_deref().expect("checked above");
-        let well = request.well.as_deref().expect("checked above");
+        let plate = spec.plate.as_deref().expect("checked above");
+        let well = spec.well.as_deref().expect("checked above");
         let group = vec![ident(plate), ident(well)];
         let mut aggregates = Vec::new();
-        for name in &roles.metadata {
-            if name != plate && name != well {
+        for field in input_schema.fields() {
+            let name = field.name();
+            if name != plate && name != well && !features.contains(name) {
                 aggregates.push(min(ident(name)).alias(name));
             }
         }
@@ -360,11 +746,9 @@ pub async fn run_preprocess(
                 .alias(name),
             );
         }
-        let order: Vec<Expr> = table
-            .schema
+        let order: Vec<Expr> = input_schema
             .fields()
             .iter()
-            .filter(|f| roles.metadata.contains(f.name()) || features.contains(f.name()))
             .map(|f| ident(f.name()))
             .collect();
         df = df
@@ -377,7 +761,7 @@ pub async fn run_preprocess(
         timings.push(("aggregate (plan)".into(), started.elapsed().as_secs_f64()));
         log(&format!("aggregate: {aggregation:?} per plate and well").to_lowercase());
     }
-    if let Some(predicate) = &request.negcon {
+    if let Some(predicate) = &spec.negcon {
         let mask = negcon_predicate(&df, predicate)?;
         df = df.with_column(NEGCON_COLUMN, mask)?;
     }
@@ -387,7 +771,7 @@ pub async fn run_preprocess(
     if n == 0 {
         return Err(BalansError::BadInput("the input has no rows".into()));
     }
-    let loaded = ingest(ctx, df, &features, request.plate.as_deref(), n).await?;
+    let loaded = ingest(&disk, df, &features, spec.plate.as_deref(), n).await?;
     timings.push(("read".into(), started.elapsed().as_secs_f64()));
     log(&format!(
         "read {n} rows x {} features{}",
@@ -400,7 +784,7 @@ pub async fn run_preprocess(
     ));
 
     let steps = steps.clone();
-    let plate_column = request.plate.clone();
+    let plate_column = spec.plate.clone();
     let log_lines: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let lines = log_lines.clone();
     let names = features.clone();
@@ -439,22 +823,64 @@ pub async fn run_preprocess(
             "every feature was removed; nothing to write (see the steps above)".into(),
         ));
     }
-    let outcome_base = PreprocessOutcome {
+    let outcome = PreprocessOutcome {
         rows: n,
-        plates: if request.plate.is_some() {
+        plates: if spec.plate.is_some() {
             table.plate_names.len()
         } else {
             0
         },
         negcon_rows: table.negcon.iter().filter(|&&b| b).count(),
-        input_features: features.clone(),
-        features: kept_names.clone(),
+        input_features: features,
+        features: kept_names,
         dropped,
-        timings: Vec::new(),
+        timings,
         written: None,
     };
+    Ok(Preprocessed {
+        table: Arc::new(table),
+        kept,
+        outcome,
+    })
+}
+
+/// Runs a preprocessing request in `ctx`; `log` receives one line per stage.
+pub async fn run_preprocess(
+    ctx: &SessionContext,
+    request: &PreprocessRequest,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<PreprocessOutcome> {
+    let mut spec = FrameSpec {
+        features: Vec::new(),
+        plate: request.plate.clone(),
+        well: request.well.clone(),
+        negcon: request.negcon.clone(),
+        steps: request.steps.clone(),
+    };
+    spec.check()?;
+    check_output(
+        &request.output,
+        request.overwrite,
+        std::slice::from_ref(&request.input),
+    )?;
+    let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
+    check_output(&request.output, request.overwrite, &table.files)?;
+    let keys: Vec<String> = request
+        .plate
+        .iter()
+        .chain(
+            request
+                .well
+                .iter()
+                .filter(|_| request.steps.aggregate.is_some()),
+        )
+        .cloned()
+        .collect();
+    spec.features = resolve_columns(&table.schema, &request.selection, &keys)?.features;
+    let df = ctx.table("profiles").await?;
+    let preprocessed = preprocess_frame(df, &spec, log).await?;
     let started = Instant::now();
-    let stream = output_stream(Arc::new(table), &features, &kept)?;
+    let outcome = &preprocessed.outcome;
     let metadata = vec![
         ("balans.method".to_string(), "preprocess".to_string()),
         (
@@ -465,33 +891,32 @@ pub async fn run_preprocess(
             "balans.preprocess".to_string(),
             serde_json::to_string(&serde_json::json!({
                 "steps": request.steps.describe(),
-                "input_features": outcome_base.input_features.len(),
-                "features": outcome_base.features.len(),
-                "dropped": outcome_base.dropped,
+                "input_features": outcome.input_features.len(),
+                "features": outcome.features.len(),
+                "dropped": outcome.dropped,
             }))
             .unwrap_or_default(),
         ),
         ("balans.input".to_string(), request.input.clone()),
     ];
-    let written = write_parquet_atomic(stream, &request.output, metadata).await?;
-    timings.push(("write".into(), started.elapsed().as_secs_f64()));
-    Ok(PreprocessOutcome {
-        timings,
-        written: Some(written),
-        ..outcome_base
-    })
+    let written = write_parquet_atomic(preprocessed.stream()?, &request.output, metadata).await?;
+    let mut outcome = preprocessed.outcome.clone();
+    outcome
+        .timings
+        .push(("write".into(), started.elapsed().as_secs_f64()));
+    outcome.written = Some(written);
+    Ok(outcome)
 }
 
 /// Reads the query result into the column-major working file and the metadata file.
 async fn ingest(
-    ctx: &SessionContext,
+    disk: &Arc<datafusion::execution::disk_manager::DiskManager>,
     df: datafusion::prelude::DataFrame,
     features: &[String],
     plate: Option<&str>,
     n: usize,
 ) -> Result<Table> {
     let d = features.len();
-    let disk = ctx.runtime_env().disk_manager.clone();
     let column_file = disk.create_tmp_file("preprocess feature columns")?;
     let meta_file = disk.create_tmp_file("preprocess metadata")?;
     let local = |f: &Arc<dyn SpillFile>| -> Result<PathBuf> {

@@ -1,4 +1,4 @@
-//! The corrections (and the metric suite, `evaluate((SELECT ...), batch => ..., label => ...)`)
+//! The corrections (plus the metric suite and preprocessing, `evaluate((SELECT ...), batch => ..., label => ...)`)
 //! as SQL relations: `balans((SELECT ...), batch => 'Metadata_Batch', k => 10)`
 //! and `correct((SELECT ...), method => 'harmony', batch => ...)`, planned by a DataFusion
 //! `RelationPlanner` into the same extension nodes as `balans correct`, so `EXPLAIN` shows
@@ -31,11 +31,34 @@ use crate::correct::FIT_MASK_COLUMN;
 use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN, canonical_columns};
 use crate::evaluate_relation::{EvaluateNode, EvaluateSpec, METRIC_FAMILIES};
 use crate::parameters::set_parameter;
+use crate::preprocess_relation::{SessionStateSource, plan_preprocess};
 use crate::source::{FeatureSelection, resolve_columns};
 
-/// Plans `balans(...)` and `correct(...)` in `FROM` clauses.
-#[derive(Debug, Default)]
-pub struct CorrectionRelationPlanner;
+/// Plans `balans(...)`, `correct(...)`, `evaluate(...)` and `preprocess(...)` in `FROM`
+/// clauses.
+#[derive(Default)]
+pub struct CorrectionRelationPlanner {
+    session: SessionStateSource,
+}
+
+impl std::fmt::Debug for CorrectionRelationPlanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CorrectionRelationPlanner")
+            .field("session_bound", &self.session.get().is_some())
+            .finish()
+    }
+}
+
+impl CorrectionRelationPlanner {
+    /// Gives the planner its session, which `preprocess(...)` runs its subquery in (the job
+    /// runs while planning; see [`crate::preprocess_relation`]). Only the first call counts.
+    pub fn bind_session(
+        &self,
+        state: impl Fn() -> Option<datafusion::execution::SessionState> + Send + Sync + 'static,
+    ) {
+        let _ = self.session.set(Box::new(state));
+    }
+}
 
 /// Text of a literal argument (`'x'`, `10`, `true`).
 fn literal_text(context: &mut dyn RelationPlannerContext, expr: &SqlExpr) -> Result<String> {
@@ -204,7 +227,7 @@ impl RelationPlanner for CorrectionRelationPlanner {
         };
         let function = name.to_string().to_ascii_lowercase();
         let method = match function.as_str() {
-            "balans" | "correct" | "evaluate" => Method::Balans,
+            "balans" | "correct" | "evaluate" | "preprocess" => Method::Balans,
             _ => return Ok(RelationPlanning::Original(Box::new(relation))),
         };
         let usage =
@@ -245,16 +268,23 @@ impl RelationPlanner for CorrectionRelationPlanner {
             };
             named.push((key.to_ascii_lowercase(), literal_text(context, value)?));
         }
-        let batch = take_named(&mut named, "batch")
-            .map(|b| list(&b))
-            .ok_or_else(|| {
-                plan_datafusion_err!("{function}: batch => 'COLUMN' is required: {usage}")
-            })?;
         let selection = FeatureSelection {
             include: take_named(&mut named, "features").map_or_else(Vec::new, |f| list(&f)),
             exclude: take_named(&mut named, "exclude").map_or_else(Vec::new, |f| list(&f)),
         };
         let negcon = take_named(&mut named, "negcon");
+        if function == "preprocess" {
+            let plan = plan_preprocess(input, named, selection, negcon, &self.session)?;
+            return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+                plan,
+                alias.clone(),
+            ))));
+        }
+        let batch = take_named(&mut named, "batch")
+            .map(|b| list(&b))
+            .ok_or_else(|| {
+                plan_datafusion_err!("{function}: batch => 'COLUMN' is required: {usage}")
+            })?;
         if function == "evaluate" {
             let plan = plan_evaluate(input, batch, selection, negcon, named, context)?;
             return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(

@@ -85,14 +85,18 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         })?;
         runtime = runtime.with_temp_file_path(dir);
     }
+    let relations = Arc::new(CorrectionRelationPlanner::default());
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime.build_arc()?)
         .with_default_features()
         .with_query_planner(Arc::new(EngineQueryPlanner))
-        .with_relation_planners(vec![Arc::new(CorrectionRelationPlanner)])
+        .with_relation_planners(vec![relations.clone()])
         .build();
     let ctx = SessionContext::new_with_state(state);
+    // A weak reference: the planner lives in the state and must not keep it alive.
+    let weak = ctx.state_weak_ref();
+    relations.bind_session(move || weak.upgrade().map(|state| state.read().clone()));
     balans_udfs::register_all(&ctx);
     Ok(ctx)
 }

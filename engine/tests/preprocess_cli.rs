@@ -328,7 +328,7 @@ fn option_conflicts_are_reported() {
         (vec![], "nothing to do"),
         (
             vec!["--recipe", "mad-int-featselect", "--rank-int"],
-            "--recipe runs its own steps",
+            "the recipe runs its own steps",
         ),
         (
             vec!["--recipe", "mad-int-featselect", "--negcon", NEGCON],
@@ -357,5 +357,45 @@ fn option_conflicts_are_reported() {
             stderr(&o)
         );
         assert!(!out.exists());
+    }
+}
+
+/// `preprocess((SELECT ...), ...)` in `balans sql` writes exactly the table of `balans
+/// preprocess` (the job runs while the statement is planned, on the command's runtime).
+#[test]
+fn the_sql_relation_writes_the_same_table_as_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, sql) = (
+        dir.path().join("job.parquet"),
+        dir.path().join("sql.parquet"),
+    );
+    let o = preprocess(
+        &job,
+        &[
+            "--recipe",
+            "mad-int-featselect",
+            "--plate",
+            "Metadata_Plate",
+            "--negcon",
+            NEGCON,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = format!(
+        "CREATE EXTERNAL TABLE raw STORED AS PARQUET LOCATION '{}'; \
+         SELECT * FROM preprocess((SELECT * FROM raw), recipe => 'mad_int_featselect', \
+         plate => 'Metadata_Plate', negcon => 'Metadata_PertType = ''negcon''')",
+        raw()
+    );
+    let o = balans(&["sql", &script, "--output", sql.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (read(&job), read(&sql));
+    assert_eq!(a.schema().fields().len(), b.schema().fields().len());
+    assert_eq!(a.num_rows(), 632);
+    for (field, column) in a.schema().fields().iter().zip(a.columns()) {
+        let other = b
+            .column_by_name(field.name())
+            .unwrap_or_else(|| panic!("{} missing from the SQL output", field.name()));
+        assert_eq!(column.as_ref(), other.as_ref(), "{}", field.name());
     }
 }

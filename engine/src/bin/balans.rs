@@ -10,7 +10,8 @@ use balans_engine::evaluate::{
     Evaluation, LoadedEmbedding, format_scores, format_timings, render_report,
 };
 use balans_engine::preprocess::{
-    Aggregation, NormalizeStep, PreprocessRequest, PreprocessSteps, SelectOp, run_preprocess,
+    Aggregation, PreprocessRequest, PreprocessSteps, SelectName, StepOptions, read_blocklist,
+    run_preprocess,
 };
 use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
 use balans_engine::session::{SessionSettings, build_session, parse_bytes};
@@ -1192,118 +1193,43 @@ fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
 }
 
 fn preprocess_steps(a: &PreprocessArgs) -> Result<PreprocessSteps> {
-    let individual = a.normalize.is_some() || a.rank_int || !a.feature_select.is_empty();
-    let mut steps = match a.recipe {
-        Some(RecipeArg::MadIntFeatselect) => {
-            if individual {
-                return Err(BalansError::InvalidArgument(
-                    "--recipe runs its own steps: leave out --normalize, --rank-int and \
-                     --feature-select (only --aggregate combines with a recipe)"
-                        .into(),
-                ));
-            }
-            PreprocessSteps::mad_int_featselect()
-        }
-        None => {
-            if !individual && a.aggregate.is_none() {
-                return Err(BalansError::InvalidArgument(
-                    "nothing to do: give --recipe mad_int_featselect or at least one of \
-                     --aggregate, --normalize, --rank-int, --feature-select"
-                        .into(),
-                ));
-            }
-            let per_plate = match a.normalize_scope {
-                Some(ScopeArg::Plate) => true,
-                Some(ScopeArg::All) => false,
-                None => a.plate.is_some(),
-            };
-            let mut select = Vec::new();
-            for op in &a.feature_select {
-                select.push(match op {
-                    SelectArg::DropNaColumns => SelectOp::DropNaColumns {
-                        cutoff: a.na_cutoff,
-                    },
-                    SelectArg::VarianceThreshold => SelectOp::VarianceThreshold {
-                        min_variance: a.min_variance,
-                    },
-                    SelectArg::FrequencyThreshold => SelectOp::FrequencyThreshold {
-                        freq_cut: a.freq_cut,
-                        unique_cut: a.unique_cut,
-                    },
-                    SelectArg::CorrelationThreshold => SelectOp::CorrelationThreshold {
-                        threshold: a.corr_threshold,
-                    },
-                    SelectArg::Blocklist => {
-                        let path = a.blocklist.as_ref().ok_or_else(|| {
-                            BalansError::InvalidArgument(
-                                "--feature-select blocklist needs --blocklist FILE".into(),
-                            )
-                        })?;
-                        let text = std::fs::read_to_string(path).map_err(|e| {
-                            BalansError::InvalidArgument(format!(
-                                "cannot read --blocklist {}: {e}",
-                                path.display()
-                            ))
-                        })?;
-                        let names = text
-                            .lines()
-                            .map(str::trim)
-                            .enumerate()
-                            .filter(|(i, l)| !(l.is_empty() || (*i == 0 && *l == "blocklist")))
-                            .map(|(_, l)| l.to_string())
-                            .collect();
-                        SelectOp::Blocklist(names)
-                    }
-                });
-            }
-            PreprocessSteps {
-                aggregate: None,
-                drop_nonfinite: false,
-                variant_features: false,
-                normalize: a.normalize.map(|m| NormalizeStep {
-                    method: match m {
-                        NormalizeArg::Standardize => Normalization::Standardize,
-                        NormalizeArg::Robustize => Normalization::Robustize,
-                        NormalizeArg::MadRobustize => Normalization::MadRobustize {
-                            epsilon: a.mad_epsilon,
-                        },
-                        NormalizeArg::Mad => Normalization::Mad,
-                    },
-                    per_plate,
-                    on_negcon: a.negcon.is_some() && !a.normalize_on_all,
-                }),
-                rank_int: a.rank_int,
-                select,
-            }
-        }
+    let options = StepOptions {
+        recipe: matches!(a.recipe, Some(RecipeArg::MadIntFeatselect)),
+        aggregate: a.aggregate.map(|g| match g {
+            AggregateArg::Median => Aggregation::Median,
+            AggregateArg::Mean => Aggregation::Mean,
+        }),
+        normalize: a.normalize.map(|m| match m {
+            NormalizeArg::Standardize => Normalization::Standardize,
+            NormalizeArg::Robustize => Normalization::Robustize,
+            NormalizeArg::MadRobustize => Normalization::MadRobustize {
+                epsilon: a.mad_epsilon,
+            },
+            NormalizeArg::Mad => Normalization::Mad,
+        }),
+        normalize_per_plate: a.normalize_scope.map(|s| matches!(s, ScopeArg::Plate)),
+        normalize_on_all: a.normalize_on_all,
+        mad_epsilon: a.mad_epsilon,
+        rank_int: a.rank_int,
+        feature_select: a
+            .feature_select
+            .iter()
+            .map(|op| match op {
+                SelectArg::DropNaColumns => SelectName::DropNaColumns,
+                SelectArg::VarianceThreshold => SelectName::VarianceThreshold,
+                SelectArg::FrequencyThreshold => SelectName::FrequencyThreshold,
+                SelectArg::CorrelationThreshold => SelectName::CorrelationThreshold,
+                SelectArg::Blocklist => SelectName::Blocklist,
+            })
+            .collect(),
+        na_cutoff: a.na_cutoff,
+        min_variance: a.min_variance,
+        freq_cut: a.freq_cut,
+        unique_cut: a.unique_cut,
+        corr_threshold: a.corr_threshold,
+        blocklist: a.blocklist.as_deref().map(read_blocklist).transpose()?,
     };
-    steps.aggregate = a.aggregate.map(|g| match g {
-        AggregateArg::Median => Aggregation::Median,
-        AggregateArg::Mean => Aggregation::Mean,
-    });
-    for (name, value) in [
-        ("--na-cutoff", a.na_cutoff),
-        ("--freq-cut", a.freq_cut),
-        ("--unique-cut", a.unique_cut),
-    ] {
-        if !(0.0..=1.0).contains(&value) {
-            return Err(BalansError::InvalidArgument(format!(
-                "{name} must lie in [0, 1], not {value}"
-            )));
-        }
-    }
-    if !(-1.0..=1.0).contains(&a.corr_threshold) {
-        return Err(BalansError::InvalidArgument(format!(
-            "--corr-threshold must lie in [-1, 1], not {}",
-            a.corr_threshold
-        )));
-    }
-    if !(a.mad_epsilon >= 0.0 && a.mad_epsilon.is_finite()) {
-        return Err(BalansError::InvalidArgument(
-            "--mad-epsilon must be a finite number >= 0".into(),
-        ));
-    }
-    Ok(steps)
+    options.steps(a.plate.is_some(), a.negcon.is_some())
 }
 
 async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
