@@ -11,6 +11,7 @@ pub mod correct;
 pub mod error;
 pub mod evaluate;
 pub mod evaluate_relation;
+pub mod line_editor;
 pub mod parameters;
 pub mod preprocess;
 pub mod preprocess_relation;

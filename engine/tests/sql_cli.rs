@@ -111,3 +111,99 @@ fn statements_from_standard_input_run_one_by_one_and_are_kept_in_the_history() {
         "{kept}"
     );
 }
+
+/// On a terminal (a pseudo-terminal here) the shell edits lines and recalls earlier
+/// statements with the arrow keys, Ctrl-C abandons a statement and Ctrl-D ends the session.
+#[test]
+fn the_terminal_shell_edits_and_recalls_statements() {
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    std::fs::write(&history, "SELECT 'from an earlier session' AS earlier;\n").unwrap();
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors, which are owned below.
+    let opened = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty failed");
+    // SAFETY: fresh descriptors from openpty, each owned once.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_balans"))
+        .args(["--quiet", "sql"])
+        .env("BALANS_HISTORY", &history)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut keys = File::from(master.try_clone().unwrap());
+    // The terminal side, read on a thread; each step waits for the next prompt so that keys
+    // arrive while the editor has the terminal in raw mode.
+    let (sender, screen) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut terminal = File::from(master);
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = terminal.read(&mut buffer) {
+            if n == 0 || sender.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut prompts = 0;
+    let mut wait_for_prompt = |seen: &mut String| {
+        prompts += 1;
+        // A fresh prompt, not the editor's redraw of the line ("\rbalans> ...").
+        let fresh = |s: &str| s.matches("balans> ").count() - s.matches("\rbalans> ").count();
+        while fresh(seen) < prompts {
+            let chunk = screen
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no prompt; the terminal shows: {seen}"));
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    wait_for_prompt(&mut seen);
+    keys.write_all(b"SELECT 41 + 1 AS answer;\r").unwrap();
+    wait_for_prompt(&mut seen);
+    // ↑ recalls it; ← ← ← then Backspace and '2' edit "answer" into "ans2er".
+    keys.write_all(b"\x1b[A\x1b[D\x1b[D\x1b[D\x7f2\r").unwrap();
+    wait_for_prompt(&mut seen);
+    // Two ↑ reach the previous session's statement; Home, Ctrl-K and new text replace it.
+    keys.write_all(b"\x1b[A\x1b[A\x1b[A\x01\x0bSELECT 7 AS seven;\r")
+        .unwrap();
+    wait_for_prompt(&mut seen);
+    keys.write_all(b"SELECT 'abandoned\x03").unwrap();
+    wait_for_prompt(&mut seen);
+    keys.write_all(b"\x04").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{seen}");
+    assert!(
+        stdout.contains("| answer |") && stdout.contains("| ans2er |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("| seven |"), "{stdout}");
+    assert!(!stdout.contains("abandoned"), "{stdout}");
+    let kept = std::fs::read_to_string(&history).unwrap();
+    assert_eq!(
+        kept.lines().collect::<Vec<_>>(),
+        vec![
+            "SELECT 'from an earlier session' AS earlier;",
+            "SELECT 41 + 1 AS answer;",
+            "SELECT 41 + 1 AS ans2er;",
+            "SELECT 7 AS seven;",
+        ]
+    );
+}

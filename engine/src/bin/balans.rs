@@ -1335,44 +1335,60 @@ fn history_path() -> Option<PathBuf> {
 }
 
 /// `balans sql` without statements: read them from standard input, one result per statement.
-/// On a terminal it prompts, keeps a history file (`$BALANS_HISTORY` or `~/.balans_history`),
-/// shows it with `\history`, and ends with `\q`, `exit` or end of input; an error is printed
-/// and the session goes on.
+/// On a terminal it is a shell: a prompt, line editing with history recall
+/// ([`balans_engine::line_editor`]), a history file (`$BALANS_HISTORY` or
+/// `~/.balans_history`) listed by `\history`, and `\q`, `exit` or Ctrl-D to end; an error is
+/// printed and the session goes on, and Ctrl-C abandons the statement being typed.
 async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
+    use balans_engine::line_editor::{Outcome, read_line};
     use std::io::{BufRead, IsTerminal, Write};
     let ctx = sql_session(a)?;
-    let interactive = std::io::stdin().is_terminal();
-    let history = history_path();
+    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    let history_file = history_path();
+    // Earlier statements, oldest first, for recall with the arrow keys.
+    let mut history: Vec<String> = history_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|text| text.lines().map(str::to_string).collect())
+        .unwrap_or_default();
     if interactive {
-        eprintln!("balans sql: end statements with ';'; \\history lists earlier ones, \\q quits");
+        eprintln!(
+            "balans sql: end statements with ';'; arrows edit and recall, \\history lists \
+             earlier statements, \\q quits"
+        );
     }
     let mut pending = String::new();
     let mut failures = 0usize;
-    let mut lines = std::io::stdin().lock().lines();
+    // Piped input is read through one lock; the line editor takes its own per line.
+    let mut lines = (!interactive).then(|| std::io::stdin().lock().lines());
     loop {
-        if interactive {
-            eprint!(
-                "{}",
-                if pending.trim().is_empty() {
-                    "balans> "
-                } else {
-                    "   ...> "
+        let line = if interactive {
+            let prompt = if pending.trim().is_empty() {
+                "balans> "
+            } else {
+                "   ...> "
+            };
+            match read_line(prompt, &history, &mut std::io::stderr())? {
+                Outcome::Done(line) => line,
+                Outcome::Interrupted => {
+                    pending.clear();
+                    continue;
                 }
-            );
-            let _ = std::io::stderr().flush();
-        }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+                Outcome::EndOfInput | Outcome::Editing => break,
+            }
+        } else {
+            match lines.as_mut().and_then(|l| l.next()) {
+                Some(line) => line?,
+                None => break,
+            }
+        };
         let command = line.trim();
         if pending.trim().is_empty() {
             match command {
                 "\\q" | "exit" | "quit" => break,
                 "\\history" => {
-                    if let Some(text) = history
-                        .as_ref()
-                        .and_then(|p| std::fs::read_to_string(p).ok())
-                    {
-                        print!("{text}");
+                    for entry in &history {
+                        println!("{entry}");
                     }
                     continue;
                 }
@@ -1385,15 +1401,17 @@ async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
             continue;
         }
         for statement in balans_engine::sql::split_statements(&pending) {
-            // The history is best effort: a read-only home does not stop the shell.
-            if let Some(Ok(mut file)) = history.as_ref().map(|path| {
+            let entry = format!("{};", statement.replace('\n', " "));
+            // The history file is best effort: a read-only home does not stop the shell.
+            if let Some(Ok(mut file)) = history_file.as_ref().map(|path| {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
             }) {
-                let _ = writeln!(file, "{};", statement.replace('\n', " "));
+                let _ = writeln!(file, "{entry}");
             }
+            history.push(entry);
             match balans_engine::sql::run_sql(&ctx, &statement).await {
                 Ok((schema, batches)) => print_result(schema, &batches, a.max_rows)?,
                 Err(e) => {
