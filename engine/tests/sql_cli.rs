@@ -140,7 +140,7 @@ fn the_terminal_shell_edits_and_recalls_statements() {
     assert_eq!(opened, 0, "openpty failed");
     // SAFETY: fresh descriptors from openpty, each owned once.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_balans"))
+    let child = Command::new(env!("CARGO_BIN_EXE_balans"))
         .args(["--quiet", "sql"])
         .env("BALANS_HISTORY", &history)
         .stdin(Stdio::from(slave.try_clone().unwrap()))
