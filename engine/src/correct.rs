@@ -36,6 +36,9 @@ pub struct CorrectRequest {
     pub source: SourceOptions,
     /// SQL predicate marking the negative controls (what sphering is fitted on).
     pub negcon: Option<String>,
+    /// Model directory of the model-embedding step (`--method embed`): when given, the
+    /// model's embedding replaces the correction.
+    pub model: Option<PathBuf>,
 }
 
 /// Column the engine adds to carry the `negcon` predicate's value to the operator.
@@ -89,7 +92,12 @@ pub async fn run_correct(
         df = df.with_column(FIT_MASK_COLUMN, mask)?;
         spec.fit_mask = Some(FIT_MASK_COLUMN.to_string());
     }
-    let plan = balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?;
+    let plan = match &request.model {
+        Some(dir) => {
+            crate::embed::embed_plan(df.logical_plan().clone(), dir).map_err(map_planning_error)?
+        }
+        None => balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?,
+    };
     let physical = ctx
         .state()
         .create_physical_plan(&plan)
@@ -99,7 +107,10 @@ pub async fn run_correct(
     let metadata = vec![
         (
             "balans.method".to_string(),
-            request.config.method.to_string(),
+            match &request.model {
+                Some(_) => "embed".to_string(),
+                None => request.config.method.to_string(),
+            },
         ),
         (
             "balans.version".to_string(),
@@ -113,7 +124,15 @@ pub async fn run_correct(
             roles.features.len().to_string(),
         ),
         ("balans.input".to_string(), request.input.clone()),
-    ];
+    ]
+    .into_iter()
+    .chain(
+        request
+            .model
+            .iter()
+            .map(|dir| ("balans.model".to_string(), dir.display().to_string())),
+    )
+    .collect();
     let written = write_parquet_atomic(stream, &request.output, metadata)
         .await
         .map_err(unwrap_operator_error)?;

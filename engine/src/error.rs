@@ -41,6 +41,20 @@ pub enum BalansError {
     /// An operating-system I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Training or applying a learned model failed.
+    #[error(transparent)]
+    Learned(balans_learned::LearnedError),
+}
+
+impl From<balans_learned::LearnedError> for BalansError {
+    fn from(e: balans_learned::LearnedError) -> Self {
+        use balans_learned::LearnedError as L;
+        match e {
+            L::BadInput(m) => BalansError::BadInput(m),
+            L::InvalidArgument(m) => BalansError::InvalidArgument(m),
+            other => BalansError::Learned(other),
+        }
+    }
 }
 
 /// Result type of the engine.

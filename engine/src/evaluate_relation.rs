@@ -361,6 +361,7 @@ impl QueryPlanner for EngineQueryPlanner {
             Arc::new(BalansExtensionPlanner),
             Arc::new(EvaluateExtensionPlanner),
             Arc::new(crate::preprocess_relation::PreprocessExtensionPlanner),
+            Arc::new(crate::embed::EmbedExtensionPlanner),
         ])
         .create_physical_plan(logical_plan, session)
         .await

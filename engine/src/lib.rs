@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod correct;
+pub mod embed;
 pub mod error;
 pub mod evaluate;
 pub mod evaluate_relation;
@@ -22,6 +23,7 @@ pub mod source;
 pub mod sql;
 pub mod stores;
 pub mod synth;
+pub mod train;
 pub mod writer;
 
 pub use correct::{CorrectOutcome, CorrectRequest, run_correct};

@@ -280,6 +280,36 @@ impl RelationPlanner for CorrectionRelationPlanner {
                 alias.clone(),
             ))));
         }
+        if function == "correct"
+            && named
+                .iter()
+                .any(|(k, v)| k == "method" && v.eq_ignore_ascii_case("embed"))
+        {
+            take_named(&mut named, "method");
+            take_named(&mut named, "batch");
+            let model = take_named(&mut named, "model").ok_or_else(|| {
+                plan_datafusion_err!(
+                    "correct: method => 'embed' needs model => 'DIR' (written by balans train)"
+                )
+            })?;
+            if let Some((key, _)) = named.first() {
+                return plan_err!(
+                    "correct: unknown parameter '{key}' for method => 'embed' (it takes model \
+                     and batch; the model names its features)"
+                );
+            }
+            if !selection.include.is_empty() || !selection.exclude.is_empty() || negcon.is_some() {
+                return plan_err!(
+                    "correct: method => 'embed' takes no features, exclude or negcon (the model \
+                     names its features)"
+                );
+            }
+            let plan = crate::embed::embed_plan(input, std::path::Path::new(&model))?;
+            return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+                plan,
+                alias.clone(),
+            ))));
+        }
         let batch = take_named(&mut named, "batch")
             .map(|b| list(&b))
             .ok_or_else(|| {

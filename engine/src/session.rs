@@ -98,6 +98,9 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
     let weak = ctx.state_weak_ref();
     relations.bind_session(move || weak.upgrade().map(|state| state.read().clone()));
     balans_udfs::register_all(&ctx);
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
+        crate::embed::EmbedFunction::default(),
+    ));
     Ok(ctx)
 }
 

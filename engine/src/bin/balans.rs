@@ -50,6 +50,9 @@ struct Cli {
 enum Command {
     /// Batch-correct a profile table and write corrected profiles as Parquet.
     Correct(Box<CorrectArgs>),
+    /// Train a learned batch-robust embedding (ABRA) with batches held out for validation,
+    /// and save it as a model directory for `correct --method embed` and SQL's embed(...).
+    Train(Box<TrainArgs>),
     /// Run SQL statements (separated by semicolons) with Balans' functions registered; print
     /// the last result as a table or write it as Parquet.
     Sql(SqlArgs),
@@ -163,6 +166,8 @@ enum Method {
     /// Harmony on the PCA coordinates (--pca, default 50 when there are more features), as
     /// harmonypy 2.1; writes PC1..PCp.
     Harmony,
+    /// A learned model's embedding (--model DIR from `balans train`); writes E1..Ek.
+    Embed,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -228,6 +233,9 @@ struct CorrectArgs {
     /// Correction method.
     #[arg(long, value_enum, default_value = "balans")]
     method: Method,
+    /// Model directory of --method embed (written by `balans train`).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Whitening of --method sphering (fitted on the --negcon rows).
     #[arg(long, value_enum, default_value = "zca-cor")]
     sphering: SpheringArg,
@@ -308,6 +316,92 @@ struct CorrectArgs {
     evaluate: bool,
     #[command(flatten)]
     eval: EvalArgs,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ModelArg {
+    /// ABRA: MLP encoder, adversarial batch-statistics perturbation, ArcFace, alignment.
+    Abra,
+    /// CellPainTR: feature-token Hyena transformer with a source token; masked, then
+    /// intra-source and inter-source supervised contrastive training (--epochs per stage).
+    Cellpaintr,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// The model to train.
+    #[arg(long, value_enum, default_value = "abra")]
+    model: ModelArg,
+    /// Batch column: validation holds out whole batches.
+    #[arg(long, short)]
+    batch: String,
+    /// Label column the classifier learns (perturbation, compound or MoA).
+    #[arg(long)]
+    label: String,
+    /// Model directory to write (model.safetensors + config.json).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Largest number of epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Rows per mini-batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Stop after this many epochs without a better validation score.
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    /// Batches held out for validation [default: a fifth, at least one].
+    #[arg(long)]
+    validation_batches: Option<usize>,
+    /// Seed of initialisation, the validation split and sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Hidden width.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Embedding width.
+    #[arg(long, default_value_t = 64)]
+    embedding: usize,
+    /// ArcFace scale s.
+    #[arg(long, default_value_t = 16.0)]
+    scale: f64,
+    /// ArcFace additive angular margin (radians).
+    #[arg(long, default_value_t = 0.3)]
+    margin: f64,
+    /// Weight of the clean/perturbed alignment term.
+    #[arg(long, default_value_t = 1.0)]
+    alignment_weight: f64,
+    /// Bound of the batch-statistics perturbation coefficients (0 turns it off).
+    #[arg(long, default_value_t = 2.0)]
+    perturbation_bound: f64,
+    /// Gradient-ascent steps that choose the perturbation.
+    #[arg(long, default_value_t = 2)]
+    adversarial_steps: usize,
+    /// CellPainTR token width (the reference model uses 256).
+    #[arg(long, default_value_t = 64)]
+    d_model: usize,
+    /// CellPainTR residual blocks (the reference model uses 4).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// CellPainTR MLP width [default: 4 x --d-model].
+    #[arg(long)]
+    mlp: Option<usize>,
+    /// CellPainTR SupCon temperature.
+    #[arg(long, default_value_t = 0.07)]
+    temperature: f64,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Replace an existing model directory.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -682,6 +776,8 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
             Method::Combat => balans_operators::Method::ComBat,
             Method::Sphering => balans_operators::Method::Sphering,
             Method::Harmony => balans_operators::Method::Harmony,
+            // The model-embedding step does not use the correction settings.
+            Method::Embed => balans_operators::Method::Balans,
         },
         harmony: balans_operators::config::HarmonyOptions {
             clusters: a.clusters,
@@ -799,6 +895,21 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         overwrite: a.overwrite,
         source: a.input.select.source(),
         negcon: a.eval.negcon.clone(),
+        model: match (a.method, &a.model) {
+            (Method::Embed, Some(dir)) => Some(dir.clone()),
+            (Method::Embed, None) => {
+                return Err(BalansError::InvalidArgument(
+                    "--method embed needs --model DIR (a directory written by `balans train`)"
+                        .into(),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(BalansError::InvalidArgument(
+                    "--model applies to --method embed only".into(),
+                ));
+            }
+            (_, None) => None,
+        },
     };
     let outcome = run_correct(&ctx, &request, progress.clone()).await?;
     let total = started.elapsed().as_secs_f64();
@@ -1047,6 +1158,7 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
             overwrite: true,
             source: a.input.select.source(),
             negcon: None,
+            model: None,
         };
         let progress = Arc::new(TerminalProgress::new(true));
         let started = Instant::now();
@@ -1230,6 +1342,109 @@ fn preprocess_steps(a: &PreprocessArgs) -> Result<PreprocessSteps> {
         blocklist: a.blocklist.as_deref().map(read_blocklist).transpose()?,
     };
     options.steps(a.plate.is_some(), a.negcon.is_some())
+}
+
+async fn run_train_command(a: TrainArgs, quiet: bool) -> Result<()> {
+    use balans_engine::train::{ModelSpec, TrainRequest, run_train};
+    let started = Instant::now();
+    let ctx = build_session(&a.session.settings()?)?;
+    let model = match a.model {
+        ModelArg::Abra => ModelSpec::Abra(balans_learned::AbraConfig {
+            hidden: a.hidden,
+            embedding: a.embedding,
+            scale: a.scale,
+            margin: a.margin,
+            alignment_weight: a.alignment_weight,
+            perturbation_bound: a.perturbation_bound,
+            adversarial_steps: a.adversarial_steps,
+            ..balans_learned::AbraConfig::default()
+        }),
+        ModelArg::Cellpaintr => ModelSpec::CellPainTr(balans_learned::CellPainTrConfig {
+            d_model: a.d_model,
+            layers: a.layers,
+            mlp: a.mlp.unwrap_or(4 * a.d_model),
+            temperature: a.temperature,
+            ..balans_learned::CellPainTrConfig::default()
+        }),
+    };
+    let request = TrainRequest {
+        input: a.input.input.clone(),
+        output: a.output.clone(),
+        batch: a.batch.clone(),
+        label: a.label.clone(),
+        selection: a.input.select.selection(),
+        source: a.input.select.source(),
+        model,
+        options: balans_learned::TrainOptions {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            learning_rate: a.lr,
+            weight_decay: a.weight_decay,
+            patience: a.patience,
+            seed: a.seed,
+            validation_batches: a.validation_batches,
+            batch_column: a.batch.clone(),
+            label_column: a.label.clone(),
+            ..balans_learned::TrainOptions::default()
+        },
+        overwrite: a.overwrite,
+    };
+    let epochs = a.epochs;
+    let best = std::sync::Arc::new(std::sync::Mutex::new(f64::NEG_INFINITY));
+    let best_seen = best.clone();
+    let progress = Box::new(move |e: &balans_learned::EpochRecord| {
+        let mut best = best_seen.lock().expect("best");
+        let marker = if e.validation > *best {
+            *best = e.validation;
+            "  *"
+        } else {
+            ""
+        };
+        if !quiet {
+            let parts: Vec<String> = e.parts.iter().map(|p| format!("{p:.3}")).collect();
+            eprintln!(
+                "balans train: {} epoch {:>3}/{epochs}  loss {:.4} ({})  validation {:.4}  {:.1} s{marker}",
+                e.stage,
+                e.epoch,
+                e.loss,
+                parts.join(" / "),
+                e.validation,
+                e.seconds
+            );
+        }
+    });
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcome = run_train(&ctx, &request, progress, cancel).await?;
+    let card = &outcome.card;
+    eprintln!(
+        "balans: wrote {} ({} features -> {} dims, {} labels); best epoch {} of {}{} with \
+         {} {:.4} on held-out batches [{}]",
+        a.output.display(),
+        card.features.len(),
+        card.architecture.embedding(),
+        card.labels.len(),
+        card.best_epoch,
+        card.history.len(),
+        if outcome.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        },
+        card.validation_metric,
+        card.best_validation,
+        card.split.validation.join(", ")
+    );
+    eprintln!(
+        "balans: trained in {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        peak_rss_bytes()
+            .map(|p| format!(
+                ", peak memory (RSS) {:.1} MiB",
+                p as f64 / (1024.0 * 1024.0)
+            ))
+            .unwrap_or_default()
+    );
+    Ok(())
 }
 
 async fn run_preprocess_command(a: PreprocessArgs, quiet: bool) -> Result<()> {
@@ -1499,6 +1714,7 @@ fn main() -> ExitCode {
         let job = async move {
             match cli.command {
                 Command::Correct(a) => correct(*a, quiet).await,
+                Command::Train(a) => run_train_command(*a, quiet).await,
                 Command::Preprocess(a) => run_preprocess_command(*a, quiet).await,
                 Command::Sql(a) => run_sql_command(a).await,
                 Command::Evaluate(a) => run_evaluate_command(a, quiet).await,
