@@ -915,13 +915,26 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
     let total = started.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
     let summary = progress.summary().unwrap_or_default();
-    eprintln!(
-        "balans: wrote {} rows x {} features to {}",
-        outcome.written.rows,
-        outcome.roles.features.len(),
-        a.output.display()
-    );
-    eprint!("{}", format_summary(&summary, total, peak));
+    if let Some(dir) = &request.model {
+        // The model-embedding step streams: no correction summary, just what was written.
+        eprintln!(
+            "balans: embedded {} rows with {} into {} ({:.2} s{})",
+            outcome.written.rows,
+            dir.display(),
+            a.output.display(),
+            total,
+            peak.map(|p| format!(", peak memory (RSS) {:.1} MiB", p as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_default()
+        );
+    } else {
+        eprintln!(
+            "balans: wrote {} rows x {} features to {}",
+            outcome.written.rows,
+            outcome.roles.features.len(),
+            a.output.display()
+        );
+        eprint!("{}", format_summary(&summary, total, peak));
+    }
     if let Some(path) = &a.summary_json {
         let mut value = serde_json::to_value(&summary)
             .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
@@ -1389,7 +1402,12 @@ async fn run_train_command(a: TrainArgs, quiet: bool) -> Result<()> {
         },
         overwrite: a.overwrite,
     };
-    let epochs = a.epochs;
+    // Epochs are numbered on through the stages (CellPainTR has three).
+    let epochs = a.epochs
+        * match a.model {
+            ModelArg::Abra => 1,
+            ModelArg::Cellpaintr => 3,
+        };
     let best = std::sync::Arc::new(std::sync::Mutex::new(f64::NEG_INFINITY));
     let best_seen = best.clone();
     let progress = Box::new(move |e: &balans_learned::EpochRecord| {
