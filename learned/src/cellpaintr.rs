@@ -12,9 +12,9 @@
 //! (kernel 3) along the tokens, then `v ← x₁ ⊙ (h₁ ∗ v)`, `v ← x₂ ⊙ (h₂ ∗ v)` and an output
 //! projection. The long filters `h₁, h₂` are implicit: a small MLP with sine activations over
 //! a 5-dimensional positional embedding of the offset, times an exponential decay in |offset|.
-//! The convolution is bidirectional (offsets −(T−1)..T−1) and computed exactly as a Toeplitz
-//! product per channel, O(T²·d) per layer; the seed's FFT form, O(T log T), gives the same
-//! values and is the next optimisation for wide feature sets.
+//! The convolution is bidirectional (offsets −(T−1)..T−1) and computed by FFT
+//! ([`crate::fftconv`]), O(T log T) per channel; [`CellPainTrModel::long_conv_direct`] is the
+//! same operation as a Toeplitz product, kept as the reference the tests compare against.
 //!
 //! Losses: masked-value MSE through a regression head on the feature tokens (stage 1) plus
 //! SupCon on the L2-normalised CLS embedding (stages 2 and 3).
@@ -23,6 +23,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnedError, Result};
+use crate::fftconv::long_convolution;
 use crate::init::{Initializer, linear};
 use crate::losses::{l2_normalize, supcon_loss};
 
@@ -354,8 +355,9 @@ impl CellPainTrModel {
     }
 
     /// Bidirectional long convolution `y[t, c] = Σ_s h[t − s, c] v[s, c]` for `v (B, T, d)` and
-    /// `h (2T−1, d)` (offset −(T−1) first), as a Toeplitz product per channel.
-    pub fn long_conv(v: &Tensor, h: &Tensor) -> Result<Tensor> {
+    /// `h (2T−1, d)` (offset −(T−1) first), as a Toeplitz product per channel: O(T²·d), the
+    /// reference for the FFT form the model uses.
+    pub fn long_conv_direct(v: &Tensor, h: &Tensor) -> Result<Tensor> {
         let (batch, t, d) = v.dims3()?;
         let idx: Vec<u32> = (0..t)
             .flat_map(|row| (0..t).map(move |col| (row + t - 1 - col) as u32))
@@ -396,8 +398,8 @@ impl CellPainTrModel {
         let x1 = u.narrow(2, d, d)?;
         let x2 = u.narrow(2, 2 * d, d)?;
         let filters = self.filters(block, t, x.device())?;
-        let v = (x1 * Self::long_conv(&v, &filters.narrow(1, 0, d)?)?)?;
-        let v = (x2 * Self::long_conv(&v, &filters.narrow(1, d, d)?)?)?;
+        let v = (x1 * long_convolution(&v, &filters.narrow(1, 0, d)?)?)?;
+        let v = (x2 * long_convolution(&v, &filters.narrow(1, d, d)?)?)?;
         dense(&v, &block.out_w, &block.out_b)
     }
 

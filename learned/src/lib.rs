@@ -19,6 +19,7 @@ pub mod cellpaintr;
 pub mod data;
 pub mod embed;
 pub mod error;
+pub mod fftconv;
 pub mod init;
 pub mod losses;
 pub mod store;

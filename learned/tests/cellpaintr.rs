@@ -5,6 +5,7 @@
 use std::sync::atomic::AtomicBool;
 
 use balans_learned::cellpaintr::{CellPainTrConfig, CellPainTrModel, draw_mask};
+use balans_learned::fftconv::long_convolution;
 use balans_learned::init::Initializer;
 use balans_learned::{Embedder, Profiles, TrainOptions, train_cellpaintr};
 use candle_core::{Device, Tensor};
@@ -51,21 +52,29 @@ fn masking_never_hides_zeros_and_follows_the_rate() {
 }
 
 #[test]
-fn the_long_convolution_is_the_direct_sum() {
+fn the_fft_long_convolution_is_the_direct_sum() {
     let device = Device::Cpu;
     let mut init = Initializer::new(2, &device);
     let (b, t, d) = (2, 5, 3);
     let v = init.normal(b * t * d);
     let h = init.normal((2 * t - 1) * d);
-    let y = CellPainTrModel::long_conv(
-        &Tensor::from_vec(v.clone(), (b, t, d), &device).unwrap(),
-        &Tensor::from_vec(h.clone(), (2 * t - 1, d), &device).unwrap(),
-    )
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .to_vec1::<f32>()
-    .unwrap();
+    let vt = Tensor::from_vec(v.clone(), (b, t, d), &device).unwrap();
+    let ht = Tensor::from_vec(h.clone(), (2 * t - 1, d), &device).unwrap();
+    let direct = CellPainTrModel::long_conv_direct(&vt, &ht)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let y = long_convolution(&vt, &ht)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (a, b) in y.iter().zip(&direct) {
+        assert!((a - b).abs() < 1e-5, "fft {a} vs Toeplitz {b}");
+    }
     for bi in 0..b {
         for ti in 0..t {
             for c in 0..d {
@@ -78,6 +87,44 @@ fn the_long_convolution_is_the_direct_sum() {
                 assert!((got - sum).abs() < 1e-5, "{got} vs {sum}");
             }
         }
+    }
+}
+
+#[test]
+fn the_fft_convolution_has_the_gradients_of_the_direct_one() {
+    let device = Device::Cpu;
+    let mut init = Initializer::new(8, &device);
+    let (b, t, d) = (3, 7, 4);
+    let v = candle_core::Var::from_tensor(
+        &Tensor::from_vec(init.normal(b * t * d), (b, t, d), &device).unwrap(),
+    )
+    .unwrap();
+    let h = candle_core::Var::from_tensor(
+        &Tensor::from_vec(init.normal((2 * t - 1) * d), (2 * t - 1, d), &device).unwrap(),
+    )
+    .unwrap();
+    let weights = Tensor::from_vec(init.normal(b * t * d), (b, t, d), &device).unwrap();
+    let grads = |y: Tensor| {
+        let g = (y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |x: &candle_core::Var| -> Vec<f32> {
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        (flat(&v), flat(&h))
+    };
+    let (fv, fh) = grads(long_convolution(v.as_tensor(), h.as_tensor()).unwrap());
+    let (dv, dh) = grads(CellPainTrModel::long_conv_direct(v.as_tensor(), h.as_tensor()).unwrap());
+    for (a, b) in fv.iter().zip(&dv).chain(fh.iter().zip(&dh)) {
+        assert!((a - b).abs() < 1e-4, "fft {a} vs Toeplitz {b}");
     }
 }
 
@@ -234,4 +281,43 @@ fn three_stage_training_learns_and_round_trips() {
     let none = model.embed(x, None).unwrap();
     assert_eq!(unseen, never);
     assert_eq!(unseen, none);
+}
+
+#[test]
+fn training_gives_the_same_weights_whatever_the_thread_count() {
+    let data = toy(4);
+    let run = |threads: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let options = TrainOptions {
+            epochs: 2,
+            batch_size: 16,
+            seed: 2,
+            validation_batches: Some(1),
+            ..TrainOptions::default()
+        };
+        let config = CellPainTrConfig {
+            d_model: 8,
+            layers: 1,
+            mlp: 16,
+            filter_hidden: 8,
+            ..CellPainTrConfig::default()
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                train_cellpaintr(
+                    &data,
+                    config,
+                    &options,
+                    dir.path(),
+                    &mut |_| {},
+                    &AtomicBool::new(false),
+                )
+            })
+            .unwrap();
+        std::fs::read(dir.path().join("model.safetensors")).unwrap()
+    };
+    assert_eq!(run(1), run(3));
 }

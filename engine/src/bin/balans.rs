@@ -923,8 +923,11 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
             dir.display(),
             a.output.display(),
             total,
-            peak.map(|p| format!(", peak memory (RSS) {:.1} MiB", p as f64 / (1024.0 * 1024.0)))
-                .unwrap_or_default()
+            peak.map(|p| format!(
+                ", peak memory (RSS) {:.1} MiB",
+                p as f64 / (1024.0 * 1024.0)
+            ))
+            .unwrap_or_default()
         );
     } else {
         eprintln!(
