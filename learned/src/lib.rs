@@ -1,7 +1,8 @@
 //! # balans-learned
 //!
 //! Learned batch-robust embeddings, trained and applied in Rust on
-//! [candle](https://github.com/huggingface/candle) (CPU; CUDA behind the `cuda` feature).
+//! [candle](https://github.com/huggingface/candle), on the CPU (no GPU path yet: see
+//! BENCHMARKS.md).
 //!
 //! - [`abra`]: ABRA at the profile level: an MLP encoder, adversarial batch-statistics
 //!   perturbation, an additive angular margin classifier and a clean/perturbed alignment.
