@@ -1,6 +1,8 @@
 //! ABRA end to end on small problems: gradients against finite differences, training that
 //! learns, save/load round trips, determinism across thread counts, and bad input.
 
+mod common;
+
 use std::sync::atomic::AtomicBool;
 
 use balans_learned::abra::{AbraConfig, AbraModel};
@@ -8,6 +10,7 @@ use balans_learned::init::Initializer;
 use balans_learned::train::nearest_neighbour_accuracy;
 use balans_learned::{Embedder, Profiles, TrainOptions, train_abra};
 use candle_core::{Device, Tensor};
+use common::central_difference;
 
 /// `labels` classes x `batches` batches x `per` rows: a label signal on the first features, a
 /// batch shift on all features, and noise.
@@ -85,20 +88,8 @@ fn gradients_match_finite_differences() {
     for var in model.vars() {
         let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
         let analytic: Vec<f32> = analytic.to_vec1().unwrap();
-        let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        let shape = var.as_tensor().shape().clone();
-        for i in [0, base.len() / 2, base.len() - 1] {
-            let h = 1e-2f32;
-            let probe = |delta: f32| {
-                let mut v = base.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, shape.clone(), &device).unwrap())
-                    .unwrap();
-                objective()
-            };
-            let numeric = (probe(h) - probe(-h)) / (2.0 * h as f64);
-            var.set(&Tensor::from_vec(base.clone(), shape.clone(), &device).unwrap())
-                .unwrap();
+        for i in [0, analytic.len() / 2, analytic.len() - 1] {
+            let numeric = central_difference(&var, i, 1e-2, objective);
             let a = analytic[i] as f64;
             assert!(
                 (a - numeric).abs() <= 2e-2 * a.abs().max(numeric.abs()) + 2e-3,

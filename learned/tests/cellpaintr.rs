@@ -2,6 +2,8 @@
 //! a direct sum, gradients against finite differences, training that learns, save/load and
 //! the unknown-source fallback.
 
+mod common;
+
 use std::sync::atomic::AtomicBool;
 
 use balans_learned::cellpaintr::{CellPainTrConfig, CellPainTrModel, draw_mask};
@@ -9,6 +11,7 @@ use balans_learned::fftconv::long_convolution;
 use balans_learned::init::Initializer;
 use balans_learned::{Embedder, Profiles, TrainOptions, train_cellpaintr};
 use candle_core::{Device, Tensor};
+use common::central_difference;
 use rand::SeedableRng;
 
 fn tiny() -> CellPainTrConfig {
@@ -156,25 +159,13 @@ fn gradients_match_finite_differences() {
             continue;
         };
         let analytic: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        let shape = var.as_tensor().shape().clone();
         let i = analytic
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap()
             .0;
-        let h = 1e-2f32;
-        let probe = |delta: f32| {
-            let mut v = base.clone();
-            v[i] += delta;
-            var.set(&Tensor::from_vec(v, shape.clone(), &device).unwrap())
-                .unwrap();
-            objective()
-        };
-        let numeric = (probe(h) - probe(-h)) / (2.0 * h as f64);
-        var.set(&Tensor::from_vec(base.clone(), shape.clone(), &device).unwrap())
-            .unwrap();
+        let numeric = central_difference(&var, i, 1e-2, objective);
         let a = analytic[i] as f64;
         assert!(
             (a - numeric).abs() <= 5e-2 * a.abs().max(numeric.abs()) + 5e-3,
