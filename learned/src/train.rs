@@ -215,7 +215,8 @@ pub(crate) fn embed_rows(
 ) -> Result<Vec<f32>> {
     let e = model.width();
     let mut out = Vec::with_capacity(rows.len() * e);
-    for chunk in rows.chunks(1024) {
+    // 256 rows at a time: CellPainTR holds rows x tokens x MLP-width activations.
+    for chunk in rows.chunks(256) {
         let block: Vec<f32> = chunk
             .iter()
             .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
