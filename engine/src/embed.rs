@@ -36,23 +36,35 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use futures::StreamExt;
 
-/// Loaded models by directory, so a statement or a session loads each model once.
-static MODELS: Mutex<Vec<(PathBuf, Arc<Embedder>)>> = Mutex::new(Vec::new());
+/// When a model directory's files were last written, and their sizes.
+type Stamp = Vec<(Option<std::time::SystemTime>, u64)>;
 
-/// Loads (or reuses) the model in `dir`.
+/// Loaded models by directory, so a statement or a session loads each model once.
+static MODELS: Mutex<Vec<(PathBuf, Stamp, Arc<Embedder>)>> = Mutex::new(Vec::new());
+
+fn stamp(dir: &Path) -> Stamp {
+    use balans_learned::store::{CARD_FILE, WEIGHTS_FILE};
+    [CARD_FILE, WEIGHTS_FILE]
+        .iter()
+        .map(|f| match std::fs::metadata(dir.join(f)) {
+            Ok(m) => (m.modified().ok(), m.len()),
+            Err(_) => (None, 0),
+        })
+        .collect()
+}
+
+/// Loads (or reuses) the model in `dir`. The files are read again only when they changed
+/// (a model retrained into the same directory), not for every batch `embed(...)` sees.
 pub fn load_model(dir: &Path) -> Result<Arc<Embedder>> {
     let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let current = stamp(dir);
     let mut models = MODELS.lock().expect("model cache");
-    // A retrained model in the same directory is picked up: compare the card's history.
-    let fresh = Embedder::load(dir).map_err(|e| plan_datafusion_err!("embed: {e}"))?;
-    if let Some((_, cached)) = models.iter().find(|(k, _)| *k == key)
-        && cached.card == fresh.card
-    {
+    if let Some((_, _, cached)) = models.iter().find(|(k, s, _)| *k == key && *s == current) {
         return Ok(cached.clone());
     }
-    let model = Arc::new(fresh);
-    models.retain(|(k, _)| *k != key);
-    models.push((key, model.clone()));
+    let model = Arc::new(Embedder::load(dir).map_err(|e| plan_datafusion_err!("embed: {e}"))?);
+    models.retain(|(k, _, _)| *k != key);
+    models.push((key, current, model.clone()));
     Ok(model)
 }
 

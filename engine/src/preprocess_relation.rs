@@ -35,6 +35,7 @@ use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use datafusion::prelude::DataFrame;
 
 use crate::preprocess::{FrameSpec, PreprocessSteps, Preprocessed, StepOptions, preprocess_frame};
+use crate::relation::take_named;
 use crate::source::{FeatureSelection, resolve_columns};
 
 /// Gives the relation planner the session it plans for (bound once the session exists).
@@ -78,14 +79,8 @@ pub(crate) fn plan_preprocess(
     negcon: Option<String>,
     session: &SessionStateSource,
 ) -> Result<LogicalPlan> {
-    let take = |named: &mut Vec<(String, String)>, key: &str| {
-        named
-            .iter()
-            .position(|(k, _)| k == key)
-            .map(|i| named.remove(i).1)
-    };
-    let plate = take(&mut named, "plate");
-    let well = take(&mut named, "well");
+    let plate = take_named(&mut named, "plate");
+    let well = take_named(&mut named, "well");
     let mut options = StepOptions::default();
     for (key, value) in &named {
         options

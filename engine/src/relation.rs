@@ -80,7 +80,7 @@ fn list(text: &str) -> Vec<String> {
 }
 
 /// Removes the named argument `key` and returns its value.
-fn take_named(named: &mut Vec<(String, String)>, key: &str) -> Option<String> {
+pub(crate) fn take_named(named: &mut Vec<(String, String)>, key: &str) -> Option<String> {
     named
         .iter()
         .position(|(k, _)| k == key)
