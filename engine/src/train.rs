@@ -129,6 +129,8 @@ pub async fn run_train(
     progress: Box<dyn FnMut(&EpochRecord) + Send>,
     cancel: Arc<AtomicBool>,
 ) -> Result<TrainOutcome> {
+    // An unusable device fails before any data is read.
+    request.options.device.open()?;
     let output = &request.output;
     if output.exists() {
         let empty = output.is_dir()

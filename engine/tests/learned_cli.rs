@@ -279,3 +279,27 @@ fn bad_models_and_tables_are_clear_errors_and_write_nothing() {
     );
     assert!(!bad.exists() && !dir.path().join("bad.partial").exists());
 }
+
+#[test]
+fn an_unknown_or_unbuilt_device_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    let o = train(&out, &["--device", "tpu"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("use cpu, cuda or cuda:N"),
+        "{}",
+        stderr(&o)
+    );
+    if !balans_learned::ComputeDevice::CUDA_BUILT {
+        let o = train(&out, &["--device", "cuda:0"]);
+        assert!(
+            !o.status.success() && stderr(&o).contains("--features cuda"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(!out.exists() && !dir.path().join("model.partial").exists());
+    // The default device is the CPU, and naming it is the same run.
+    let o = train(&out, &["--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -13,8 +13,9 @@
 //! projection. The long filters `h₁, h₂` are implicit: a small MLP with sine activations over
 //! a 5-dimensional positional embedding of the offset, times an exponential decay in |offset|.
 //! The convolution is bidirectional (offsets −(T−1)..T−1) and computed by FFT
-//! ([`crate::fftconv`]), O(T log T) per channel; [`CellPainTrModel::long_conv_direct`] is the
-//! same operation as a Toeplitz product, kept as the reference the tests compare against.
+//! ([`crate::fftconv`]), O(T log T) per channel, on the CPU; on a GPU it is the same
+//! operation as a Toeplitz product ([`crate::fftconv::toeplitz_convolution`]), which is also
+//! the reference the tests compare against.
 //!
 //! Losses: masked-value MSE through a regression head on the feature tokens (stage 1) plus
 //! SupCon on the L2-normalised CLS embedding (stages 2 and 3).
@@ -26,6 +27,7 @@ use crate::error::{LearnedError, Result};
 use crate::fftconv::long_convolution;
 use crate::init::{Initializer, linear};
 use crate::losses::{l2_normalize, supcon_loss};
+use crate::shortconv::short_convolution;
 
 /// CellPainTR's size and loss settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,7 +186,7 @@ impl CellPainTrModel {
                 "cellpaintr needs at least one feature".into(),
             ));
         }
-        let device = Device::Cpu;
+        let device = init.device().clone();
         let d = config.d_model;
         let (value_w, value_b) = {
             let (w, b) = init.linear(1, d)?;
@@ -295,8 +297,9 @@ impl CellPainTrModel {
         tensors: &std::collections::HashMap<String, Tensor>,
         features: usize,
         config: CellPainTrConfig,
+        device: &Device,
     ) -> Result<Self> {
-        let mut init = Initializer::new(0, &Device::Cpu);
+        let mut init = Initializer::new(0, device);
         let model = Self::new(features, config, &mut init)?;
         for (name, var) in model.named() {
             let t = tensors.get(&name).ok_or_else(|| LearnedError::Model {
@@ -313,7 +316,7 @@ impl CellPainTrModel {
                     ),
                 });
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t.to_device(device)?.to_dtype(DType::F32)?)?;
         }
         Ok(model)
     }
@@ -354,46 +357,12 @@ impl CellPainTrModel {
         Ok((h * decay)?)
     }
 
-    /// Bidirectional long convolution `y[t, c] = Σ_s h[t − s, c] v[s, c]` for `v (B, T, d)` and
-    /// `h (2T−1, d)` (offset −(T−1) first), as a Toeplitz product per channel: O(T²·d), the
-    /// reference for the FFT form the model uses.
-    pub fn long_conv_direct(v: &Tensor, h: &Tensor) -> Result<Tensor> {
-        let (batch, t, d) = v.dims3()?;
-        let idx: Vec<u32> = (0..t)
-            .flat_map(|row| (0..t).map(move |col| (row + t - 1 - col) as u32))
-            .collect();
-        let idx = Tensor::from_vec(idx, t * t, v.device())?;
-        let toeplitz = h
-            .contiguous()?
-            .index_select(&idx, 0)?
-            .reshape((t, t, d))?
-            .permute((2, 0, 1))?;
-        let vt = v.permute((2, 1, 0))?.contiguous()?; // (d, T, B)
-        let y = toeplitz.contiguous()?.matmul(&vt)?; // (d, T, B)
-        Ok(y.permute((2, 1, 0))?.reshape((batch, t, d))?)
-    }
-
-    /// Depthwise convolution with kernel 3 along the tokens (zero padding).
-    fn short_conv(u: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-        let (batch, t, c) = u.dims3()?;
-        let zeros = Tensor::zeros((batch, 1, c), u.dtype(), u.device())?;
-        let previous = Tensor::cat(&[&zeros, &u.narrow(1, 0, t - 1)?], 1)?;
-        let next = Tensor::cat(&[&u.narrow(1, 1, t - 1)?, &zeros], 1)?;
-        let w = w.as_tensor();
-        let y = ((previous.broadcast_mul(&w.i((.., 0))?)? + u.broadcast_mul(&w.i((.., 1))?)?)?
-            + next.broadcast_mul(&w.i((.., 2))?)?)?;
-        Ok(y.broadcast_add(b.as_tensor())?)
-    }
-
     fn hyena(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let d = self.config.d_model;
         let u = dense(x, &block.in_w, &block.in_b)?;
-        let u = if t > 1 {
-            Self::short_conv(&u, &block.short_w, &block.short_b)?
-        } else {
-            u
-        };
+        let u = short_convolution(&u, block.short_w.as_tensor())?
+            .broadcast_add(block.short_b.as_tensor())?;
         let v = u.narrow(2, 0, d)?;
         let x1 = u.narrow(2, d, d)?;
         let x2 = u.narrow(2, 2 * d, d)?;

@@ -7,6 +7,7 @@ use candle_core::Device;
 
 use crate::abra::AbraModel;
 use crate::cellpaintr::CellPainTrModel;
+use crate::device::ComputeDevice;
 use crate::error::{LearnedError, Result};
 use crate::store::{Architecture, ModelCard, load};
 use crate::train::{Learner, embed_rows};
@@ -37,9 +38,15 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    /// Loads a model directory written by `balans train`.
+    /// Loads a model directory written by `balans train`, to run on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
-        let device = Device::Cpu;
+        Self::load_on(dir, ComputeDevice::Cpu)
+    }
+
+    /// Loads a model directory to run on `device` (a model trained on either device loads
+    /// on either).
+    pub fn load_on(dir: &Path, device: ComputeDevice) -> Result<Self> {
+        let device = device.open()?;
         let (card, tensors) = load(dir, &device)?;
         let features = card.features.len();
         let model =
@@ -58,7 +65,7 @@ impl Embedder {
                     Network::Abra(m)
                 }
                 Architecture::CellPainTr(config) => Network::CellPainTr(
-                    CellPainTrModel::from_tensors(&tensors, features, config.clone())?,
+                    CellPainTrModel::from_tensors(&tensors, features, config.clone(), &device)?,
                 ),
             };
         Ok(Self {

@@ -5,95 +5,106 @@
 //! `y[b, t, c] = Σ_s h[t − s + T − 1, c] · v[b, s, c]`. With `z = h_c ∗ v_{b,c}` the full linear
 //! convolution, `y[b, t, c] = z[t + T − 1]`. The gradients are convolutions too:
 //! `∂L/∂v = ` the same operation with the filter reversed, and
-//! `∂L/∂h[k, c] = Σ_b (g_{b,c} ∗ reverse(v_{b,c}))[k]`. Transforms are radix-2, in `f64`, one
-//! channel per rayon task (each output is written by one task, so results do not depend on
+//! `∂L/∂h[k, c] = Σ_b (g_{b,c} ∗ reverse(v_{b,c}))[k]`. Transforms are real FFTs
+//! (`realfft`) in `f64`, one channel per rayon task (each output is written by one task, so results do not depend on
 //! the thread count).
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use realfft::num_complex::Complex;
+use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 
 use crate::error::Result;
 
-/// A radix-2 transform of one power-of-two size.
-struct Fft {
-    n: usize,
-    cos: Vec<f64>,
-    sin: Vec<f64>,
-    reversed: Vec<usize>,
+/// The smallest even length `≥ n` whose prime factors are 2, 3 and 5: the sizes the FFT
+/// library transforms fastest.
+fn transform_size(n: usize) -> usize {
+    let mut size = n.max(2);
+    loop {
+        let mut rest = size;
+        for p in [2, 3, 5] {
+            while rest.is_multiple_of(p) {
+                rest /= p;
+            }
+        }
+        if rest == 1 && size.is_multiple_of(2) {
+            return size;
+        }
+        size += 1;
+    }
 }
 
-impl Fft {
+/// A forward and an inverse real transform of one length, with per-task buffers.
+struct Transforms {
+    n: usize,
+    forward: Arc<dyn RealToComplex<f64>>,
+    inverse: Arc<dyn ComplexToReal<f64>>,
+}
+
+/// One task's working memory.
+struct Buffers {
+    real: Vec<f64>,
+    spectrum: Vec<Complex<f64>>,
+    scratch: Vec<Complex<f64>>,
+}
+
+impl Transforms {
     fn new(n: usize) -> Self {
-        debug_assert!(n.is_power_of_two());
-        let bits = n.trailing_zeros();
-        let reversed = (0..n)
-            .map(|i| {
-                if bits == 0 {
-                    0
-                } else {
-                    i.reverse_bits() >> (usize::BITS - bits)
-                }
-            })
-            .collect();
-        let angle = |k: usize| -2.0 * std::f64::consts::PI * k as f64 / n as f64;
+        let mut planner = RealFftPlanner::<f64>::new();
         Self {
             n,
-            cos: (0..n / 2).map(|k| angle(k).cos()).collect(),
-            sin: (0..n / 2).map(|k| angle(k).sin()).collect(),
-            reversed,
+            forward: planner.plan_fft_forward(n),
+            inverse: planner.plan_fft_inverse(n),
         }
     }
 
-    /// In-place transform (`inverse`: conjugate twiddles and divide by n).
-    fn transform(&self, re: &mut [f64], im: &mut [f64], inverse: bool) {
-        let n = self.n;
-        for i in 0..n {
-            let j = self.reversed[i];
-            if i < j {
-                re.swap(i, j);
-                im.swap(i, j);
-            }
-        }
-        let sign = if inverse { -1.0 } else { 1.0 };
-        let mut size = 2;
-        while size <= n {
-            let half = size / 2;
-            let step = n / size;
-            for start in (0..n).step_by(size) {
-                for k in 0..half {
-                    let (wr, wi) = (self.cos[k * step], sign * self.sin[k * step]);
-                    let (a, b) = (start + k, start + k + half);
-                    let tr = re[b] * wr - im[b] * wi;
-                    let ti = re[b] * wi + im[b] * wr;
-                    re[b] = re[a] - tr;
-                    im[b] = im[a] - ti;
-                    re[a] += tr;
-                    im[a] += ti;
-                }
-            }
-            size *= 2;
-        }
-        if inverse {
-            let scale = 1.0 / n as f64;
-            re.iter_mut().for_each(|v| *v *= scale);
-            im.iter_mut().for_each(|v| *v *= scale);
+    fn buffers(&self) -> Buffers {
+        let scratch = self
+            .forward
+            .get_scratch_len()
+            .max(self.inverse.get_scratch_len());
+        Buffers {
+            real: vec![0.0; self.n],
+            spectrum: vec![Complex::default(); self.n / 2 + 1],
+            scratch: vec![Complex::default(); scratch],
         }
     }
 
-    /// The spectrum of `values` zero-padded to n.
-    fn spectrum(&self, values: impl Iterator<Item = f64>) -> (Vec<f64>, Vec<f64>) {
-        let mut re = vec![0.0; self.n];
-        for (slot, v) in re.iter_mut().zip(values) {
+    /// The spectrum of `values` zero-padded to n, into `out`.
+    fn spectrum(
+        &self,
+        values: impl Iterator<Item = f64>,
+        buffers: &mut Buffers,
+        out: &mut [Complex<f64>],
+    ) {
+        buffers.real.fill(0.0);
+        for (slot, v) in buffers.real.iter_mut().zip(values) {
             *slot = v;
         }
-        let mut im = vec![0.0; self.n];
-        self.transform(&mut re, &mut im, false);
-        (re, im)
+        self.forward
+            .process_with_scratch(&mut buffers.real, out, &mut buffers.scratch)
+            .expect("buffer lengths come from the plan");
+    }
+
+    /// The real signal of `spectrum` (overwritten), scaled by 1/n, into `buffers.real`.
+    fn signal(&self, spectrum: &mut [Complex<f64>], buffers: &mut Buffers) {
+        // Products of real spectra are real at 0 and n/2 up to rounding; make them exact.
+        let last = spectrum.len() - 1;
+        spectrum[0].im = 0.0;
+        spectrum[last].im = 0.0;
+        self.inverse
+            .process_with_scratch(spectrum, &mut buffers.real, &mut buffers.scratch)
+            .expect("buffer lengths come from the plan");
+        let scale = 1.0 / self.n as f64;
+        buffers.real.iter_mut().for_each(|v| *v *= scale);
     }
 }
 
 /// `out[b, i, c] = (f_c ∗ x_{b,c})[start + i]` for `i < out_len`: `x (B, T, d)`, filters
-/// `f (F, d)` shared over `b`.
+/// `f (F, d)` shared over `b`. The transform length only has to keep the wanted window free
+/// of wrap-around: `n ≥ start + out_len` and `n ≥ (T + F − 1) − start`.
 fn convolve_shared(
     x: &[f32],
     (batch, t, d): (usize, usize, usize),
@@ -102,22 +113,35 @@ fn convolve_shared(
     start: usize,
     out_len: usize,
 ) -> Vec<f32> {
-    let fft = Fft::new((t + taps - 1).next_power_of_two());
+    let full = t + taps - 1;
+    let transforms = Transforms::new(transform_size((start + out_len).max(full - start)));
     let per_channel: Vec<Vec<f32>> = (0..d)
         .into_par_iter()
         .map(|c| {
-            let (fr, fi) = fft.spectrum((0..taps).map(|k| f[k * d + c] as f64));
+            let mut buffers = transforms.buffers();
+            let mut filter = buffers.spectrum.clone();
+            transforms.spectrum(
+                (0..taps).map(|k| f[k * d + c] as f64),
+                &mut buffers,
+                &mut filter,
+            );
+            let mut spectrum = buffers.spectrum.clone();
             let mut out = vec![0f32; batch * out_len];
             for b in 0..batch {
-                let (mut re, mut im) = fft.spectrum((0..t).map(|s| x[(b * t + s) * d + c] as f64));
-                for k in 0..fft.n {
-                    let (a, bb) = (re[k], im[k]);
-                    re[k] = a * fr[k] - bb * fi[k];
-                    im[k] = a * fi[k] + bb * fr[k];
+                transforms.spectrum(
+                    (0..t).map(|s| x[(b * t + s) * d + c] as f64),
+                    &mut buffers,
+                    &mut spectrum,
+                );
+                for (z, w) in spectrum.iter_mut().zip(&filter) {
+                    *z *= w;
                 }
-                fft.transform(&mut re, &mut im, true);
-                for i in 0..out_len {
-                    out[b * out_len + i] = re[start + i] as f32;
+                transforms.signal(&mut spectrum, &mut buffers);
+                for (slot, v) in out[b * out_len..(b + 1) * out_len]
+                    .iter_mut()
+                    .zip(&buffers.real[start..start + out_len])
+                {
+                    *slot = *v as f32;
                 }
             }
             out
@@ -137,23 +161,31 @@ fn convolve_shared(
 /// `out[k, c] = Σ_b (g_{b,c} ∗ reverse(v_{b,c}))[k]` for `k < 2T − 1`: the filter gradient.
 fn filter_gradient(g: &[f32], v: &[f32], (batch, t, d): (usize, usize, usize)) -> Vec<f32> {
     let taps = 2 * t - 1;
-    let fft = Fft::new(taps.next_power_of_two());
+    let transforms = Transforms::new(transform_size(taps));
     let per_channel: Vec<Vec<f32>> = (0..d)
         .into_par_iter()
         .map(|c| {
-            let mut sum_re = vec![0.0; fft.n];
-            let mut sum_im = vec![0.0; fft.n];
+            let mut buffers = transforms.buffers();
+            let mut sum = buffers.spectrum.clone();
+            let mut gs = buffers.spectrum.clone();
+            let mut vs = buffers.spectrum.clone();
             for b in 0..batch {
-                let (gr, gi) = fft.spectrum((0..t).map(|s| g[(b * t + s) * d + c] as f64));
-                let (vr, vi) =
-                    fft.spectrum((0..t).map(|s| v[(b * t + (t - 1 - s)) * d + c] as f64));
-                for k in 0..fft.n {
-                    sum_re[k] += gr[k] * vr[k] - gi[k] * vi[k];
-                    sum_im[k] += gr[k] * vi[k] + gi[k] * vr[k];
+                transforms.spectrum(
+                    (0..t).map(|s| g[(b * t + s) * d + c] as f64),
+                    &mut buffers,
+                    &mut gs,
+                );
+                transforms.spectrum(
+                    (0..t).map(|s| v[(b * t + (t - 1 - s)) * d + c] as f64),
+                    &mut buffers,
+                    &mut vs,
+                );
+                for ((acc, a), w) in sum.iter_mut().zip(&gs).zip(&vs) {
+                    *acc += a * w;
                 }
             }
-            fft.transform(&mut sum_re, &mut sum_im, true);
-            sum_re[..taps].iter().map(|&v| v as f32).collect()
+            transforms.signal(&mut sum, &mut buffers);
+            buffers.real[..taps].iter().map(|&v| v as f32).collect()
         })
         .collect();
     let mut out = vec![0f32; taps * d];
@@ -243,10 +275,35 @@ impl CustomOp2 for FilterGradient {
     }
 }
 
-/// `y[b, t, c] = Σ_s h[t − s + T − 1, c] · v[b, s, c]` by FFT, differentiable in `v` and `h`.
+/// `y[b, t, c] = Σ_s h[t − s + T − 1, c] · v[b, s, c]`, differentiable in `v` and `h`: by FFT
+/// on the CPU, as the Toeplitz product [`toeplitz_convolution`] on other devices (the FFT op
+/// has no GPU kernel; the product is a batched matmul, which GPUs do well).
 pub fn long_convolution(v: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if !v.device().is_cpu() {
+        return toeplitz_convolution(v, h);
+    }
     Ok(v.contiguous()?
         .apply_op2(&h.contiguous()?, LongConvolution)?)
+}
+
+/// The same bidirectional long convolution `y[b, t, c] = Σ_s h[t − s + T − 1, c] · v[b, s, c]`
+/// for `v (B, T, d)` and `h (2T−1, d)` (offset −(T−1) first), as one Toeplitz matrix per
+/// channel times the tokens: O(T²·d) and built from candle's own differentiable ops, so it
+/// runs on any device. The tests use it as the reference for the FFT form.
+pub fn toeplitz_convolution(v: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let (batch, t, d) = v.dims3()?;
+    let idx: Vec<u32> = (0..t)
+        .flat_map(|row| (0..t).map(move |col| (row + t - 1 - col) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, t * t, v.device())?;
+    let toeplitz = h
+        .contiguous()?
+        .index_select(&idx, 0)?
+        .reshape((t, t, d))?
+        .permute((2, 0, 1))?;
+    let vt = v.permute((2, 1, 0))?.contiguous()?; // (d, T, B)
+    let y = toeplitz.contiguous()?.matmul(&vt)?; // (d, T, B)
+    Ok(y.permute((2, 1, 0))?.reshape((batch, t, d))?)
 }
 
 #[cfg(test)]
@@ -254,25 +311,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_transform_inverts_and_matches_a_direct_dft() {
-        let fft = Fft::new(8);
-        let x: Vec<f64> = (0..8)
-            .map(|i| (i as f64 * 0.7).sin() + 0.1 * i as f64)
+    fn transform_sizes_are_even_and_5_smooth() {
+        assert_eq!(transform_size(1), 2);
+        assert_eq!(transform_size(7), 8);
+        assert_eq!(transform_size(499), 500);
+        assert_eq!(transform_size(1001), 1024);
+        assert_eq!(transform_size(961), 972);
+    }
+
+    #[test]
+    fn the_shared_convolution_is_the_direct_sum_at_every_window() {
+        // x (B 2, T 5, d 2), filters (F 4, d 2); every window start and length.
+        let (batch, t, d, taps) = (2, 5, 2, 4);
+        let x: Vec<f32> = (0..batch * t * d)
+            .map(|i| ((i as f32) * 0.37).sin())
             .collect();
-        let (re, im) = fft.spectrum(x.iter().copied());
-        for k in 0..8 {
-            let (mut dr, mut di) = (0.0, 0.0);
-            for (n, v) in x.iter().enumerate() {
-                let a = -2.0 * std::f64::consts::PI * (k * n) as f64 / 8.0;
-                dr += v * a.cos();
-                di += v * a.sin();
+        let f: Vec<f32> = (0..taps * d).map(|i| ((i as f32) * 0.91).cos()).collect();
+        let full = t + taps - 1;
+        for start in 0..full {
+            for out_len in 1..=full - start {
+                let y = convolve_shared(&x, (batch, t, d), &f, taps, start, out_len);
+                for b in 0..batch {
+                    for i in 0..out_len {
+                        for c in 0..d {
+                            let k = start + i;
+                            let direct: f32 = (0..t)
+                                .filter(|&s| k >= s && k - s < taps)
+                                .map(|s| f[(k - s) * d + c] * x[(b * t + s) * d + c])
+                                .sum();
+                            let got = y[(b * out_len + i) * d + c];
+                            assert!(
+                                (got - direct).abs() < 1e-5,
+                                "{start} {out_len}: {got} {direct}"
+                            );
+                        }
+                    }
+                }
             }
-            assert!((re[k] - dr).abs() < 1e-12 && (im[k] - di).abs() < 1e-12);
-        }
-        let (mut r, mut i) = (re.clone(), im.clone());
-        fft.transform(&mut r, &mut i, true);
-        for (a, b) in r.iter().zip(&x) {
-            assert!((a - b).abs() < 1e-12);
         }
     }
 }

@@ -57,6 +57,11 @@ impl Initializer {
             .collect()
     }
 
+    /// The device the weights are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The generator, for sampling during training.
     pub fn rng(&mut self) -> &mut ChaCha8Rng {
         &mut self.rng

@@ -1,8 +1,8 @@
 //! # balans-learned
 //!
 //! Learned batch-robust embeddings, trained and applied in Rust on
-//! [candle](https://github.com/huggingface/candle), on the CPU (no GPU path yet: see
-//! BENCHMARKS.md).
+//! [candle](https://github.com/huggingface/candle), on the CPU or, with the `cuda` cargo
+//! feature, on a CUDA GPU ([`device`]).
 //!
 //! - [`abra`]: ABRA at the profile level: an MLP encoder, adversarial batch-statistics
 //!   perturbation, an additive angular margin classifier and a clean/perturbed alignment.
@@ -18,17 +18,20 @@
 pub mod abra;
 pub mod cellpaintr;
 pub mod data;
+pub mod device;
 pub mod embed;
 pub mod error;
 pub mod fftconv;
 pub mod init;
 pub mod losses;
+pub mod shortconv;
 pub mod store;
 pub mod train;
 
 pub use abra::{AbraConfig, AbraModel};
 pub use cellpaintr::{CellPainTrConfig, CellPainTrModel};
 pub use data::{BatchSplit, Profiles, Standardizer};
+pub use device::ComputeDevice;
 pub use embed::Embedder;
 pub use error::{LearnedError, Result};
 pub use store::{Architecture, EpochRecord, ModelCard};

@@ -22,6 +22,7 @@ use candle_core::Var;
 use crate::abra::{AbraConfig, AbraModel};
 use crate::cellpaintr::{CellPainTrConfig, CellPainTrModel};
 use crate::data::{BatchSplit, Profiles, Standardizer};
+use crate::device::ComputeDevice;
 use crate::error::{LearnedError, Result};
 use crate::init::Initializer;
 use crate::store::{Architecture, EpochRecord, FORMAT, ModelCard, save};
@@ -52,6 +53,8 @@ pub struct TrainOptions {
     pub batch_column: String,
     /// Label column name (recorded in the card).
     pub label_column: String,
+    /// Where to train.
+    pub device: ComputeDevice,
 }
 
 impl Default for TrainOptions {
@@ -67,6 +70,7 @@ impl Default for TrainOptions {
             validation_batches: None,
             batch_column: String::new(),
             label_column: String::new(),
+            device: ComputeDevice::Cpu,
         }
     }
 }
@@ -309,7 +313,7 @@ pub fn train_abra(
 ) -> Result<TrainOutcome> {
     config.validate()?;
     let prepared = Prepared::new(profiles, options)?;
-    let mut init = Initializer::new(options.seed, &Device::Cpu);
+    let mut init = Initializer::new(options.seed, &options.device.open()?);
     let model = AbraModel::new(
         profiles.width(),
         prepared.vocabulary.len(),
@@ -349,7 +353,7 @@ pub fn train_cellpaintr(
     let prepared = Prepared::new(profiles, options)?;
     config.sources = prepared.split.training.clone();
     config.validate()?;
-    let mut init = Initializer::new(options.seed, &Device::Cpu);
+    let mut init = Initializer::new(options.seed, &options.device.open()?);
     let model = CellPainTrModel::new(profiles.width(), config.clone(), &mut init)?;
     let stages = [
         Stage {
@@ -538,7 +542,7 @@ fn run_stages(
     progress: &mut dyn FnMut(&EpochRecord),
     cancel: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    let device = Device::Cpu;
+    let device = init.device().clone();
     let d = profiles.width();
     let vars = model.vars();
     let mut optimiser = AdamW::new(

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use balans_learned::cellpaintr::{CellPainTrConfig, CellPainTrModel, draw_mask};
-use balans_learned::fftconv::long_convolution;
+use balans_learned::fftconv::{long_convolution, toeplitz_convolution};
 use balans_learned::init::Initializer;
 use balans_learned::{Embedder, Profiles, TrainOptions, train_cellpaintr};
 use candle_core::{Device, Tensor};
@@ -63,7 +63,7 @@ fn the_fft_long_convolution_is_the_direct_sum() {
     let h = init.normal((2 * t - 1) * d);
     let vt = Tensor::from_vec(v.clone(), (b, t, d), &device).unwrap();
     let ht = Tensor::from_vec(h.clone(), (2 * t - 1, d), &device).unwrap();
-    let direct = CellPainTrModel::long_conv_direct(&vt, &ht)
+    let direct = toeplitz_convolution(&vt, &ht)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -125,7 +125,7 @@ fn the_fft_convolution_has_the_gradients_of_the_direct_one() {
         (flat(&v), flat(&h))
     };
     let (fv, fh) = grads(long_convolution(v.as_tensor(), h.as_tensor()).unwrap());
-    let (dv, dh) = grads(CellPainTrModel::long_conv_direct(v.as_tensor(), h.as_tensor()).unwrap());
+    let (dv, dh) = grads(toeplitz_convolution(v.as_tensor(), h.as_tensor()).unwrap());
     for (a, b) in fv.iter().zip(&dv).chain(fh.iter().zip(&dh)) {
         assert!((a - b).abs() < 1e-4, "fft {a} vs Toeplitz {b}");
     }

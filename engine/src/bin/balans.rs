@@ -397,11 +397,20 @@ struct TrainArgs {
     /// CellPainTR SupCon temperature.
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
+    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: balans_learned::ComputeDevice,
     #[command(flatten)]
     session: SessionArgs,
     /// Replace an existing model directory.
     #[arg(long)]
     overwrite: bool,
+}
+
+/// Parses `--device` (cpu, cuda, cuda:N).
+fn parse_device(text: &str) -> std::result::Result<balans_learned::ComputeDevice, String> {
+    text.parse()
+        .map_err(|e: balans_learned::LearnedError| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -1401,6 +1410,7 @@ async fn run_train_command(a: TrainArgs, quiet: bool) -> Result<()> {
             validation_batches: a.validation_batches,
             batch_column: a.batch.clone(),
             label_column: a.label.clone(),
+            device: a.device,
             ..balans_learned::TrainOptions::default()
         },
         overwrite: a.overwrite,
