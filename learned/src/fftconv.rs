@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use realfft::num_complex::Complex;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 
+use crate::custom_op::f32_slice;
 use crate::error::Result;
 
 /// The smallest even length `≥ n` whose prime factors are 2, 3 and 5: the sizes the FFT
@@ -46,7 +47,6 @@ struct Transforms {
 /// One task's working memory.
 struct Buffers {
     real: Vec<f64>,
-    spectrum: Vec<Complex<f64>>,
     scratch: Vec<Complex<f64>>,
 }
 
@@ -67,9 +67,13 @@ impl Transforms {
             .max(self.inverse.get_scratch_len());
         Buffers {
             real: vec![0.0; self.n],
-            spectrum: vec![Complex::default(); self.n / 2 + 1],
             scratch: vec![Complex::default(); scratch],
         }
+    }
+
+    /// A zeroed spectrum (n/2 + 1 bins).
+    fn empty_spectrum(&self) -> Vec<Complex<f64>> {
+        vec![Complex::default(); self.n / 2 + 1]
     }
 
     /// The spectrum of `values` zero-padded to n, into `out`.
@@ -119,13 +123,13 @@ fn convolve_shared(
         .into_par_iter()
         .map(|c| {
             let mut buffers = transforms.buffers();
-            let mut filter = buffers.spectrum.clone();
+            let mut filter = transforms.empty_spectrum();
             transforms.spectrum(
                 (0..taps).map(|k| f[k * d + c] as f64),
                 &mut buffers,
                 &mut filter,
             );
-            let mut spectrum = buffers.spectrum.clone();
+            let mut spectrum = transforms.empty_spectrum();
             let mut out = vec![0f32; batch * out_len];
             for b in 0..batch {
                 transforms.spectrum(
@@ -166,9 +170,9 @@ fn filter_gradient(g: &[f32], v: &[f32], (batch, t, d): (usize, usize, usize)) -
         .into_par_iter()
         .map(|c| {
             let mut buffers = transforms.buffers();
-            let mut sum = buffers.spectrum.clone();
-            let mut gs = buffers.spectrum.clone();
-            let mut vs = buffers.spectrum.clone();
+            let mut sum = transforms.empty_spectrum();
+            let mut gs = transforms.empty_spectrum();
+            let mut vs = transforms.empty_spectrum();
             for b in 0..batch {
                 transforms.spectrum(
                     (0..t).map(|s| g[(b * t + s) * d + c] as f64),
@@ -197,13 +201,6 @@ fn filter_gradient(g: &[f32], v: &[f32], (batch, t, d): (usize, usize, usize)) -
     out
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("long convolution: {what} must be contiguous"))
-    })?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 /// The forward operation: `v (B, T, d)`, `h (2T−1, d)` → `y (B, T, d)`.
 struct LongConvolution;
 
@@ -228,8 +225,8 @@ impl CustomOp2 for LongConvolution {
                 l1.shape()
             )));
         }
-        let v = contiguous(s1, l1, "tokens")?;
-        let h = contiguous(s2, l2, "filters")?;
+        let v = f32_slice(self.name(), "tokens", s1, l1)?;
+        let h = f32_slice(self.name(), "filters", s2, l2)?;
         let y = convolve_shared(v, (batch, t, d), h, taps, t - 1, t);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -268,8 +265,8 @@ impl CustomOp2 for FilterGradient {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims3()?;
-        let g = contiguous(s1, l1, "gradient")?;
-        let v = contiguous(s2, l2, "tokens")?;
+        let g = f32_slice(self.name(), "gradient", s1, l1)?;
+        let v = f32_slice(self.name(), "tokens", s2, l2)?;
         let out = filter_gradient(g, v, dims);
         Ok((CpuStorage::F32(out), Shape::from((2 * dims.1 - 1, dims.2))))
     }

@@ -17,6 +17,7 @@
 
 pub mod abra;
 pub mod cellpaintr;
+mod custom_op;
 pub mod data;
 pub mod device;
 pub mod embed;

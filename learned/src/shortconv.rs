@@ -13,14 +13,8 @@
 use candle_core::{CpuStorage, CustomOp2, IndexOp, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::custom_op::f32_slice;
 use crate::error::Result;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("short convolution: {what} must be contiguous"))
-    })?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
 
 /// `y (B, T, C)` from `u (B, T, C)` and `w (C, 3)`.
 fn forward(u: &[f32], w: &[f32], (batch, t, c): (usize, usize, usize)) -> Vec<f32> {
@@ -96,8 +90,8 @@ impl CustomOp2 for ShortConvolution {
                 l1.shape()
             )));
         }
-        let u = contiguous(s1, l1, "tokens")?;
-        let w = contiguous(s2, l2, "weights")?;
+        let u = f32_slice(self.name(), "tokens", s1, l1)?;
+        let w = f32_slice(self.name(), "weights", s2, l2)?;
         Ok((CpuStorage::F32(forward(u, w, dims)), l1.shape().clone()))
     }
 
@@ -134,8 +128,8 @@ impl CustomOp2 for ShortWeightGradient {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims3()?;
-        let g = contiguous(s1, l1, "gradient")?;
-        let u = contiguous(s2, l2, "tokens")?;
+        let g = f32_slice(self.name(), "gradient", s1, l1)?;
+        let u = f32_slice(self.name(), "tokens", s2, l2)?;
         Ok((
             CpuStorage::F32(weight_gradient(g, u, dims)),
             Shape::from((dims.2, 3)),

@@ -286,13 +286,8 @@ fn training_gives_the_same_weights_whatever_the_thread_count() {
             validation_batches: Some(1),
             ..TrainOptions::default()
         };
-        let config = CellPainTrConfig {
-            d_model: 8,
-            layers: 1,
-            mlp: 16,
-            filter_hidden: 8,
-            ..CellPainTrConfig::default()
-        };
+        // Training sets the sources from the batches.
+        let config = tiny();
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()

@@ -398,19 +398,13 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
     /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    #[arg(long, default_value = "cpu")]
     device: balans_learned::ComputeDevice,
     #[command(flatten)]
     session: SessionArgs,
     /// Replace an existing model directory.
     #[arg(long)]
     overwrite: bool,
-}
-
-/// Parses `--device` (cpu, cuda, cuda:N).
-fn parse_device(text: &str) -> std::result::Result<balans_learned::ComputeDevice, String> {
-    text.parse()
-        .map_err(|e: balans_learned::LearnedError| e.to_string())
 }
 
 #[derive(Args, Debug)]
