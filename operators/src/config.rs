@@ -321,7 +321,16 @@ pub struct BalansConfig {
     pub bins: usize,
     /// Rows per chunk in the streaming passes and working files.
     pub chunk_rows: usize,
+    /// Landmarks are sampled from a stratified uniform sample of about this many rows (every
+    /// batch keeps at least `4 (k + 1)` rows or all of its rows); the smoothing passes still
+    /// stream every row. `None`: sample from all rows.
+    pub sample_rows: Option<usize>,
+    /// Rows per leaf of the order-independent reductions (see `kernels::exact`).
+    pub leaf_rows: usize,
 }
+
+/// Default of [`BalansConfig::sample_rows`].
+pub const DEFAULT_SAMPLE_ROWS: usize = 20_000;
 
 impl Default for BalansConfig {
     fn default() -> Self {
@@ -348,6 +357,8 @@ impl Default for BalansConfig {
             a_min: 1e-8,
             bins: 4096,
             chunk_rows: 8192,
+            sample_rows: Some(DEFAULT_SAMPLE_ROWS),
+            leaf_rows: 65_536,
         }
     }
 }
@@ -381,6 +392,8 @@ impl std::hash::Hash for BalansConfig {
         self.a_min.to_bits().hash(state);
         self.bins.hash(state);
         self.chunk_rows.hash(state);
+        self.sample_rows.hash(state);
+        self.leaf_rows.hash(state);
     }
 }
 
@@ -434,6 +447,12 @@ impl BalansConfig {
         if self.chunk_rows == 0 {
             return bad("chunk_rows must be at least 1");
         }
+        if self.leaf_rows == 0 {
+            return bad("leaf_rows must be at least 1");
+        }
+        if self.sample_rows == Some(0) {
+            return bad("sample-rows must be at least 1 (or 'all')");
+        }
         if self.max_landmarks == Some(0) {
             return bad("max-landmarks must be at least 1");
         }
@@ -483,6 +502,7 @@ impl BalansConfig {
             estimator: self.estimator,
             variant: self.variant,
             strength: self.strength,
+            nearest_fallback: false,
         }
     }
 
@@ -510,6 +530,11 @@ impl BalansConfig {
         } else {
             0.0
         }
+    }
+
+    /// Rows every batch keeps in the landmark sample (when it has that many).
+    pub fn min_sample_rows_per_batch(&self) -> usize {
+        4 * (self.k + 1)
     }
 
     /// Minimum number of kept entries per landmark row (self included): `k + 1`.
@@ -545,7 +570,7 @@ impl BalansConfig {
             Method::Balans => {}
         }
         format!(
-            "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} nan={} a_min={} bins={}",
+            "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} sample_rows={} nan={} a_min={} bins={}",
             self.variant,
             self.iterations,
             self.batch_knn_floor,
@@ -562,6 +587,9 @@ impl BalansConfig {
             self.max_landmarks
                 .map(|m| m.to_string())
                 .unwrap_or_else(|| "none".into()),
+            self.sample_rows
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "all".into()),
             self.nan,
             self.a_min,
             self.bins

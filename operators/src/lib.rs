@@ -1,8 +1,8 @@
 //! # balans-operators
 //!
 //! The BALANS correction as plain numeric kernels ([`kernels`]) over slices, the memory-mapped
-//! Arrow IPC working files they stream over ([`io`]), and the DataFusion physical operator that
-//! runs the passes ([`exec::BalansExec`]). Kernels take no DataFusion types so they can be
+//! Arrow IPC working files they stream over ([`io`]), and the DataFusion physical operators a
+//! correction is planned as, one per step ([`exec`]). Kernels take no DataFusion types so they can be
 //! tested and benchmarked without a session.
 
 pub mod config;
@@ -16,5 +16,5 @@ pub use config::{
     BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod, Variant,
 };
 pub use error::{OperatorError, Result};
-pub use exec::{BalansExec, BalansSpec};
+pub use exec::{BalansSpec, correction_plan};
 pub use progress::{NoProgress, ProgressSink, RunSummary, StageTiming};

@@ -60,7 +60,8 @@ pub struct RunSummary {
     pub distinct_landmarks: usize,
     /// Fraction of points kept by some landmark.
     pub coverage: f64,
-    /// Points no landmark keeps (they keep their input values).
+    /// Points no landmark keeps (they keep their input values, or take their nearest
+    /// landmark's correction when the landmarks were drawn from a row sample).
     pub uncovered: usize,
     /// Why sampling stopped.
     pub stop_reason: String,
@@ -76,4 +77,10 @@ pub struct RunSummary {
     pub warnings: Vec<String>,
     /// Wall time per stage.
     pub stages: Vec<StageTiming>,
+    /// Rows the landmarks were sampled from (all rows when no row sample was drawn).
+    pub sample_rows: usize,
+    /// Input partitions the pass ran over.
+    pub partitions: usize,
+    /// Highest memory reserved in the session's pool during the pass.
+    pub peak_reserved_bytes: usize,
 }

@@ -1,8 +1,8 @@
 //! # balans-planner
 //!
 //! Turns a correction request into a DataFusion plan: [`BalansNode`] is the logical extension
-//! node (it shows in `EXPLAIN`), [`BalansExtensionPlanner`] lowers it to
-//! [`balans_operators::BalansExec`], and [`BalansQueryPlanner`] is the session's query planner
+//! node (it shows in `EXPLAIN`), [`BalansExtensionPlanner`] lowers each pass to the chain of
+//! partitioned operators of [`balans_operators::exec::plan`], and [`BalansQueryPlanner`] is the session's query planner
 //! with that extension registered.
 
 pub mod node;

@@ -1,9 +1,10 @@
-//! Lowering of [`BalansNode`] to [`BalansExec`].
+//! Lowering of [`BalansNode`] to the operator chain of one correction pass
+//! ([`balans_operators::exec::plan`]).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use balans_operators::BalansExec;
+use balans_operators::exec::correction_node;
 use datafusion::catalog::Session;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
@@ -14,7 +15,7 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, Phy
 
 use crate::node::BalansNode;
 
-/// Plans [`BalansNode`] as [`BalansExec`].
+/// Plans [`BalansNode`] as one pass of partitioned operators.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BalansExtensionPlanner;
 
@@ -35,10 +36,7 @@ impl ExtensionPlanner for BalansExtensionPlanner {
         let input = physical_inputs
             .first()
             .ok_or_else(|| DataFusionError::Internal("Balans without input".into()))?;
-        Ok(Some(Arc::new(BalansExec::try_new(
-            input.clone(),
-            balans.spec().clone(),
-        )?)))
+        Ok(Some(correction_node(input.clone(), balans.spec().clone())?))
     }
 }
 

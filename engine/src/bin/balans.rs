@@ -23,7 +23,7 @@ use balans_engine::{
 use balans_metrics::suite::{EvalOptions, MetricSelection};
 use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
-use balans_operators::exec::balans::COVERED_COLUMN;
+use balans_operators::exec::COVERED_COLUMN;
 use balans_operators::kernels::preprocess::Normalization;
 use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
 use clap::{Args, Parser, Subcommand, ValueEnum};

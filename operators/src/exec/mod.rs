@@ -1,5 +1,22 @@
-//! DataFusion physical operators, one per file.
+//! DataFusion physical operators, one per file, and the chain a correction pass is planned as
+//! ([`plan`]). Per-partition and global steps share the shapes of [`step`] and the pass state
+//! of [`context`].
 
-pub mod balans;
+pub mod apply;
+pub mod combat;
+pub mod concat;
+pub mod context;
+pub mod harmony;
+pub mod ingest;
+pub mod landmarks;
+pub mod pca;
+pub mod plan;
+pub mod profile;
+pub mod reduce;
+pub mod smooth;
+pub mod spec;
+pub mod sphering;
+pub mod step;
 
-pub use balans::{BalansExec, BalansSpec, balans_output_schema};
+pub use plan::{correction_node, correction_pass, correction_plan};
+pub use spec::{BalansSpec, COVERED_COLUMN, balans_output_schema};

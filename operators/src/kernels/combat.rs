@@ -84,6 +84,34 @@ impl BatchMoments {
         }
     }
 
+    /// Moments from sums around a shift: per batch `b` and feature `f`, `count[b]` rows with
+    /// `s1 = sum (x - shift_f)` and `s2 = sum (x - shift_f)^2` (row-major `batches x d`).
+    pub fn from_shifted_sums(shift: &[f64], count: &[u64], s1: &[f64], s2: &[f64]) -> Self {
+        let d = shift.len();
+        let batches = count.len();
+        assert_eq!((s1.len(), s2.len()), (batches * d, batches * d));
+        let mut mean = vec![0.0; batches * d];
+        let mut m2 = vec![0.0; batches * d];
+        for b in 0..batches {
+            let n = count[b] as f64;
+            if n == 0.0 {
+                continue;
+            }
+            for f in 0..d {
+                let k = b * d + f;
+                let delta = s1[k] / n;
+                mean[k] = shift[f] + delta;
+                m2[k] = (s2[k] - s1[k] * delta).max(0.0);
+            }
+        }
+        Self {
+            d,
+            count: count.to_vec(),
+            mean,
+            m2,
+        }
+    }
+
     /// Merges moments of later rows into these (Chan et al.'s pairwise update).
     pub fn merge(&mut self, other: &Self) {
         assert_eq!((self.batches(), self.d), (other.batches(), other.d));

@@ -4,12 +4,14 @@
 pub mod combat;
 pub mod distance;
 pub mod elbow;
+pub mod exact;
 pub mod harmony;
 pub mod landmark;
 pub mod pca;
 pub mod preprocess;
 pub mod quality;
 pub mod sampling;
+pub mod search;
 pub mod scale;
 pub mod smooth;
 pub mod sphering;

@@ -210,16 +210,38 @@ pub struct PcaModel {
 
 impl PcaModel {
     /// Projects row-major rows (`r x d`) into `out` (`r x p`): `(x - mean) V^T`.
+    ///
+    /// Each output is the `f64` sum over features in feature order, so a row's projection has
+    /// the same bits whichever block it is projected in. The loop runs over features outside
+    /// and components inside (four rows at a time), which vectorises across components.
     pub fn project(&self, rows: &[f32], out: &mut [f32]) {
         let (d, p) = (self.d, self.p);
-        for (x, o) in rows.chunks_exact(d).zip(out.chunks_exact_mut(p)) {
-            for (c, dst) in o.iter_mut().enumerate() {
-                let axis = &self.components[c * d..(c + 1) * d];
-                let mut acc = 0.0f64;
-                for ((&v, &m), &w) in x.iter().zip(&self.mean).zip(axis) {
-                    acc += (v as f64 - m) * w;
+        if p == 0 {
+            return;
+        }
+        // Axes transposed: feature-major `d x p`.
+        let mut vt = vec![0.0f64; d * p];
+        for c in 0..p {
+            for f in 0..d {
+                vt[f * p + c] = self.components[c * d + f];
+            }
+        }
+        const R: usize = 4;
+        let mut acc = vec![0.0f64; R * p];
+        for (x, o) in rows.chunks(R * d.max(1)).zip(out.chunks_mut(R * p)) {
+            let r = x.len() / d.max(1);
+            acc.iter_mut().for_each(|v| *v = 0.0);
+            for f in 0..d {
+                let axis = &vt[f * p..(f + 1) * p];
+                for k in 0..r {
+                    let t = x[k * d + f] as f64 - self.mean[f];
+                    for (a, &w) in acc[k * p..(k + 1) * p].iter_mut().zip(axis) {
+                        *a += t * w;
+                    }
                 }
-                *dst = acc as f32;
+            }
+            for (dst, &v) in o.iter_mut().zip(&acc[..r * p]) {
+                *dst = v as f32;
             }
         }
     }

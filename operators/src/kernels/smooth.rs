@@ -1,21 +1,27 @@
 //! The two streaming passes that turn landmark rows into corrected values.
 //!
-//! Pass 1 accumulates, chunk by chunk, `A_S X` and the row sums of `A_S`: per landmark for
-//! the paper's variant, per landmark and batch for the batch-balanced variants (each
-//! landmark's sum runs over points in input order, so the result does not depend on the
-//! thread count). The fit then forms the per-landmark values of pass 2:
+//! Pass 1 accumulates `A_S X` and the row sums of `A_S`: per landmark for the paper's
+//! variant, per landmark and batch for the batch-balanced variants. Within a block of rows
+//! (a leaf of the global row order, see [`crate::kernels::exact`]) each landmark's sum runs
+//! over points in row order in `f64` ([`SmoothAccumulator`]); leaves are added as fixed-point
+//! integers ([`SmoothSums`]), so the totals do not depend on the partitioning or the thread
+//! count. The fit then forms the per-landmark values of pass 2:
 //! - paper, smooth: `Y_l = (A_S X)_l / rowsum_l` (`P X`); Nyström: `pinv(A_SS) A_S X`;
 //! - balanced: `Ybar_l` = mean over the batches the row reaches of the per-batch local
 //!   means `Y_lb = sum_{j in b} A_lj X_j / sum_{j in b} A_lj`;
 //! - residual: the per-batch offsets `Ybar_l - Y_lb`.
 //!
-//! Pass 2 emits, for point `j` of batch `b` with column entries `A_lj`:
+//! Pass 2 emits, for point `j` of batch `b` with column entries `A_lj` (in landmark order):
 //! `sum_l A_lj Y_l / sum_l A_lj` (paper smooth and balanced, `Q^T Y`), `sum_l A_lj W_l`
 //! (Nyström), or `X_j + sum_l A_lj (Ybar_l - Y_lb) / sum_l A_lj` (residual). A point no
-//! landmark keeps keeps its input value.
+//! landmark keeps keeps its input value, or, with [`SmoothOptions::nearest_fallback`] (rows
+//! outside the sample the landmarks were drawn from), takes the column of its nearest landmark
+//! with weight 1.
 
 use crate::config::{Estimator, Variant};
-use crate::kernels::landmark::{Landmark, LandmarkIndex};
+use crate::kernels::exact::ExactSum;
+use crate::kernels::landmark::Landmark;
+use crate::kernels::search::{ColumnEntries, LandmarkSearch};
 use rayon::prelude::*;
 
 /// One point of a chunk: its reduced coordinates and batch.
@@ -30,6 +36,9 @@ pub struct SmoothOptions {
     pub variant: Variant,
     /// Fraction of the correction applied: `X + strength (X_corrected - X)`.
     pub strength: f64,
+    /// A point no landmark keeps takes its nearest landmark's column (weight 1) instead of
+    /// keeping its input value.
+    pub nearest_fallback: bool,
 }
 
 impl SmoothOptions {
@@ -39,24 +48,13 @@ impl SmoothOptions {
             estimator,
             variant: Variant::Paper,
             strength: 1.0,
+            nearest_fallback: false,
         }
     }
 }
 
-/// Accumulates `A_S X` and the row sums of `A_S` (per batch when the variant needs it) over
-/// chunks of points.
-#[derive(Debug, Clone)]
-pub struct SmoothAccumulator {
-    m: usize,
-    d: usize,
-    groups: usize,
-    y: Vec<f64>,
-    weight: Vec<f64>,
-    index: LandmarkIndex,
-}
-
 /// Number of accumulator groups per landmark: one per batch for the batch-balanced variants.
-fn group_count(landmarks: &[Landmark], variant: Variant) -> usize {
+pub fn group_count(landmarks: &[Landmark], variant: Variant) -> usize {
     if variant.per_batch() {
         landmarks.first().map_or(1, |l| l.scales.len().max(1))
     } else {
@@ -64,9 +62,33 @@ fn group_count(landmarks: &[Landmark], variant: Variant) -> usize {
     }
 }
 
+/// Accumulates `A_S X` and the row sums of `A_S` (per batch when the variant needs it) over
+/// rows in order, in `f64`.
+#[derive(Debug, Clone)]
+pub struct SmoothAccumulator {
+    m: usize,
+    d: usize,
+    groups: usize,
+    y: Vec<f64>,
+    weight: Vec<f64>,
+    search: LandmarkSearch,
+    entries: ColumnEntries,
+    nnz: usize,
+}
+
 impl SmoothAccumulator {
     /// An empty accumulator for `landmarks`, `d` output columns and `variant`.
     pub fn new(landmarks: &[Landmark], d: usize, variant: Variant) -> Self {
+        Self::with_search(landmarks, LandmarkSearch::new(landmarks), d, variant)
+    }
+
+    /// An empty accumulator reusing a prepared search.
+    pub fn with_search(
+        landmarks: &[Landmark],
+        search: LandmarkSearch,
+        d: usize,
+        variant: Variant,
+    ) -> Self {
         let m = landmarks.len();
         let groups = group_count(landmarks, variant);
         Self {
@@ -75,7 +97,9 @@ impl SmoothAccumulator {
             groups,
             y: vec![0.0; m * groups * d],
             weight: vec![0.0; m * groups],
-            index: LandmarkIndex::new(landmarks),
+            search,
+            entries: ColumnEntries::default(),
+            nnz: 0,
         }
     }
 
@@ -85,26 +109,35 @@ impl SmoothAccumulator {
         (m * d + m) * groups * 8
     }
 
+    /// Kept entries seen so far.
+    pub fn nnz(&self) -> usize {
+        self.nnz
+    }
+
     /// Adds a chunk of points: `points[r]` are the coordinates and batch of row `r`, `x` the
     /// chunk's output-space values (row-major, `points.len() x d`).
     pub fn add_chunk(&mut self, landmarks: &[Landmark], points: &[PointRef<'_>], x: &[f32]) {
+        let z: Vec<f32> = points.iter().flat_map(|p| p.0.iter().copied()).collect();
+        let batch: Vec<u32> = points.iter().map(|p| p.1 as u32).collect();
+        self.add_rows(landmarks, &z, &batch, x);
+    }
+
+    /// Adds rows: coordinates `z` (row-major), batch codes and output-space values `x`
+    /// (row-major, `d` columns).
+    pub fn add_rows(&mut self, landmarks: &[Landmark], z: &[f32], batch: &[u32], x: &[f32]) {
         assert_eq!(landmarks.len(), self.m);
-        assert_eq!(x.len(), points.len() * self.d);
-        let entries: Vec<Vec<(u32, f64)>> = points
-            .par_iter()
-            .map(|&(z, b)| {
-                let mut e = Vec::new();
-                self.index.column_entries(landmarks, z, b, &mut e);
-                e
-            })
-            .collect();
+        assert_eq!(x.len(), batch.len() * self.d);
+        let mut entries = std::mem::take(&mut self.entries);
+        self.search.entries(landmarks, z, batch, false, &mut entries);
         let per_batch = self.groups > 1;
         let mut by_landmark: Vec<Vec<(u32, f64)>> = vec![Vec::new(); self.m];
-        for (r, e) in entries.iter().enumerate() {
-            for &(l, a) in e {
+        for r in 0..batch.len() {
+            for &(l, a) in entries.row(r) {
                 by_landmark[l as usize].push((r as u32, a));
             }
         }
+        self.nnz += entries.items.len();
+        self.entries = entries;
         let (d, groups) = (self.d, self.groups);
         self.y
             .par_chunks_mut((d * groups).max(1))
@@ -112,7 +145,7 @@ impl SmoothAccumulator {
             .zip(by_landmark.par_iter())
             .for_each(|((yl, wl), list)| {
                 for &(r, a) in list {
-                    let g = if per_batch { points[r as usize].1 } else { 0 };
+                    let g = if per_batch { batch[r as usize] as usize } else { 0 };
                     wl[g] += a;
                     let xr = &x[r as usize * d..(r as usize + 1) * d];
                     for (acc, &v) in yl[g * d..(g + 1) * d].iter_mut().zip(xr) {
@@ -122,6 +155,25 @@ impl SmoothAccumulator {
             });
     }
 
+    /// Moves the sums into `total` (as one leaf) and clears them.
+    pub fn drain_into(&mut self, total: &mut SmoothSums) {
+        assert_eq!(
+            (self.m, self.d, self.groups),
+            (total.m, total.d, total.groups)
+        );
+        let d = self.d;
+        for (lg, w) in self.weight.iter_mut().enumerate() {
+            if *w != 0.0 {
+                total.weight.add(lg, *w);
+                total.y.add_slice(lg * d, &self.y[lg * d..(lg + 1) * d]);
+                *w = 0.0;
+                self.y[lg * d..(lg + 1) * d].fill(0.0);
+            }
+        }
+        total.nnz += self.nnz as u64;
+        self.nnz = 0;
+    }
+
     /// Finishes pass 1 into the per-landmark values used by pass 2.
     pub fn finish(
         self,
@@ -129,8 +181,119 @@ impl SmoothAccumulator {
         landmarks: &[Landmark],
         batch_of: impl Fn(usize) -> usize + Sync,
     ) -> FittedSmoother {
+        let totals = SmoothTotals {
+            m: self.m,
+            d: self.d,
+            groups: self.groups,
+            y: self.y,
+            weight: self.weight,
+        };
+        totals.fit(options, landmarks, self.search, batch_of)
+    }
+}
+
+/// Order-independent totals of pass 1: leaves of [`SmoothAccumulator`] added in fixed point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmoothSums {
+    m: usize,
+    d: usize,
+    groups: usize,
+    y: ExactSum,
+    weight: ExactSum,
+    nnz: u64,
+}
+
+impl SmoothSums {
+    /// Empty totals for `m` landmarks, `groups` groups per landmark and `d` output columns;
+    /// `x_bound[c]` bounds `sum_j |x_jc|` over all rows, `rows` is the number of rows (the
+    /// affinities are at most 1).
+    pub fn new(m: usize, d: usize, groups: usize, x_bound: &[f64], rows: usize) -> Self {
+        assert_eq!(x_bound.len(), d);
+        Self {
+            m,
+            d,
+            groups,
+            y: ExactSum::new(m * groups * d, if d == 0 { &[1.0] } else { x_bound }),
+            weight: ExactSum::new(m * groups, &[rows.max(1) as f64]),
+            nnz: 0,
+        }
+    }
+
+    /// Bytes held (for memory accounting).
+    pub fn size_bytes(m: usize, d: usize, groups: usize) -> usize {
+        ExactSum::size_bytes(m * groups * d, d) + ExactSum::size_bytes(m * groups, 1)
+    }
+
+    /// Adds another partition's totals.
+    pub fn merge(&mut self, other: &SmoothSums) {
+        self.y.merge(&other.y);
+        self.weight.merge(&other.weight);
+        self.nnz += other.nnz;
+    }
+
+    /// Kept entries summed over.
+    pub fn nnz(&self) -> u64 {
+        self.nnz
+    }
+
+    /// The totals as bytes (`nnz`, weights, sums).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.nnz.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.weight.to_bytes());
+        out.extend_from_slice(&self.y.to_bytes());
+        out
+    }
+
+    /// Adds totals serialised by [`SmoothSums::to_bytes`] with this layout.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) -> Option<()> {
+        let w = self.weight.len() * 16;
+        if bytes.len() != 8 + w + self.y.len() * 16 {
+            return None;
+        }
+        self.nnz += u64::from_le_bytes(bytes[..8].try_into().ok()?);
+        self.weight.merge_bytes(&bytes[8..8 + w])?;
+        self.y.merge_bytes(&bytes[8 + w..])
+    }
+
+    /// The totals in `f64`.
+    pub fn totals(&self) -> SmoothTotals {
+        SmoothTotals {
+            m: self.m,
+            d: self.d,
+            groups: self.groups,
+            y: self.y.values(),
+            weight: self.weight.values(),
+        }
+    }
+}
+
+/// `A_S X` and the row sums of `A_S` in `f64` (per landmark and group, row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmoothTotals {
+    /// Landmarks.
+    pub m: usize,
+    /// Output columns.
+    pub d: usize,
+    /// Groups per landmark.
+    pub groups: usize,
+    /// `(A_S X)` per landmark and group, `m x groups x d`.
+    pub y: Vec<f64>,
+    /// Row sums per landmark and group, `m x groups`.
+    pub weight: Vec<f64>,
+}
+
+impl SmoothTotals {
+    /// Forms the per-landmark values of pass 2. `batch_of(i)` is the batch of landmark point
+    /// `i` (Nyström's `A_SS`).
+    pub fn fit(
+        self,
+        options: &SmoothOptions,
+        landmarks: &[Landmark],
+        search: LandmarkSearch,
+        batch_of: impl Fn(usize) -> usize + Sync,
+    ) -> FittedSmoother {
         let (estimator, variant) = (options.estimator, options.variant);
-        let (d, groups) = (self.d, self.groups);
+        let (m, d, groups) = (self.m, self.d, self.groups);
 
         let row_sum: Vec<f64> = self.weight.chunks(groups).map(|w| w.iter().sum()).collect();
         let values = match (variant, estimator) {
@@ -145,10 +308,10 @@ impl SmoothAccumulator {
             }
             (Variant::Paper, Estimator::Nystrom) => {
                 let a_ss = crate::kernels::landmark::landmark_block(landmarks, batch_of);
-                let pinv = pseudo_inverse(&a_ss, self.m);
-                let mut w = vec![0.0; self.m * d];
+                let pinv = pseudo_inverse(&a_ss, m);
+                let mut w = vec![0.0; m * d];
                 w.par_chunks_mut(d.max(1)).enumerate().for_each(|(l, wl)| {
-                    for (c, &coef) in pinv[l * self.m..(l + 1) * self.m].iter().enumerate() {
+                    for (c, &coef) in pinv[l * m..(l + 1) * m].iter().enumerate() {
                         if coef != 0.0 {
                             let yc = &self.y[c * d..(c + 1) * d];
                             for (acc, &v) in wl.iter_mut().zip(yc) {
@@ -162,7 +325,7 @@ impl SmoothAccumulator {
             (Variant::Balanced | Variant::Residual, _) => {
                 let residual = variant == Variant::Residual;
                 let out_groups = if residual { groups } else { 1 };
-                let mut out = vec![0.0; self.m * out_groups * d];
+                let mut out = vec![0.0; m * out_groups * d];
                 out.par_chunks_mut((out_groups * d).max(1))
                     .zip(self.y.par_chunks((groups * d).max(1)))
                     .zip(self.weight.par_chunks(groups))
@@ -208,7 +371,7 @@ impl SmoothAccumulator {
             },
             values,
             row_sum,
-            index: self.index,
+            search,
         }
     }
 }
@@ -222,7 +385,16 @@ pub struct FittedSmoother {
     groups: usize,
     values: Vec<f64>,
     row_sum: Vec<f64>,
-    index: LandmarkIndex,
+    search: LandmarkSearch,
+}
+
+/// What [`FittedSmoother::apply_rows`] saw in a chunk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Rows no landmark keeps.
+    pub uncovered: usize,
+    /// Nonzero entries used.
+    pub nnz: usize,
 }
 
 impl FittedSmoother {
@@ -234,6 +406,16 @@ impl FittedSmoother {
     /// Row sums of `A_S`.
     pub fn row_sums(&self) -> &[f64] {
         &self.row_sum
+    }
+
+    /// The options the smoother applies.
+    pub fn options(&self) -> &SmoothOptions {
+        &self.options
+    }
+
+    /// Output columns.
+    pub fn columns(&self) -> usize {
+        self.d
     }
 
     /// Writes the corrected rows of a chunk into `out` (`points.len() x d`); `x` holds the
@@ -248,28 +430,57 @@ impl FittedSmoother {
         out: &mut [f32],
         covered: &mut [bool],
     ) -> (usize, usize) {
+        let z: Vec<f32> = points.iter().flat_map(|p| p.0.iter().copied()).collect();
+        let batch: Vec<u32> = points.iter().map(|p| p.1 as u32).collect();
+        let s = self.apply_rows(landmarks, &z, &batch, x, out, covered);
+        (s.uncovered, s.nnz)
+    }
+
+    /// Writes the corrected rows of coordinates `z` (row-major), batch codes `batch` and input
+    /// values `x` (row-major, `d` columns) into `out`, marking coverage in `covered`.
+    pub fn apply_rows(
+        &self,
+        landmarks: &[Landmark],
+        z: &[f32],
+        batch: &[u32],
+        x: &[f32],
+        out: &mut [f32],
+        covered: &mut [bool],
+    ) -> ApplyStats {
         let d = self.d;
-        assert_eq!(out.len(), points.len() * d);
+        assert_eq!(out.len(), batch.len() * d);
         let options = &self.options;
+        let mut entries = ColumnEntries::default();
+        self.search
+            .entries(landmarks, z, batch, options.nearest_fallback, &mut entries);
         let residual = options.variant == Variant::Residual;
         let strength = options.strength;
-        let stats: (usize, usize) = out
+        let fallback_entry: Vec<[(u32, f64); 1]> = entries
+            .nearest
+            .iter()
+            .map(|&l| [(l, 1.0)])
+            .collect();
+        let stats = out
             .par_chunks_mut(d.max(1))
-            .zip(points.par_iter())
             .zip(x.par_chunks(d.max(1)))
             .zip(covered.par_iter_mut())
-            .map_init(Vec::new, |entries, (((o, &(z, b)), xr), cov)| {
-                self.index.column_entries(landmarks, z, b, entries);
-                if entries.is_empty() {
-                    o.copy_from_slice(xr);
-                    *cov = false;
-                    return (1, 0);
+            .enumerate()
+            .map(|(r, ((o, xr), cov))| {
+                let mut row = entries.row(r);
+                *cov = !row.is_empty();
+                let uncovered = row.is_empty() as usize;
+                if row.is_empty() {
+                    if !options.nearest_fallback || entries.nearest[r] == u32::MAX {
+                        o.copy_from_slice(xr);
+                        return (uncovered, 0);
+                    }
+                    row = &fallback_entry[r];
                 }
-                *cov = true;
+                let b = batch[r] as usize;
                 let mut acc = vec![0.0f64; d];
                 let mut col_sum = 0.0;
                 let g = if self.groups > 1 { b } else { 0 };
-                for &(l, a) in entries.iter() {
+                for &(l, a) in row {
                     col_sum += a;
                     let at = (l as usize * self.groups + g) * d;
                     for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
@@ -289,10 +500,13 @@ impl FittedSmoother {
                         v + strength * (target - v)
                     } as f32;
                 }
-                (0, entries.len())
+                (uncovered, row.len() * (1 - uncovered))
             })
             .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-        stats
+        ApplyStats {
+            uncovered: stats.0,
+            nnz: stats.1,
+        }
     }
 }
 
@@ -564,6 +778,7 @@ mod tests {
                 estimator: Estimator::Smooth,
                 variant,
                 strength,
+                nearest_fallback: false,
             };
             let (bal, unc_b) = run_options(&s, &options(Variant::Balanced), 13);
             let (res, unc_r) = run_options(&s, &options(Variant::Residual), 13);

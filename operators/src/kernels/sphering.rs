@@ -77,6 +77,22 @@ impl SpheringAccumulator {
         (d * d + 3 * d) * 8
     }
 
+    /// A state from sums around `shift`: `n` rows, `sum = sum (x - shift)` and the Gram matrix
+    /// `sum (x - shift)(x - shift)^T` (column-major `d x d`). `None` if the sizes disagree.
+    pub fn from_parts(shift: Vec<f64>, n: u64, sum: Vec<f64>, gram: Vec<f64>) -> Option<Self> {
+        let d = shift.len();
+        if sum.len() != d || gram.len() != d * d {
+            return None;
+        }
+        Some(Self {
+            d,
+            n,
+            shift: (n > 0).then_some(shift),
+            sum,
+            gram: Mat::from_fn(d, d, |i, j| gram[j * d + i]),
+        })
+    }
+
     /// Rows added so far.
     pub fn count(&self) -> u64 {
         self.n

@@ -1,0 +1,201 @@
+//! `BalansProfileExec`: the global step after the ingest.
+//!
+//! It reads what every spooled partition recorded and checks the input as a whole: no rows,
+//! one batch only, non-finite values under `--nan error`, constant features (a warning; all
+//! constant is an error). It fixes the batch codes (keys sorted, so codes do not depend on
+//! which partition saw a key first), the global row order (partitions in order) and every
+//! feature's finite range. Its table lists the batches and their sizes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use crate::config::{Method, NanPolicy};
+use crate::error::{OperatorError, Result};
+use crate::exec::context::{CancelFlag, PassContext, Profile};
+use crate::exec::ingest::INGEST_STAGE;
+use crate::exec::step::{GlobalStep, GlobalStepExec};
+
+/// The profile step (see the module docs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProfileStep;
+
+/// The profile operator.
+pub type BalansProfileExec = GlobalStepExec<ProfileStep>;
+
+fn profile_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("batch", DataType::Utf8, false),
+        Field::new("rows", DataType::UInt64, false),
+    ]))
+}
+
+impl GlobalStep for ProfileStep {
+    fn name(&self) -> &'static str {
+        "BalansProfileExec"
+    }
+
+    fn stage(&self) -> &'static str {
+        INGEST_STAGE
+    }
+
+    fn describe(&self, ctx: &PassContext) -> String {
+        format!("batch=[{}]", ctx.spec.batch.join(", "))
+    }
+
+    fn schema(&self, _ctx: &PassContext) -> SchemaRef {
+        profile_schema()
+    }
+
+    fn merge(
+        &self,
+        ctx: &PassContext,
+        _partials: Vec<RecordBatch>,
+        cancel: &CancelFlag,
+    ) -> Result<RecordBatch> {
+        cancel.check()?;
+        let profile = build_profile(ctx)?;
+        let table = RecordBatch::try_new(
+            profile_schema(),
+            vec![
+                Arc::new(StringArray::from(profile.batch_keys.clone())),
+                Arc::new(UInt64Array::from(
+                    profile
+                        .batch_sizes
+                        .iter()
+                        .map(|&s| s as u64)
+                        .collect::<Vec<_>>(),
+                )),
+            ],
+        )?;
+        ctx.set_profile(Arc::new(profile));
+        Ok(table)
+    }
+}
+
+/// Merges the spooled partitions' records into the pass's [`Profile`].
+fn build_profile(ctx: &PassContext) -> Result<Profile> {
+    let spec = &ctx.spec;
+    let d = spec.features.len();
+    let parts: Vec<_> = (0..ctx.partitions)
+        .map(|i| ctx.spool(i).cloned())
+        .collect::<Result<_>>()?;
+    let mut non_finite = vec![0usize; d];
+    let mut min = vec![f32::INFINITY; d];
+    let mut max = vec![f32::NEG_INFINITY; d];
+    let mut dropped = 0;
+    let mut all_keys: Vec<String> = Vec::new();
+    for p in &parts {
+        for f in 0..d {
+            non_finite[f] += p.non_finite[f];
+            min[f] = min[f].min(p.min[f]);
+            max[f] = max[f].max(p.max[f]);
+        }
+        dropped += p.dropped;
+        all_keys.extend(p.keys.iter().cloned());
+    }
+    all_keys.sort();
+    all_keys.dedup();
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    let bad: Vec<(String, usize)> = spec
+        .features
+        .iter()
+        .cloned()
+        .zip(non_finite.iter().copied())
+        .filter(|(_, c)| *c > 0)
+        .collect();
+    if spec.config.nan == NanPolicy::Error && !bad.is_empty() {
+        let shown: Vec<String> = bad
+            .iter()
+            .take(10)
+            .map(|(n, c)| format!("{n} ({c})"))
+            .collect();
+        return Err(OperatorError::BadInput(format!(
+            "{} feature column(s) hold NaN, infinite or null values: {}{}; choose --nan drop-rows or --nan zero, or exclude the columns",
+            bad.len(),
+            shown.join(", "),
+            if bad.len() > 10 { ", ..." } else { "" }
+        )));
+    }
+    if rows == 0 {
+        return Err(OperatorError::BadInput(if dropped > 0 {
+            format!("every row ({dropped}) has a non-finite feature; nothing left to correct")
+        } else {
+            "the input has no rows".to_string()
+        }));
+    }
+    if all_keys.len() < 2 && spec.config.method != Method::Sphering {
+        return Err(OperatorError::BadInput(format!(
+            "only one batch ('{}') in column(s) {}: batch correction needs at least two batches",
+            all_keys[0],
+            spec.batch.join(", ")
+        )));
+    }
+    let constant: Vec<String> = spec
+        .features
+        .iter()
+        .enumerate()
+        .filter(|&(f, _)| min[f] >= max[f])
+        .map(|(_, n)| n.clone())
+        .collect();
+    if constant.len() == d {
+        return Err(OperatorError::BadInput(
+            "every feature column is constant: there is nothing to correct".into(),
+        ));
+    }
+    if !constant.is_empty() {
+        let shown: Vec<&str> = constant.iter().take(5).map(|s| s.as_str()).collect();
+        ctx.warn(format!(
+            "{} constant feature column(s) pass through unchanged: {}{}",
+            constant.len(),
+            shown.join(", "),
+            if constant.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    let code_of: HashMap<&str, u32> = all_keys
+        .iter()
+        .enumerate()
+        .map(|(c, k)| (k.as_str(), c as u32))
+        .collect();
+    ctx.reserve(rows * 4, "the batch code of every row")?;
+    let mut codes = Vec::with_capacity(rows);
+    let mut partition_start = Vec::with_capacity(parts.len());
+    let mut batch_sizes = vec![0usize; all_keys.len()];
+    let with_mask = spec.fit_mask.is_some();
+    let mut fit_mask = with_mask.then(|| Vec::with_capacity(rows));
+    for p in &parts {
+        partition_start.push(codes.len());
+        let remap: Vec<u32> = p.keys.iter().map(|k| code_of[k.as_str()]).collect();
+        for &c in &p.local_codes {
+            let g = remap[c as usize];
+            batch_sizes[g as usize] += 1;
+            codes.push(g);
+        }
+        if let (Some(all), Some(mask)) = (fit_mask.as_mut(), p.fit_mask.as_ref()) {
+            all.extend_from_slice(mask);
+        }
+    }
+    ctx.with_summary(|s| {
+        s.rows = rows;
+        s.dropped_rows = dropped;
+        s.features = d;
+        s.batches = all_keys
+            .iter()
+            .cloned()
+            .zip(batch_sizes.iter().copied())
+            .collect();
+        s.constant_features = constant.clone();
+    });
+    Ok(Profile {
+        rows,
+        partition_start,
+        batch_keys: all_keys,
+        batch_sizes,
+        codes,
+        fit_mask,
+        min,
+        max,
+    })
+}
