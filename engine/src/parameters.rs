@@ -10,8 +10,8 @@ use crate::error::{BalansError, Result};
 
 /// Every parameter name [`set_parameter`] accepts (`-` and `_` are interchangeable).
 pub const PARAMETERS: &str = "method, variant, k, iterations, strength, batch-knn-floor, tau, \
-     block, pca, elbow, metric, estimator, output-space, seed, max-landmarks, nan, sphering, \
-     epsilon, clusters, theta, sigma, harmony-iterations";
+     block, pca, elbow, metric, estimator, output-space, seed, max-landmarks, sample-rows, nan, \
+     sphering, epsilon, clusters, theta, sigma, harmony-iterations";
 
 /// Parses a `--pca` value: `auto`, `off` (or `none`, `0`) or a component count.
 pub fn pca_setting(text: &str) -> Result<PcaSetting> {
@@ -104,6 +104,12 @@ pub fn set_parameter(config: &mut BalansConfig, name: &str, value: &str) -> Resu
         }
         "seed" => config.seed = text.parse().map_err(|_| bad("a whole number"))?,
         "max-landmarks" => config.max_landmarks = Some(count()?),
+        "sample-rows" => {
+            config.sample_rows = match word.as_str() {
+                "all" => None,
+                _ => Some(count()?),
+            }
+        }
         "nan" => {
             config.nan = match word.as_str() {
                 "error" => NanPolicy::Error,

@@ -64,6 +64,10 @@ pub struct SourceOptions {
     pub request_timeout: Duration,
     /// How often a failed request is retried.
     pub max_retries: usize,
+    /// Partitions a Parquet table is scanned as: contiguous runs of files, or of row groups
+    /// when there are fewer files than partitions (1: one partition). Partitions keep the
+    /// row order: partition 0 holds the first rows.
+    pub scan_partitions: usize,
 }
 
 impl Default for SourceOptions {
@@ -76,6 +80,7 @@ impl Default for SourceOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_retries: 1,
+            scan_partitions: 1,
         }
     }
 }
@@ -184,19 +189,105 @@ pub struct ProfileTable {
     pub schema: SchemaRef,
 }
 
-/// A table over a fixed, path-sorted list of files, scanned as one partition.
+/// A table over a fixed, path-sorted list of files.
 ///
 /// Unlike DataFusion's `ListingTable` it does not list the files again for every scan (a file
 /// removed after registration is a read error, not silently skipped) and attaches no file
 /// statistics: DataFusion 55 turns a Parquet column whose statistics have `min == max` into a
 /// constant, but Parquet statistics ignore NaN, so a column like `[NaN, 1.0]` would read as
-/// `[1.0, 1.0]`.
+/// `[1.0, 1.0]`. Hive-style directory segments (`key=value`) shared by every file become
+/// string columns after the file columns. The scan has one partition, or contiguous runs of
+/// files or row groups as several (see [`SourceOptions::scan_partitions`]).
 #[derive(Debug)]
 struct FileListTable {
     schema: SchemaRef,
+    file_schema: SchemaRef,
     format: Arc<dyn FileFormat>,
     store_url: ObjectStoreUrl,
     files: Vec<ObjectMeta>,
+    /// Hive partition column names, and every file's values (same order as `files`).
+    partition_cols: Vec<String>,
+    partition_values: Vec<Vec<String>>,
+    /// The scan's file groups: per partition, `(file index, row groups or all)`.
+    groups: Vec<Vec<(usize, Option<Vec<usize>>)>>,
+    /// Row groups per file (0 where the metadata was not read).
+    row_group_totals: Vec<usize>,
+}
+
+/// Rows of each row group of a Parquet file, where they were read.
+type RowGroupRows = Option<Vec<usize>>;
+
+/// Splits `weights` (in order) into at most `parts` contiguous runs of similar total weight;
+/// returns the index where each run starts.
+fn contiguous_runs(weights: &[u64], parts: usize) -> Vec<usize> {
+    let total: u64 = weights.iter().sum();
+    let parts = parts.clamp(1, weights.len().max(1));
+    let mut starts = vec![0];
+    let mut acc = 0u64;
+    for (i, &w) in weights.iter().enumerate() {
+        let target = total as f64 * starts.len() as f64 / parts as f64;
+        if i > 0 && starts.len() < parts && acc as f64 >= target {
+            starts.push(i);
+        }
+        acc += w;
+    }
+    starts
+}
+
+/// The scan's partitions: runs of files, or runs of `(file, row group)` units when row groups
+/// are known and there are fewer files than partitions.
+fn scan_groups(
+    files: &[ObjectMeta],
+    row_groups: &[RowGroupRows],
+    partitions: usize,
+) -> Vec<Vec<(usize, Option<Vec<usize>>)>> {
+    if partitions <= 1 || files.is_empty() {
+        return vec![(0..files.len()).map(|f| (f, None)).collect()];
+    }
+    let by_row_group = files.len() < partitions && row_groups.iter().all(|r| r.is_some());
+    if !by_row_group {
+        let weights: Vec<u64> = files.iter().map(|m| m.size.max(1)).collect();
+        let starts = contiguous_runs(&weights, partitions);
+        return starts
+            .iter()
+            .enumerate()
+            .map(|(k, &s)| {
+                let e = starts.get(k + 1).copied().unwrap_or(files.len());
+                (s..e).map(|f| (f, None)).collect()
+            })
+            .collect();
+    }
+    let units: Vec<(usize, usize, u64)> = row_groups
+        .iter()
+        .enumerate()
+        .flat_map(|(f, rg)| {
+            rg.as_ref()
+                .expect("row groups known")
+                .iter()
+                .enumerate()
+                .map(move |(g, &rows)| (f, g, rows.max(1) as u64))
+        })
+        .collect();
+    if units.is_empty() {
+        return vec![(0..files.len()).map(|f| (f, None)).collect()];
+    }
+    let weights: Vec<u64> = units.iter().map(|u| u.2).collect();
+    let starts = contiguous_runs(&weights, partitions);
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &s)| {
+            let e = starts.get(k + 1).copied().unwrap_or(units.len());
+            let mut group: Vec<(usize, Option<Vec<usize>>)> = Vec::new();
+            for &(f, g, _) in &units[s..e] {
+                match group.last_mut() {
+                    Some((last, Some(rgs))) if *last == f => rgs.push(g),
+                    _ => group.push((f, Some(vec![g]))),
+                }
+            }
+            group
+        })
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -216,25 +307,159 @@ impl TableProvider for FileListTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let source = self
-            .format
-            .file_source(TableSchema::from(Arc::clone(&self.schema)));
-        let files: Vec<PartitionedFile> = self
-            .files
+        use datafusion::common::ScalarValue;
+        use datafusion::datasource::physical_plan::parquet::ParquetAccessPlan;
+        let partition_fields: Vec<_> = self
+            .partition_cols
             .iter()
-            .cloned()
-            .map(PartitionedFile::from)
+            .map(|c| Arc::new(datafusion::arrow::datatypes::Field::new(c, DataType::Utf8, false)))
             .collect();
-        // A declared partitioning keeps the optimizer from splitting the single file group
-        // into byte ranges (`repartition_file_scans`), which would break the row order.
-        let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
-            .with_file_group(FileGroup::new(files))
+        let source = self.format.file_source(
+            TableSchema::builder(Arc::clone(&self.file_schema))
+                .with_table_partition_cols(partition_fields)
+                .build(),
+        );
+        let groups: Vec<FileGroup> = self
+            .groups
+            .iter()
+            .map(|group| {
+                let files: Vec<PartitionedFile> = group
+                    .iter()
+                    .map(|(f, rgs)| {
+                        let meta = &self.files[*f];
+                        let mut file = PartitionedFile::from(meta.clone());
+                        file.partition_values = self.partition_values[*f]
+                            .iter()
+                            .map(|v| ScalarValue::Utf8(Some(v.clone())))
+                            .collect();
+                        if let Some(rgs) = rgs {
+                            let total = self.row_group_count(*f);
+                            let mut plan = ParquetAccessPlan::new_none(total);
+                            for &g in rgs {
+                                plan.scan(g);
+                            }
+                            file = file.with_extension(plan);
+                        }
+                        file
+                    })
+                    .collect();
+                FileGroup::new(files)
+            })
+            .collect();
+        // A declared partitioning keeps the optimizer from splitting the file groups into
+        // byte ranges (`repartition_file_scans`), which would break the row order.
+        let partitions = groups.len().max(1);
+        let mut builder = FileScanConfigBuilder::new(self.store_url.clone(), source);
+        for group in groups {
+            builder = builder.with_file_group(group);
+        }
+        let config = builder
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
-            .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(1)))
+            .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(
+                partitions,
+            )))
             .build();
         self.format.create_physical_plan(state, config).await
     }
+}
+
+impl FileListTable {
+    fn row_group_count(&self, file: usize) -> usize {
+        self.row_group_totals.get(file).copied().unwrap_or(0)
+    }
+}
+
+/// Hive-style `key=value` directory segments of `relative` (the path below the location).
+fn hive_segments(relative: &str) -> Vec<(String, String)> {
+    let mut segments: Vec<&str> = relative.split('/').collect();
+    segments.pop(); // the file name
+    segments
+        .iter()
+        .filter_map(|s| s.split_once('='))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+/// Decodes `%XX` escapes (as DataFusion's partitioned writes produce them).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The Hive partition columns shared by every file (same keys in the same order), and each
+/// file's values; none when the files disagree.
+fn hive_partitions(
+    resolved: &ResolvedLocation,
+    metas: &[ObjectMeta],
+) -> (Vec<String>, Vec<Vec<String>>) {
+    let per_file: Vec<Vec<(String, String)>> = metas
+        .iter()
+        .map(|m| {
+            relative_path(&resolved.base, &m.location)
+                .map(hive_segments)
+                .unwrap_or_default()
+        })
+        .collect();
+    let keys: Vec<String> = per_file
+        .first()
+        .map(|f| f.iter().map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    let consistent = !keys.is_empty()
+        && per_file
+            .iter()
+            .all(|f| f.iter().map(|(k, _)| k).eq(keys.iter()));
+    if !consistent {
+        return (Vec::new(), vec![Vec::new(); metas.len()]);
+    }
+    let values = per_file
+        .into_iter()
+        .map(|f| f.into_iter().map(|(_, v)| v).collect())
+        .collect();
+    (keys, values)
+}
+
+/// Row counts of every row group of each Parquet file.
+async fn parquet_row_groups(
+    location: &str,
+    resolved: &ResolvedLocation,
+    metas: &[ObjectMeta],
+) -> Result<Vec<RowGroupRows>> {
+    use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
+    let mut out = Vec::with_capacity(metas.len());
+    for meta in metas {
+        let md = DFParquetMetadata::new(resolved.store.as_ref(), meta)
+            .fetch_metadata()
+            .await
+            .map_err(|e| BalansError::Source {
+            location: location.to_string(),
+            message: format!(
+                "corrupt Parquet file {}: {e}",
+                display_path(resolved, &meta.location)
+            ),
+        })?;
+        out.push(Some(
+            md.row_groups()
+                .iter()
+                .map(|rg| rg.num_rows().max(0) as usize)
+                .collect(),
+        ));
+    }
+    Ok(out)
 }
 
 /// Where a location lives: the object store, the base path to list and an optional glob.
@@ -315,11 +540,65 @@ pub async fn register_profiles(
             "the files at {location} have no columns"
         )));
     }
+    // Hive-style partition columns the files do not hold themselves.
+    let (mut partition_cols, mut partition_values) = hive_partitions(&resolved, &metas);
+    let keep: Vec<bool> = partition_cols
+        .iter()
+        .map(|c| schema.index_of(c).is_err())
+        .collect();
+    if keep.iter().any(|k| !k) {
+        partition_cols = partition_cols
+            .into_iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(c, _)| c)
+            .collect();
+        for values in &mut partition_values {
+            *values = std::mem::take(values)
+                .into_iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(v, _)| v)
+                .collect();
+        }
+    }
+    let file_schema = schema;
+    let schema = if partition_cols.is_empty() {
+        Arc::clone(&file_schema)
+    } else {
+        let mut fields: Vec<_> = file_schema.fields().iter().cloned().collect();
+        fields.extend(
+            partition_cols
+                .iter()
+                .map(|c| Arc::new(datafusion::arrow::datatypes::Field::new(c, DataType::Utf8, false))),
+        );
+        Arc::new(Schema::new_with_metadata(fields, file_schema.metadata().clone()))
+    };
+    let partitions = opts.scan_partitions.max(1);
+    let row_groups: Vec<RowGroupRows> =
+        if format == TableFormat::Parquet && partitions > 1 && metas.len() < partitions {
+            parquet_row_groups(location, &resolved, &metas).await?
+        } else {
+            vec![None; metas.len()]
+        };
+    let groups = if format == TableFormat::Parquet {
+        scan_groups(&metas, &row_groups, partitions)
+    } else {
+        scan_groups(&metas, &row_groups, 1)
+    };
     let provider = FileListTable {
         schema: Arc::clone(&schema),
+        file_schema,
         format: file_format,
         store_url: ObjectStoreUrl::parse(resolved.store_url.as_str())?,
         files: metas.clone(),
+        partition_cols,
+        partition_values,
+        groups,
+        row_group_totals: row_groups
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |v| v.len()))
+            .collect(),
     };
 
     let table_ref = TableReference::bare(table_name);

@@ -299,6 +299,15 @@ struct CorrectArgs {
     /// Cap on the number of landmarks.
     #[arg(long)]
     max_landmarks: Option<usize>,
+    /// Rows the landmarks are sampled from: a stratified uniform sample of about this many
+    /// rows (every batch keeps at least 4 (k + 1) rows), or `all`; the smoothing still
+    /// streams every row [default: 20000].
+    #[arg(long)]
+    sample_rows: Option<String>,
+    /// Partitions the input is read and corrected in (runs of files or row groups; the
+    /// output does not depend on it) [default: the worker threads].
+    #[arg(long)]
+    partitions: Option<usize>,
     /// What to do with NaN / infinite / null features.
     #[arg(long, value_enum, default_value = "error")]
     nan: NanArg,
@@ -812,6 +821,15 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
         metric: a.metric.map_or(base.metric, metric),
         seed: a.seed,
         max_landmarks: a.max_landmarks,
+        sample_rows: match a.sample_rows.as_deref().map(str::trim) {
+            None => base.sample_rows,
+            Some("all") => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                BalansError::InvalidArgument(format!(
+                    "--sample-rows takes a number of rows or 'all', not '{text}'"
+                ))
+            })?),
+        },
         nan: match a.nan {
             NanArg::Error => NanPolicy::Error,
             NanArg::DropRows => NanPolicy::DropRows,
@@ -896,7 +914,10 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         selection: a.input.select.selection(),
         config,
         overwrite: a.overwrite,
-        source: a.input.select.source(),
+        source: SourceOptions {
+            scan_partitions: a.partitions.unwrap_or_else(rayon::current_num_threads).max(1),
+            ..a.input.select.source()
+        },
         negcon: a.eval.negcon.clone(),
         model: match (a.method, &a.model) {
             (Method::Embed, Some(dir)) => Some(dir.clone()),
