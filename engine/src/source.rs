@@ -312,7 +312,13 @@ impl TableProvider for FileListTable {
         let partition_fields: Vec<_> = self
             .partition_cols
             .iter()
-            .map(|c| Arc::new(datafusion::arrow::datatypes::Field::new(c, DataType::Utf8, false)))
+            .map(|c| {
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    c,
+                    DataType::Utf8,
+                    false,
+                ))
+            })
             .collect();
         let source = self.format.file_source(
             TableSchema::builder(Arc::clone(&self.file_schema))
@@ -356,9 +362,7 @@ impl TableProvider for FileListTable {
         let config = builder
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
-            .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(
-                partitions,
-            )))
+            .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(partitions)))
             .build();
         self.format.create_physical_plan(state, config).await
     }
@@ -446,12 +450,12 @@ async fn parquet_row_groups(
             .fetch_metadata()
             .await
             .map_err(|e| BalansError::Source {
-            location: location.to_string(),
-            message: format!(
-                "corrupt Parquet file {}: {e}",
-                display_path(resolved, &meta.location)
-            ),
-        })?;
+                location: location.to_string(),
+                message: format!(
+                    "corrupt Parquet file {}: {e}",
+                    display_path(resolved, &meta.location)
+                ),
+            })?;
         out.push(Some(
             md.row_groups()
                 .iter()
@@ -567,12 +571,17 @@ pub async fn register_profiles(
         Arc::clone(&file_schema)
     } else {
         let mut fields: Vec<_> = file_schema.fields().iter().cloned().collect();
-        fields.extend(
-            partition_cols
-                .iter()
-                .map(|c| Arc::new(datafusion::arrow::datatypes::Field::new(c, DataType::Utf8, false))),
-        );
-        Arc::new(Schema::new_with_metadata(fields, file_schema.metadata().clone()))
+        fields.extend(partition_cols.iter().map(|c| {
+            Arc::new(datafusion::arrow::datatypes::Field::new(
+                c,
+                DataType::Utf8,
+                false,
+            ))
+        }));
+        Arc::new(Schema::new_with_metadata(
+            fields,
+            file_schema.metadata().clone(),
+        ))
     };
     let partitions = opts.scan_partitions.max(1);
     let row_groups: Vec<RowGroupRows> =

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
+use balans_operators::NoProgress;
 use balans_operators::config::{BalansConfig, Method, PcaSetting, Variant};
 use balans_operators::exec::{BalansSpec, correction_plan};
 use balans_operators::kernels::combat::{BatchMoments, fit_combat};
 use balans_operators::kernels::elbow::ElbowParams;
 use balans_operators::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
 use balans_operators::kernels::smooth::{SmoothAccumulator, SmoothOptions};
-use balans_operators::NoProgress;
 use datafusion::arrow::array::{
     ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray,
 };
@@ -115,10 +115,7 @@ fn session_in(dir: &std::path::Path) -> SessionContext {
 
 /// A temporary directory of this test process (one per test that counts files in it).
 fn temp_root(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "balans-exec-test-{}-{name}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("balans-exec-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -268,7 +265,14 @@ async fn balans_operators_match_the_kernels() {
     });
     let mut want = vec![0.0f32; n * D];
     let mut covered = vec![false; n];
-    fit.apply_rows(&sampled.landmarks, &x, &batch_u32, &x, &mut want, &mut covered);
+    fit.apply_rows(
+        &sampled.landmarks,
+        &x,
+        &batch_u32,
+        &x,
+        &mut want,
+        &mut covered,
+    );
     let got = features(&out);
     let worst = got
         .iter()
@@ -313,7 +317,10 @@ async fn combat_operators_match_the_kernel() {
         model.apply_row(b, &row, &mut o);
         for f in 0..D {
             let (g, w) = (got[i * D + f] as f64, o[f]);
-            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "row {i} f{f}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "row {i} f{f}: {g} vs {w}"
+            );
         }
     }
 }

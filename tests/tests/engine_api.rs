@@ -49,7 +49,19 @@ async fn explain_shows_the_balans_operator() {
         "{}",
         datafusion::physical_plan::displayable(physical.as_ref()).indent(false)
     );
-    assert!(shown.contains("BalansExec: features=20"), "{shown}");
+    // One operator per step, each showing its partitions.
+    for step in [
+        "OrderedConcatExec: partitions=1 in order",
+        "BalansApplyExec: partitions=1, method=balans",
+        "BalansSmoothExec: global, variant=paper",
+        "BalansSmoothPartialExec: partitions=1",
+        "BalansLandmarkExec: global, k=10",
+        "BalansReduceExec: partitions=1, pca=off",
+        "BalansProfileExec: global",
+        "BalansIngestExec: partitions=1, features=20",
+    ] {
+        assert!(shown.contains(step), "{step}: {shown}");
+    }
     // The default runs two passes: two chained operators, the second over the first.
     let spec = BalansSpec::new(
         roles.features,
@@ -63,8 +75,8 @@ async fn explain_shows_the_balans_operator() {
         "{}",
         datafusion::physical_plan::displayable(physical.as_ref()).indent(false)
     );
-    let second = shown.find("BalansExec: pass 2/2").expect(&shown);
-    let first = shown.find("BalansExec: pass 1/2").expect(&shown);
+    let second = shown.find("BalansApplyExec: pass 2/2").expect(&shown);
+    let first = shown.find("BalansApplyExec: pass 1/2").expect(&shown);
     assert!(second < first, "the last pass is the plan's root: {shown}");
 }
 

@@ -915,7 +915,10 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
         config,
         overwrite: a.overwrite,
         source: SourceOptions {
-            scan_partitions: a.partitions.unwrap_or_else(rayon::current_num_threads).max(1),
+            scan_partitions: a
+                .partitions
+                .unwrap_or_else(rayon::current_num_threads)
+                .max(1),
             ..a.input.select.source()
         },
         negcon: a.eval.negcon.clone(),

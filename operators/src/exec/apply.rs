@@ -132,7 +132,9 @@ impl ExecutionPlan for BalansApplyExec {
             let out = tokio::task::spawn_blocking(move || {
                 worker.stage_begin(WRITE_STAGE, worker.partitions, None);
                 let out = write_partition(&worker, partition, &tx);
-                worker.stage_end(WRITE_STAGE);
+                if out.is_err() {
+                    worker.stage_end(WRITE_STAGE);
+                }
                 out
             })
             .await
@@ -312,6 +314,7 @@ fn write_partition(
         }
         row = end;
     }
+    ctx.stage_end(WRITE_STAGE);
     ctx.partition_written(uncovered, nnz);
     Ok(())
 }

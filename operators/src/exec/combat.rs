@@ -142,7 +142,10 @@ impl GlobalStep for ComBatFitStep {
             total.merge_bytes(&state[batches * 8..]).ok_or_else(bad)?;
         }
         let values = total.values();
-        let (mut s1, mut s2) = (Vec::with_capacity(batches * d), Vec::with_capacity(batches * d));
+        let (mut s1, mut s2) = (
+            Vec::with_capacity(batches * d),
+            Vec::with_capacity(batches * d),
+        );
         for b in 0..batches {
             s1.extend_from_slice(&values[b * 2 * d..b * 2 * d + d]);
             s2.extend_from_slice(&values[b * 2 * d + d..(b + 1) * 2 * d]);
@@ -161,10 +164,18 @@ impl GlobalStep for ComBatFitStep {
                 Arc::new(StringArray::from(profile.batch_keys.clone())),
                 Arc::new(UInt64Array::from(counts)),
                 Arc::new(Float64Array::from(
-                    model.batches.iter().map(|b| mean(&b.gamma_star)).collect::<Vec<_>>(),
+                    model
+                        .batches
+                        .iter()
+                        .map(|b| mean(&b.gamma_star))
+                        .collect::<Vec<_>>(),
                 )),
                 Arc::new(Float64Array::from(
-                    model.batches.iter().map(|b| mean(&b.delta_star)).collect::<Vec<_>>(),
+                    model
+                        .batches
+                        .iter()
+                        .map(|b| mean(&b.delta_star))
+                        .collect::<Vec<_>>(),
                 )),
             ],
         )?;

@@ -133,10 +133,11 @@ mod tests {
             ]
         };
         let input =
-            MemorySourceConfig::try_new_exec(&[part(0), part(10), part(20)], schema, None)
-                .unwrap();
+            MemorySourceConfig::try_new_exec(&[part(0), part(10), part(20)], schema, None).unwrap();
         let concat = Arc::new(OrderedConcatExec::new(input));
-        let out = collect(concat, SessionContext::new().task_ctx()).await.unwrap();
+        let out = collect(concat, SessionContext::new().task_ctx())
+            .await
+            .unwrap();
         let values: Vec<i64> = out
             .iter()
             .flat_map(|b| {

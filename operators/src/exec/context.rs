@@ -38,7 +38,9 @@ pub struct WorkFile {
 
 impl std::fmt::Debug for WorkFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkFile").field("path", &self.path).finish()
+        f.debug_struct("WorkFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -361,8 +363,7 @@ impl PassContext {
         let pool = task.memory_pool().clone();
         let mut guard = self.reservation.lock().expect("reservation lock");
         let reservation = guard.get_or_insert_with(|| {
-            MemoryConsumer::new(format!("Balans {}", self.spec.pass_label().trim()))
-                .register(&pool)
+            MemoryConsumer::new(format!("Balans {}", self.spec.pass_label().trim())).register(&pool)
         });
         reservation.try_grow(bytes).map_err(|_| {
             let free = match pool.memory_limit() {
@@ -393,7 +394,11 @@ impl PassContext {
 
     /// A new working file in the session's temporary directory.
     pub fn work_file(&self, what: &str) -> Result<WorkFile> {
-        let guard = self.task()?.runtime_env().disk_manager.create_tmp_file(what)?;
+        let guard = self
+            .task()?
+            .runtime_env()
+            .disk_manager
+            .create_tmp_file(what)?;
         let path = guard
             .path()
             .ok_or_else(|| {
@@ -485,7 +490,9 @@ impl PassContext {
 
     /// Spooled partition `i`.
     pub fn spool(&self, i: usize) -> Result<&Arc<SpoolPartition>> {
-        self.spool[i].get().ok_or_else(|| missing("the spooled input"))
+        self.spool[i]
+            .get()
+            .ok_or_else(|| missing("the spooled input"))
     }
 
     /// Records partition `i`'s reduced coordinates.
@@ -537,10 +544,10 @@ macro_rules! product {
             }
 
             #[doc = concat!(
-                "",
-                $what,
-                " (an error if the step that makes it has not run)."
-            )]
+                        "",
+                        $what,
+                        " (an error if the step that makes it has not run)."
+                    )]
             pub fn $get(&self) -> Result<&$ty> {
                 self.$field.get().ok_or_else(|| missing($what))
             }
@@ -548,13 +555,49 @@ macro_rules! product {
     };
 }
 
-product!(set_profile, profile, profile, Arc<Profile>, "the batch profile");
+product!(
+    set_profile,
+    profile,
+    profile,
+    Arc<Profile>,
+    "the batch profile"
+);
 product!(set_pca, pca, pca, Option<Arc<PcaModel>>, "the PCA model");
-product!(set_landmarks, landmarks, landmarks, Arc<LandmarkSet>, "the landmarks");
-product!(set_smoother, smoother, smoother, Arc<FittedSmoother>, "the fitted smoother");
-product!(set_combat, combat, combat, Arc<ComBatModel>, "the ComBat model");
-product!(set_sphering, sphering, sphering, Arc<SpheringModel>, "the sphering model");
-product!(set_harmony, harmony, harmony, Arc<Vec<f32>>, "the Harmony coordinates");
+product!(
+    set_landmarks,
+    landmarks,
+    landmarks,
+    Arc<LandmarkSet>,
+    "the landmarks"
+);
+product!(
+    set_smoother,
+    smoother,
+    smoother,
+    Arc<FittedSmoother>,
+    "the fitted smoother"
+);
+product!(
+    set_combat,
+    combat,
+    combat,
+    Arc<ComBatModel>,
+    "the ComBat model"
+);
+product!(
+    set_sphering,
+    sphering,
+    sphering,
+    Arc<SpheringModel>,
+    "the sphering model"
+);
+product!(
+    set_harmony,
+    harmony,
+    harmony,
+    Arc<Vec<f32>>,
+    "the Harmony coordinates"
+);
 
 impl PassContext {
     /// Counts a written partition's rows, uncovered rows and entries; the last partition
@@ -564,6 +607,12 @@ impl PassContext {
         self.nnz.fetch_add(nnz, Ordering::Relaxed);
         let done = self.written.fetch_add(1, Ordering::AcqRel) + 1;
         if done == self.partitions {
+            // What stays in memory until the plan is dropped: the batch codes (per partition
+            // and global, 4 bytes each per row); the working files are on disk.
+            let rows = self.profile.get().map_or(0, |p| p.rows);
+            if let Some(r) = self.reservation.lock().expect("reservation lock").as_mut() {
+                r.shrink(r.size().saturating_sub(rows * 8));
+            }
             let uncovered = self.uncovered.load(Ordering::Relaxed);
             if uncovered > 0 && self.landmarks.get().is_some_and(|l| l.all_rows) {
                 self.warn(format!(

@@ -21,9 +21,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties,
-};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::StreamExt;
 
 use crate::config::NanPolicy;
@@ -186,9 +184,9 @@ fn spool_partition(
     let in_schema = input.schema();
     let d = spec.features.len();
     let index = |name: &String| {
-        in_schema.index_of(name).map_err(|_| {
-            OperatorError::BadInput(format!("column '{name}' is not in the input"))
-        })
+        in_schema
+            .index_of(name)
+            .map_err(|_| OperatorError::BadInput(format!("column '{name}' is not in the input")))
     };
     let feature_idx: Vec<usize> = spec.features.iter().map(index).collect::<Result<_>>()?;
     let batch_idx: Vec<usize> = spec.batch.iter().map(index).collect::<Result<_>>()?;

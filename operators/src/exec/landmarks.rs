@@ -14,7 +14,9 @@ use datafusion::arrow::array::{
     UInt32Array, UInt64Array,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type, UInt64Type,
+};
 
 use crate::error::{OperatorError, Result};
 use crate::exec::context::{CancelFlag, LandmarkSet, PassContext};
@@ -57,7 +59,12 @@ pub fn landmark_schema(p: usize) -> SchemaRef {
 pub fn landmark_table(set: &LandmarkSet, p: usize, batches: usize) -> Result<RecordBatch> {
     let lms = &set.landmarks;
     let list = |values: Arc<dyn Array>, t: DataType, n: usize| {
-        FixedSizeListArray::try_new(Arc::new(Field::new("item", t, false)), n as i32, values, None)
+        FixedSizeListArray::try_new(
+            Arc::new(Field::new("item", t, false)),
+            n as i32,
+            values,
+            None,
+        )
     };
     let sigma2: Vec<f64> = lms
         .iter()
@@ -174,8 +181,9 @@ impl GlobalStep for LandmarkStep {
                 ));
             }
         }
+        let sampler_bytes = s * 8 * 3 + s + s * (p * 4 + 8) + 64 * 1024;
         ctx.reserve(
-            s * 8 * 3 + s + s * (p * 4 + 8) + 64 * 1024,
+            sampler_bytes,
             "the landmark sampler (coordinates, 3 x f64 + 1 byte per sample row)",
         )?;
         let z: Vec<f32> = sample.iter().flat_map(|r| r.2.iter().copied()).collect();
@@ -207,6 +215,9 @@ impl GlobalStep for LandmarkStep {
                 progress.stage_progress(SAMPLE_STAGE, 1, Some(format!("{m} landmarks")));
             },
         )?;
+        // The sampler's state and the sample rows (reserved by the reduce step) are gone.
+        drop(z);
+        ctx.release(sampler_bytes + s * (p * 4 + 12));
         if result.landmarks.is_empty() {
             return Err(OperatorError::BadInput("no landmarks were sampled".into()));
         }

@@ -7,9 +7,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, FixedSizeListArray, Float64Array, RecordBatch, StringArray,
-};
+use datafusion::arrow::array::{Array, FixedSizeListArray, Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{OperatorError, Result};
@@ -175,17 +173,18 @@ impl GlobalStep for PcaFitStep {
         for (_, state) in partial_states(&partials)? {
             cancel.check()?;
             let bad = || OperatorError::InvalidParameter("malformed PCA partial".into());
-            n += u64::from_le_bytes(state.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+            n += u64::from_le_bytes(
+                state
+                    .get(..8)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
             total.merge_bytes(&state[8..]).ok_or_else(bad)?;
         }
         let values = total.values();
-        let acc = GramAccumulator::from_parts(
-            shift,
-            n,
-            values[..d].to_vec(),
-            values[d..].to_vec(),
-        )
-        .ok_or_else(|| OperatorError::InvalidParameter("PCA state of the wrong size".into()))?;
+        let acc = GramAccumulator::from_parts(shift, n, values[..d].to_vec(), values[d..].to_vec())
+            .ok_or_else(|| OperatorError::InvalidParameter("PCA state of the wrong size".into()))?;
         let model = acc.finish(p);
         ctx.with_summary(|s| {
             s.pca_components = model.p;

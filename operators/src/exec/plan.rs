@@ -19,8 +19,8 @@
 
 use std::sync::Arc;
 
-use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 
 use crate::config::Method;

@@ -11,7 +11,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{FixedSizeListArray, Float32Array, RecordBatch, UInt32Array, UInt64Array};
+use datafusion::arrow::array::{
+    FixedSizeListArray, Float32Array, RecordBatch, UInt32Array, UInt64Array,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 
@@ -99,9 +101,7 @@ impl PartitionStep for ReduceStep {
             None => "pca=off".to_string(),
         };
         if cfg.method == Method::Balans {
-            let sample = cfg
-                .sample_rows
-                .map_or("all".to_string(), |s| s.to_string());
+            let sample = cfg.sample_rows.map_or("all".to_string(), |s| s.to_string());
             format!("{space}, metric={}, sample_rows={sample}", cfg.metric)
         } else {
             space

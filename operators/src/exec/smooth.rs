@@ -114,8 +114,12 @@ impl PartitionStep for SmoothPartialStep {
             "Y = A_S X (landmarks x batches x output columns)",
         )?;
         let mut sums = empty_sums(ctx, dx)?;
-        let mut acc =
-            SmoothAccumulator::with_search(landmarks, LandmarkSearch::new(landmarks), dx, cfg.variant);
+        let mut acc = SmoothAccumulator::with_search(
+            landmarks,
+            LandmarkSearch::new(landmarks),
+            dx,
+            cfg.variant,
+        );
         let rows = profile.partition_rows(partition);
         let mut seen = 0usize;
         let (mut z, mut x) = (Vec::new(), Vec::new());
@@ -193,7 +197,9 @@ impl GlobalStep for SmoothMergeStep {
         let table = RecordBatch::try_new(
             self.schema(ctx),
             vec![
-                Arc::new(UInt32Array::from((0..row_sums.len() as u32).collect::<Vec<_>>())),
+                Arc::new(UInt32Array::from(
+                    (0..row_sums.len() as u32).collect::<Vec<_>>(),
+                )),
                 Arc::new(Float64Array::from(row_sums)),
             ],
         )?;

@@ -146,4 +146,3 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
         input.metadata().clone(),
     )))
 }
-

@@ -144,12 +144,21 @@ impl GlobalStep for SpheringFitStep {
         for (_, state) in partial_states(&partials)? {
             cancel.check()?;
             let bad = || OperatorError::InvalidParameter("malformed sphering partial".into());
-            n += u64::from_le_bytes(state.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+            n += u64::from_le_bytes(
+                state
+                    .get(..8)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            );
             total.merge_bytes(&state[8..]).ok_or_else(bad)?;
         }
         let values = total.values();
-        let acc = SpheringAccumulator::from_parts(shift, n, values[..d].to_vec(), values[d..].to_vec())
-            .ok_or_else(|| OperatorError::InvalidParameter("sphering state of the wrong size".into()))?;
+        let acc =
+            SpheringAccumulator::from_parts(shift, n, values[..d].to_vec(), values[d..].to_vec())
+                .ok_or_else(|| {
+                OperatorError::InvalidParameter("sphering state of the wrong size".into())
+            })?;
         let cfg = &ctx.spec.config;
         let model = acc.fit(cfg.sphering, cfg.epsilon, &ctx.spec.features)?;
         ctx.with_summary(|s| {

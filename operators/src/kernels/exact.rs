@@ -92,7 +92,11 @@ impl ExactSum {
 
     /// Adds another sum with the same layout (integer addition: any order gives the same bits).
     pub fn merge(&mut self, other: &ExactSum) {
-        assert_eq!(self.fixed.len(), other.fixed.len(), "ExactSum layouts differ");
+        assert_eq!(
+            self.fixed.len(),
+            other.fixed.len(),
+            "ExactSum layouts differ"
+        );
         assert_eq!(self.scale, other.scale, "ExactSum scales differ");
         for (a, &b) in self.fixed.iter_mut().zip(&other.fixed) {
             *a = a.wrapping_add(b);

@@ -11,7 +11,7 @@ pub mod pca;
 pub mod preprocess;
 pub mod quality;
 pub mod sampling;
-pub mod search;
 pub mod scale;
+pub mod search;
 pub mod smooth;
 pub mod sphering;

@@ -138,12 +138,7 @@ impl LandmarkSearch {
             .into_par_iter()
             .map(|b| {
                 let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
-                self.block(
-                    landmarks,
-                    &z[r0 * p..r1 * p],
-                    &batch[r0..r1],
-                    nearest,
-                )
+                self.block(landmarks, &z[r0 * p..r1 * p], &batch[r0..r1], nearest)
             })
             .collect();
         out.offsets.clear();
@@ -260,7 +255,12 @@ mod tests {
             .collect()
     }
 
-    fn sampled(n: usize, p: usize, offset: f32, seed: u64) -> (Vec<f32>, Vec<usize>, Vec<Landmark>) {
+    fn sampled(
+        n: usize,
+        p: usize,
+        offset: f32,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<usize>, Vec<Landmark>) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         // Far from the origin, so the centring matters for the f32 estimate.
         let x: Vec<f32> = (0..n * p)

@@ -128,7 +128,8 @@ impl SmoothAccumulator {
         assert_eq!(landmarks.len(), self.m);
         assert_eq!(x.len(), batch.len() * self.d);
         let mut entries = std::mem::take(&mut self.entries);
-        self.search.entries(landmarks, z, batch, false, &mut entries);
+        self.search
+            .entries(landmarks, z, batch, false, &mut entries);
         let per_batch = self.groups > 1;
         let mut by_landmark: Vec<Vec<(u32, f64)>> = vec![Vec::new(); self.m];
         for r in 0..batch.len() {
@@ -145,7 +146,11 @@ impl SmoothAccumulator {
             .zip(by_landmark.par_iter())
             .for_each(|((yl, wl), list)| {
                 for &(r, a) in list {
-                    let g = if per_batch { batch[r as usize] as usize } else { 0 };
+                    let g = if per_batch {
+                        batch[r as usize] as usize
+                    } else {
+                        0
+                    };
                     wl[g] += a;
                     let xr = &x[r as usize * d..(r as usize + 1) * d];
                     for (acc, &v) in yl[g * d..(g + 1) * d].iter_mut().zip(xr) {
@@ -455,11 +460,8 @@ impl FittedSmoother {
             .entries(landmarks, z, batch, options.nearest_fallback, &mut entries);
         let residual = options.variant == Variant::Residual;
         let strength = options.strength;
-        let fallback_entry: Vec<[(u32, f64); 1]> = entries
-            .nearest
-            .iter()
-            .map(|&l| [(l, 1.0)])
-            .collect();
+        let fallback_entry: Vec<[(u32, f64); 1]> =
+            entries.nearest.iter().map(|&l| [(l, 1.0)]).collect();
         let stats = out
             .par_chunks_mut(d.max(1))
             .zip(x.par_chunks(d.max(1)))
