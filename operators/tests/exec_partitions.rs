@@ -30,7 +30,7 @@ const D: usize = 6;
 /// negative-control flag column.
 fn table(n: usize, batches: usize, seed: u64) -> RecordBatch {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut cols: Vec<Vec<f32>> = vec![Vec::with_capacity(n); D];
+    let mut cols: Vec<Vec<f32>> = (0..D).map(|_| Vec::with_capacity(n)).collect();
     let mut batch = Vec::with_capacity(n);
     let mut label = Vec::with_capacity(n);
     let mut negcon = Vec::with_capacity(n);

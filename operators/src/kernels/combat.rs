@@ -92,15 +92,16 @@ impl BatchMoments {
         assert_eq!((s1.len(), s2.len()), (batches * d, batches * d));
         let mut mean = vec![0.0; batches * d];
         let mut m2 = vec![0.0; batches * d];
-        for b in 0..batches {
-            let n = count[b] as f64;
+        for (b, &c) in count.iter().enumerate() {
+            let n = c as f64;
             if n == 0.0 {
                 continue;
             }
-            for f in 0..d {
-                let k = b * d + f;
+            let at = b * d;
+            for (f, &sh) in shift.iter().enumerate() {
+                let k = at + f;
                 let delta = s1[k] / n;
-                mean[k] = shift[f] + delta;
+                mean[k] = sh + delta;
                 m2[k] = (s2[k] - s1[k] * delta).max(0.0);
             }
         }

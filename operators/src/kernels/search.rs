@@ -64,6 +64,9 @@ impl ColumnEntries {
     }
 }
 
+/// One block's result: end offset of each row's entries, the entries, nearest per row.
+type BlockEntries = (Vec<usize>, Vec<(u32, f64)>, Vec<u32>);
+
 /// Error bound factor of the `f32` estimate (see the module docs).
 fn margin_factor(p: usize) -> f64 {
     (2 * p + 16) as f64 * (1.0 / 16_777_216.0)
@@ -134,7 +137,7 @@ impl LandmarkSearch {
         let p = self.p.max(1);
         let n = batch.len();
         assert_eq!(z.len(), n * self.p, "coordinates do not match the batches");
-        let blocks: Vec<(Vec<usize>, Vec<(u32, f64)>, Vec<u32>)> = (0..n.div_ceil(BLOCK))
+        let blocks: Vec<BlockEntries> = (0..n.div_ceil(BLOCK))
             .into_par_iter()
             .map(|b| {
                 let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
@@ -160,7 +163,7 @@ impl LandmarkSearch {
         z: &[f32],
         batch: &[u32],
         nearest: bool,
-    ) -> (Vec<usize>, Vec<(u32, f64)>, Vec<u32>) {
+    ) -> BlockEntries {
         let (m, p, r) = (self.m, self.p, batch.len());
         let mut ends = Vec::with_capacity(r);
         let mut items = Vec::new();
