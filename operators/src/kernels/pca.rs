@@ -60,6 +60,7 @@ impl GramAccumulator {
             1.0,
             Par::Seq,
         );
+        crate::kernels::clear_upper_simd_state();
         self.n += r as u64;
     }
 

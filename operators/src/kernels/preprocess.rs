@@ -402,6 +402,7 @@ pub fn pearson_correlation(
         }
         let x = MatRef::from_column_major_slice(&block, end - start, d);
         matmul(gram.as_mut(), Accum::Add, x.transpose(), x, 1.0, Par::Seq);
+        crate::kernels::clear_upper_simd_state();
         start = end;
     }
     let std: Vec<f64> = (0..d).map(|i| gram[(i, i)].sqrt()).collect();

@@ -35,9 +35,11 @@ pub struct LandmarkSearch {
     /// Centred coordinates, row-major `m x p`.
     coords: Vec<f32>,
     norms: Vec<f64>,
-    /// `t_l * sigma2_{l,b}` (row-major `m x batches`), slightly widened.
+    /// `(1 - margin) ||z~_l||^2`: the landmark's part of the estimate's lower bound.
+    norms_low: Vec<f64>,
+    /// `t_l * sigma2_{l,b}` (batch-major `batches x m`), slightly widened.
     radius2: Vec<f64>,
-    /// `1 / sigma2_{l,b}` for the nearest-landmark fallback.
+    /// `1 / sigma2_{l,b}` (batch-major) for the nearest-landmark fallback.
     inv_sigma2: Vec<f64>,
 }
 
@@ -92,18 +94,23 @@ impl LandmarkSearch {
             .iter()
             .flat_map(|l| l.coords.iter().zip(&center).map(|(&v, &c)| v - c))
             .collect();
-        let norms = coords
-            .chunks(p.max(1))
-            .take(m)
-            .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum())
-            .collect();
-        let mut radius2 = Vec::with_capacity(m * batches);
-        let mut inv_sigma2 = Vec::with_capacity(m * batches);
-        for l in landmarks {
-            assert_eq!(l.scales.len(), batches, "landmarks disagree on batches");
-            for s in &l.scales {
-                radius2.push(l.threshold * s.sigma2 * (1.0 + 1e-9));
-                inv_sigma2.push(1.0 / s.sigma2);
+        let norms: Vec<f64> = if p == 0 {
+            vec![0.0; m]
+        } else {
+            coords
+                .chunks(p)
+                .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum())
+                .collect()
+        };
+        let factor = margin_factor(p);
+        let norms_low = norms.iter().map(|&n| (1.0 - factor) * n).collect();
+        let mut radius2 = vec![0.0; m * batches];
+        let mut inv_sigma2 = vec![0.0; m * batches];
+        for (l, lm) in landmarks.iter().enumerate() {
+            assert_eq!(lm.scales.len(), batches, "landmarks disagree on batches");
+            for (b, s) in lm.scales.iter().enumerate() {
+                radius2[b * m + l] = lm.threshold * s.sigma2 * (1.0 + 1e-9) + 1e-30;
+                inv_sigma2[b * m + l] = 1.0 / s.sigma2;
             }
         }
         Self {
@@ -113,6 +120,7 @@ impl LandmarkSearch {
             center,
             coords,
             norms,
+            norms_low,
             radius2,
             inv_sigma2,
         }
@@ -180,51 +188,59 @@ impl LandmarkSearch {
             .chunks_exact(p.max(1))
             .map(|row| row.iter().map(|&v| (v as f64) * (v as f64)).sum())
             .collect();
-        let mut dots = Mat::<f32>::zeros(r, m);
+        // Column i: the dot products of point i with every landmark (contiguous).
+        let mut dots = Mat::<f32>::zeros(m, r);
         if p > 0 {
             matmul(
                 dots.as_mut(),
                 Accum::Replace,
-                MatRef::from_row_major_slice(&centred, r, p),
-                MatRef::from_row_major_slice(&self.coords, m, p).transpose(),
+                MatRef::from_row_major_slice(&self.coords, m, p),
+                MatRef::from_row_major_slice(&centred, r, p).transpose(),
                 1.0f32,
                 Par::Seq,
             );
         }
+            crate::kernels::clear_upper_simd_state();
         let factor = margin_factor(p);
-        let mut candidates: Vec<(usize, f64)> = Vec::new();
+        let mut candidates: Vec<u32> = Vec::with_capacity(m);
         for i in 0..r {
             let zi = &z[i * p..(i + 1) * p];
             let b = batch[i] as usize;
             let nz = row_norms[i];
+            let col = dots.col_as_slice(i);
+            // Lower bound of the squared distance: (1 - f)(||z~||^2 + ||z~_l||^2) - 2 z~.z~_l.
+            let base = (1.0 - factor) * nz;
+            let radius = &self.radius2[b * m..(b + 1) * m];
+            candidates.clear();
+            for (l, ((&dot, &nl), &r2)) in col.iter().zip(&self.norms_low).zip(radius).enumerate() {
+                if base + nl - 2.0 * (dot as f64) < r2 {
+                    candidates.push(l as u32);
+                }
+            }
             let start = items.len();
-            for l in 0..m {
-                let estimate = nz + self.norms[l] - 2.0 * dots[(i, l)] as f64;
-                let margin = factor * (nz + self.norms[l]) + 1e-30;
-                if estimate - margin < self.radius2[l * self.batches + b] {
-                    let a = landmarks[l].affinity(zi, b);
-                    if a > 0.0 {
-                        items.push((l as u32, a));
-                    }
+            for &l in &candidates {
+                let a = landmarks[l as usize].affinity(zi, b);
+                if a > 0.0 {
+                    items.push((l, a));
                 }
             }
             ends.push(items.len());
             if nearest && items.len() == start {
                 // Upper bound of the best scaled distance, then exact checks of every
                 // landmark whose lower bound does not exceed it.
-                candidates.clear();
-                let mut best_upper = f64::INFINITY;
-                for l in 0..m {
-                    let estimate = nz + self.norms[l] - 2.0 * dots[(i, l)] as f64;
+                let inv = &self.inv_sigma2[b * m..(b + 1) * m];
+                let bounds = |l: usize| {
+                    let estimate = nz + self.norms[l] - 2.0 * col[l] as f64;
                     let margin = factor * (nz + self.norms[l]) + 1e-30;
-                    let inv = self.inv_sigma2[l * self.batches + b];
-                    let lower = (estimate - margin).max(0.0) * inv;
-                    best_upper = best_upper.min((estimate + margin).max(0.0) * inv);
-                    candidates.push((l, lower));
-                }
+                    (
+                        (estimate - margin).max(0.0) * inv[l],
+                        (estimate + margin).max(0.0) * inv[l],
+                    )
+                };
+                let best_upper = (0..m).map(|l| bounds(l).1).fold(f64::INFINITY, f64::min);
                 let mut best = (f64::INFINITY, u32::MAX);
-                for &(l, lower) in &candidates {
-                    if lower <= best_upper * (1.0 + 1e-9) {
+                for l in 0..m {
+                    if bounds(l).0 <= best_upper * (1.0 + 1e-9) {
                         let s = landmarks[l].scaled_distance(zi, b);
                         if s < best.0 {
                             best = (s, l as u32);

@@ -467,43 +467,46 @@ impl FittedSmoother {
             .zip(x.par_chunks(d.max(1)))
             .zip(covered.par_iter_mut())
             .enumerate()
-            .map(|(r, ((o, xr), cov))| {
-                let mut row = entries.row(r);
-                *cov = !row.is_empty();
-                let uncovered = row.is_empty() as usize;
-                if row.is_empty() {
-                    if !options.nearest_fallback || entries.nearest[r] == u32::MAX {
-                        o.copy_from_slice(xr);
-                        return (uncovered, 0);
+            .map_init(
+                || vec![0.0f64; d],
+                |acc, (r, ((o, xr), cov))| {
+                    let mut row = entries.row(r);
+                    *cov = !row.is_empty();
+                    let uncovered = row.is_empty() as usize;
+                    if row.is_empty() {
+                        if !options.nearest_fallback || entries.nearest[r] == u32::MAX {
+                            o.copy_from_slice(xr);
+                            return (uncovered, 0);
+                        }
+                        row = &fallback_entry[r];
                     }
-                    row = &fallback_entry[r];
-                }
-                let b = batch[r] as usize;
-                let mut acc = vec![0.0f64; d];
-                let mut col_sum = 0.0;
-                let g = if self.groups > 1 { b } else { 0 };
-                for &(l, a) in row {
-                    col_sum += a;
-                    let at = (l as usize * self.groups + g) * d;
-                    for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
-                        *s += a * y;
+                    let b = batch[r] as usize;
+                    acc.fill(0.0);
+                    let mut col_sum = 0.0;
+                    let g = if self.groups > 1 { b } else { 0 };
+                    for &(l, a) in row {
+                        col_sum += a;
+                        let at = (l as usize * self.groups + g) * d;
+                        for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
+                            *s += a * y;
+                        }
                     }
-                }
-                let scale = match options.estimator {
-                    Estimator::Nystrom if !options.variant.per_batch() => 1.0,
-                    _ => 1.0 / col_sum,
-                };
-                for ((dst, s), &v) in o.iter_mut().zip(&acc).zip(xr.iter()) {
-                    let v = v as f64;
-                    let target = if residual { v + s * scale } else { s * scale };
-                    *dst = if strength == 1.0 {
-                        target
-                    } else {
-                        v + strength * (target - v)
-                    } as f32;
-                }
-                (uncovered, row.len() * (1 - uncovered))
-            })
+                    let scale = match options.estimator {
+                        Estimator::Nystrom if !options.variant.per_batch() => 1.0,
+                        _ => 1.0 / col_sum,
+                    };
+                    for ((dst, s), &v) in o.iter_mut().zip(acc.iter()).zip(xr.iter()) {
+                        let v = v as f64;
+                        let target = if residual { v + s * scale } else { s * scale };
+                        *dst = if strength == 1.0 {
+                            target
+                        } else {
+                            v + strength * (target - v)
+                        } as f32;
+                    }
+                    (uncovered, row.len() * (1 - uncovered))
+                },
+            )
             .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         ApplyStats {
             uncovered: stats.0,

@@ -121,6 +121,7 @@ impl SpheringAccumulator {
             1.0,
             faer::Par::Seq,
         );
+        crate::kernels::clear_upper_simd_state();
         self.n += r as u64;
     }
 
@@ -232,6 +233,7 @@ impl SpheringModel {
             1.0,
             faer::Par::Seq,
         );
+        crate::kernels::clear_upper_simd_state();
         for i in 0..r {
             for j in 0..d {
                 out[i * d + j] = y[(i, j)];
