@@ -227,23 +227,41 @@ impl PcaModel {
                 vt[f * p + c] = self.components[c * d + f];
             }
         }
-        const R: usize = 4;
-        let mut acc = vec![0.0f64; R * p];
-        for (x, o) in rows.chunks(R * d.max(1)).zip(out.chunks_mut(R * p)) {
-            let r = x.len() / d.max(1);
-            acc.iter_mut().for_each(|v| *v = 0.0);
-            for f in 0..d {
-                let axis = &vt[f * p..(f + 1) * p];
-                for k in 0..r {
-                    let t = x[k * d + f] as f64 - self.mean[f];
-                    for (a, &w) in acc[k * p..(k + 1) * p].iter_mut().zip(axis) {
-                        *a += t * w;
-                    }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::distance::has_avx2() {
+            // SAFETY: AVX2 is available (checked above).
+            unsafe { project_avx2(&vt, &self.mean, d, p, rows, out) };
+            return;
+        }
+        project_body(&vt, &self.mean, d, p, rows, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn project_avx2(vt: &[f64], mean: &[f64], d: usize, p: usize, rows: &[f32], out: &mut [f32]) {
+    project_body(vt, mean, d, p, rows, out)
+}
+
+/// The projection loop (same operations in the same order with or without AVX2).
+#[inline(always)]
+fn project_body(vt: &[f64], mean: &[f64], d: usize, p: usize, rows: &[f32], out: &mut [f32]) {
+    const R: usize = 4;
+    let mut acc = vec![0.0f64; R * p];
+    for (x, o) in rows.chunks(R * d.max(1)).zip(out.chunks_mut(R * p)) {
+        let r = x.len() / d.max(1);
+        acc.iter_mut().for_each(|v| *v = 0.0);
+        for f in 0..d {
+            let axis = &vt[f * p..(f + 1) * p];
+            for k in 0..r {
+                let t = x[k * d + f] as f64 - mean[f];
+                for (a, &w) in acc[k * p..(k + 1) * p].iter_mut().zip(axis) {
+                    *a += t * w;
                 }
             }
-            for (dst, &v) in o.iter_mut().zip(&acc[..r * p]) {
-                *dst = v as f32;
-            }
+        }
+        for (dst, &v) in o.iter_mut().zip(&acc[..r * p]) {
+            *dst = v as f32;
         }
     }
 }

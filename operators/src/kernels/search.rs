@@ -30,7 +30,6 @@ const BLOCK: usize = 256;
 pub struct LandmarkSearch {
     m: usize,
     p: usize,
-    batches: usize,
     center: Vec<f32>,
     /// Centred coordinates, row-major `m x p`.
     coords: Vec<f32>,
@@ -116,7 +115,6 @@ impl LandmarkSearch {
         Self {
             m,
             p,
-            batches,
             center,
             coords,
             norms,

@@ -153,9 +153,7 @@ impl SmoothAccumulator {
                     };
                     wl[g] += a;
                     let xr = &x[r as usize * d..(r as usize + 1) * d];
-                    for (acc, &v) in yl[g * d..(g + 1) * d].iter_mut().zip(xr) {
-                        *acc += a * v as f64;
-                    }
+                    axpy_f32(a, xr, &mut yl[g * d..(g + 1) * d]);
                 }
             });
     }
@@ -487,9 +485,7 @@ impl FittedSmoother {
                     for &(l, a) in row {
                         col_sum += a;
                         let at = (l as usize * self.groups + g) * d;
-                        for (s, &y) in acc.iter_mut().zip(&self.values[at..at + d]) {
-                            *s += a * y;
-                        }
+                        axpy_f64(a, &self.values[at..at + d], acc);
                     }
                     let scale = match options.estimator {
                         Estimator::Nystrom if !options.variant.per_batch() => 1.0,
@@ -513,6 +509,52 @@ impl FittedSmoother {
             nnz: stats.1,
         }
     }
+}
+
+/// `y += a * x` (elementwise, `x` widened to `f64`); AVX2 where available, same bits.
+#[inline]
+fn axpy_f32(a: f64, x: &[f32], y: &mut [f64]) {
+    #[inline(always)]
+    fn body(a: f64, x: &[f32], y: &mut [f64]) {
+        for (acc, &v) in y.iter_mut().zip(x) {
+            *acc += a * v as f64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(a: f64, x: &[f32], y: &mut [f64]) {
+            body(a, x, y)
+        }
+        if crate::kernels::distance::has_avx2() {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { wide(a, x, y) };
+        }
+    }
+    body(a, x, y)
+}
+
+/// `y += a * x` (elementwise); AVX2 where available, same bits.
+#[inline]
+fn axpy_f64(a: f64, x: &[f64], y: &mut [f64]) {
+    #[inline(always)]
+    fn body(a: f64, x: &[f64], y: &mut [f64]) {
+        for (acc, &v) in y.iter_mut().zip(x) {
+            *acc += a * v;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(a: f64, x: &[f64], y: &mut [f64]) {
+            body(a, x, y)
+        }
+        if crate::kernels::distance::has_avx2() {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { wide(a, x, y) };
+        }
+    }
+    body(a, x, y)
 }
 
 /// Moore–Penrose pseudo-inverse of a square row-major `m x m` matrix (singular values below
