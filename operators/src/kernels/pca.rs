@@ -4,7 +4,7 @@
 //! not cancel catastrophically when the mean is large). Accumulation runs in `f64` with a
 //! sequential GEMM per chunk, so the result does not depend on the thread count.
 
-use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par, Side};
 
 /// Mergeable state of the PCA fit: count, shifted sums and shifted Gram matrix.
@@ -52,16 +52,31 @@ impl GramAccumulator {
             }
         }
         let b = MatRef::from_row_major_slice(&centred, r, d);
-        matmul(
+        // The Gram matrix is symmetric: only its lower triangle is accumulated (half the
+        // work), and every reader goes through `Self::entry`.
+        triangular::matmul(
             self.gram.as_mut(),
+            BlockStructure::TriangularLower,
             Accum::Add,
             b.transpose(),
+            BlockStructure::Rectangular,
             b,
+            BlockStructure::Rectangular,
             1.0,
             Par::Seq,
         );
         crate::kernels::clear_upper_simd_state();
         self.n += r as u64;
+    }
+
+    /// Entry `(i, j)` of the shifted Gram matrix (stored in the lower triangle).
+    #[inline]
+    fn entry(&self, i: usize, j: usize) -> f64 {
+        if i >= j {
+            self.gram[(i, j)]
+        } else {
+            self.gram[(j, i)]
+        }
     }
 
     /// Merges another partition's state (same shift).
@@ -118,7 +133,7 @@ impl GramAccumulator {
     /// The state as flat parts: `(shift, n, sum, gram column-major)`, for serialising.
     pub fn to_parts(&self) -> (Vec<f64>, u64, Vec<f64>, Vec<f64>) {
         let d = self.d;
-        let gram = (0..d * d).map(|k| self.gram[(k % d, k / d)]).collect();
+        let gram = (0..d * d).map(|k| self.entry(k % d, k / d)).collect();
         (self.shift.clone(), self.n, self.sum.clone(), gram)
     }
 
@@ -148,7 +163,7 @@ impl GramAccumulator {
         let mu_shifted: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
         let denom = (self.n.max(2) - 1) as f64;
         let cov = Mat::from_fn(self.d, self.d, |i, j| {
-            (self.gram[(i, j)] - n * mu_shifted[i] * mu_shifted[j]) / denom
+            (self.entry(i, j) - n * mu_shifted[i] * mu_shifted[j]) / denom
         });
         let mean = mu_shifted
             .iter()
