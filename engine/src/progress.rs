@@ -82,7 +82,15 @@ impl ProgressSink for TerminalProgress {
         // stage timings and warnings.
         let mut slot = self.summary.lock().expect("summary lock");
         let mut merged = summary.clone();
+        merged.landmarks_per_pass = vec![summary.landmarks];
         if let Some(previous) = slot.take() {
+            merged.landmarks_per_pass = previous
+                .landmarks_per_pass
+                .into_iter()
+                .chain([summary.landmarks])
+                .collect();
+            merged.peak_reserved_bytes =
+                merged.peak_reserved_bytes.max(previous.peak_reserved_bytes);
             merged.stages = previous.stages.into_iter().chain(merged.stages).collect();
             let mut warnings = previous.warnings;
             for w in merged.warnings {
@@ -148,13 +156,38 @@ pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> 
         line("method", s.method.clone());
         line("fit", s.stop_reason.clone());
     } else {
+        let per_pass = if s.landmarks_per_pass.len() > 1 {
+            let passes: Vec<String> = s
+                .landmarks_per_pass
+                .iter()
+                .enumerate()
+                .map(|(i, m)| format!("pass {}: {m}", i + 1))
+                .collect();
+            format!("; {}", passes.join(", "))
+        } else {
+            String::new()
+        };
         line(
             "landmarks m",
-            format!("{} ({} distinct)", s.landmarks, s.distinct_landmarks),
+            format!(
+                "{} ({} distinct{per_pass})",
+                s.landmarks, s.distinct_landmarks
+            ),
         );
+        if s.sample_rows > 0 && s.sample_rows < s.rows {
+            line(
+                "landmark sample",
+                format!("{} of {} rows", s.sample_rows, s.rows),
+            );
+        }
+        let outside = if s.sample_rows > 0 && s.sample_rows < s.rows {
+            "outside every kept ball, corrected by their nearest landmark"
+        } else {
+            "uncovered"
+        };
         line(
             "coverage",
-            format!("{:.4} ({} uncovered)", s.coverage, s.uncovered),
+            format!("{:.4} ({} {outside})", s.coverage, s.uncovered),
         );
         line("stop reason", s.stop_reason.clone());
         line(
@@ -169,6 +202,18 @@ pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> 
         );
     }
     line("time total", format!("{total_seconds:.3} s"));
+    if s.partitions > 1 {
+        line("partitions", s.partitions.to_string());
+    }
+    if s.peak_reserved_bytes > 0 {
+        line(
+            "peak memory (reserved)",
+            format!(
+                "{:.1} MiB",
+                s.peak_reserved_bytes as f64 / (1024.0 * 1024.0)
+            ),
+        );
+    }
     if let Some(p) = peak {
         line(
             "peak memory (RSS)",

@@ -765,6 +765,86 @@ pub fn write_parquet(params: &SynthParams, path: &Path, chunk_rows: usize) -> Re
     Ok(summary)
 }
 
+/// Writes the data set as a directory of Parquet files of `rows_per_file` rows each
+/// (`part-00000.parquet`, ...; the same rows in the same order as [`write_parquet`]). The
+/// directory is written under a temporary name and renamed when complete.
+pub fn write_parquet_parts(
+    params: &SynthParams,
+    dir: &Path,
+    rows_per_file: usize,
+    chunk_rows: usize,
+) -> Result<SynthSummary> {
+    let t0 = Instant::now();
+    let model = SynthModel::new(params)?;
+    let out_err = |message: String| BalansError::Output {
+        path: dir.display().to_string(),
+        message,
+    };
+    if rows_per_file == 0 {
+        return Err(BalansError::InvalidArgument(
+            "rows per file must be at least 1".into(),
+        ));
+    }
+    let mut tmp_name = dir
+        .file_name()
+        .ok_or_else(|| out_err("not a directory path".into()))?
+        .to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.with_file_name(tmp_name);
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| out_err(e.to_string()))?;
+    let written = (|| -> Result<u64> {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(chunk_rows.clamp(MIN_ROW_GROUP, MAX_ROW_GROUP)))
+            .build();
+        let open = |part: usize| -> Result<ArrowWriter<fs::File>> {
+            let file = fs::File::create(tmp.join(format!("part-{part:05}.parquet")))
+                .map_err(|e| out_err(e.to_string()))?;
+            Ok(ArrowWriter::try_new(
+                file,
+                model.schema(),
+                Some(props.clone()),
+            )?)
+        };
+        let (mut part, mut in_file, mut rows) = (0usize, 0usize, 0u64);
+        let mut writer = open(part)?;
+        let mut it = model.batches(chunk_rows.min(rows_per_file));
+        while let Some(next) = it.next_chunk() {
+            let (_, mut rb) = next?;
+            while rb.num_rows() > 0 {
+                if in_file == rows_per_file {
+                    writer.close()?;
+                    part += 1;
+                    in_file = 0;
+                    writer = open(part)?;
+                }
+                let take = (rows_per_file - in_file).min(rb.num_rows());
+                writer.write(&rb.slice(0, take))?;
+                rb = rb.slice(take, rb.num_rows() - take);
+                in_file += take;
+                rows += take as u64;
+            }
+        }
+        writer.close()?;
+        Ok(rows)
+    })();
+    let written = match written {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let _ = fs::remove_dir_all(dir);
+    fs::rename(&tmp, dir).map_err(|e| out_err(e.to_string()))?;
+    let mut summary = model.summary();
+    summary.path = dir.display().to_string();
+    summary.n = written;
+    summary.seconds = t0.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
 impl BatchEffect {
     /// Draws the effect of one batch (`w`: the `d x q` loadings; `r_rot`: rotated dimensions).
     fn draw(rng: &mut ChaCha8Rng, p: &SynthParams, w: &Mat<f64>, r_rot: usize) -> Result<Self> {

@@ -344,6 +344,7 @@ impl Coordinates {
                 1.0,
                 Par::Seq,
             );
+            crate::simd::clear_upper_simd_state();
         });
         Self {
             d,
@@ -398,6 +399,7 @@ fn correlation(rows: &[f64], d: usize) -> Vec<f64> {
                 1.0,
                 Par::Seq,
             );
+            crate::simd::clear_upper_simd_state();
             product
         })
         .collect();
@@ -546,6 +548,7 @@ impl Model {
                     1.0,
                     Par::Seq,
                 );
+                crate::simd::clear_upper_simd_state();
                 logits
                     .chunks_exact(outputs)
                     .map(|z| {
@@ -680,6 +683,7 @@ impl<'a> Objective<'a> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         let mut penalty = 0.0;
         for column in standardised.chunks_exact_mut(d) {
             for (w, &inverse_variance) in column.iter_mut().zip(&self.coordinates.inverse_variance)
@@ -697,6 +701,7 @@ impl<'a> Objective<'a> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         loss + 0.5 * penalty
     }
 
@@ -723,6 +728,7 @@ impl<'a> Objective<'a> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         let mut loss = 0.0;
         let mut intercept_sums = vec![0.0; m];
         // Each row of `logits` becomes the derivative of its loss with respect to the logits.
@@ -772,6 +778,7 @@ impl<'a> Objective<'a> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         TileSums {
             loss,
             coefficients: coefficient_sums,

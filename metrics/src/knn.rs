@@ -235,6 +235,7 @@ impl<'a> DistanceTiles<'a> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
     }
 
     /// Parallel over query blocks, sequential over their reference tiles of Gram products.
@@ -347,6 +348,7 @@ impl<'a> DistanceTiles<'a> {
                 1.0f32,
                 Par::Seq,
             );
+            crate::simd::clear_upper_simd_state();
         };
         // Each unordered pair of blocks once, as in the f64 path; the key is `-u.v`.
         (0..blocks.len()).into_par_iter().for_each(|a| {

@@ -432,6 +432,7 @@ pub fn pca_2d(x: &[f64], d: usize) -> Result<Vec<[f64; 2]>> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
     }
 
     let components = top_two_eigenvectors(scatter.as_ref())?;

@@ -16,6 +16,7 @@ pub mod leiden;
 pub mod lisi;
 pub mod map;
 pub mod silhouette;
+pub mod simd;
 pub mod suite;
 pub mod types;
 

@@ -507,6 +507,7 @@ impl UnitRows {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         for (&a, products) in left_rows.iter().zip(scratch.products.chunks_exact(k)) {
             for (&b, &similarity) in right_rows.iter().zip(products) {
                 let key = match rounded_if_unambiguous(similarity, self.dot_error_bound) {

@@ -119,6 +119,7 @@ impl ClusterSums for CosineSums<'_> {
             1.0,
             Par::Seq,
         );
+        crate::simd::clear_upper_simd_state();
         for (qi, row_sums) in sums.chunks_exact_mut(n_clusters).enumerate() {
             for (sum, &size) in row_sums.iter_mut().zip(self.sizes) {
                 *sum = size as f64 - *sum;
@@ -162,6 +163,7 @@ impl ClusterSums for EuclideanSums<'_> {
                 1.0,
                 Par::Seq,
             );
+            crate::simd::clear_upper_simd_state();
             let reference_norms = &self.squared_norms[r0..r0 + nr];
             let reference_codes = &self.codes[r0..r0 + nr];
             for (qi, dots) in tile.chunks_exact(nr).enumerate() {

@@ -83,4 +83,7 @@ pub struct RunSummary {
     pub partitions: usize,
     /// Highest memory reserved in the session's pool during the pass.
     pub peak_reserved_bytes: usize,
+    /// Landmarks of every pass so far, first pass first (filled in by sinks that merge the
+    /// passes' summaries; a single pass leaves it empty).
+    pub landmarks_per_pass: Vec<usize>,
 }

@@ -89,7 +89,17 @@ struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Extra options passed to `balans correct`.
+    /// Write each data set as a directory of Parquet files of this many rows each.
+    #[arg(long)]
+    rows_per_file: Option<usize>,
+    /// Also time our Harmony (`correct --method harmony`) on the same files.
+    #[arg(long)]
+    harmony: bool,
+    /// Also time harmonypy 2.1 on the same files with this Python (which has harmonypy,
+    /// numpy, pandas and pyarrow; see bench/peers/harmonypy_bench.py).
+    #[arg(long)]
+    harmonypy: Option<PathBuf>,
+    /// Extra options passed to the BALANS runs of `balans correct`.
     #[arg(last = true)]
     extra: Vec<String>,
 }
@@ -1326,7 +1336,7 @@ fn run_synth(a: SynthArgs) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
-    use balans_engine::bench::{Workload, markdown_table, run_bench};
+    use balans_engine::bench::{BenchOptions, Workload, markdown_table, run_bench};
     let workloads: Vec<Workload> = a
         .sizes
         .iter()
@@ -1338,8 +1348,16 @@ fn run_bench(a: BenchArgs, threads: usize) -> Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
-    let rows = run_bench(&exe, &workloads, threads, &dir, &a.extra)?;
+    let opts = BenchOptions {
+        exe: std::env::current_exe()?,
+        threads,
+        dir,
+        extra: a.extra.clone(),
+        rows_per_file: a.rows_per_file,
+        harmony: a.harmony,
+        harmonypy: a.harmonypy.clone(),
+    };
+    let rows = run_bench(&workloads, &opts)?;
     println!("{}", markdown_table(&rows));
     if let Some(path) = a.json {
         std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;

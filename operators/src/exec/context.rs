@@ -544,10 +544,10 @@ macro_rules! product {
             }
 
             #[doc = concat!(
-                                        "",
-                                        $what,
-                                        " (an error if the step that makes it has not run)."
-                                    )]
+                                                "",
+                                                $what,
+                                                " (an error if the step that makes it has not run)."
+                                            )]
             pub fn $get(&self) -> Result<&$ty> {
                 self.$field.get().ok_or_else(|| missing($what))
             }

@@ -254,7 +254,14 @@ impl PcaModel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn project_avx2(vt: &[f64], mean: &[f64], d: usize, p: usize, rows: &[f32], out: &mut [f32]) {
+unsafe fn project_avx2(
+    vt: &[f64],
+    mean: &[f64],
+    d: usize,
+    p: usize,
+    rows: &[f32],
+    out: &mut [f32],
+) {
     project_body(vt, mean, d, p, rows, out)
 }
 

@@ -198,7 +198,7 @@ impl LandmarkSearch {
                 Par::Seq,
             );
         }
-            crate::kernels::clear_upper_simd_state();
+        crate::kernels::clear_upper_simd_state();
         let factor = margin_factor(p);
         let mut candidates: Vec<u32> = Vec::with_capacity(m);
         for i in 0..r {
