@@ -217,16 +217,21 @@ struct FileListTable {
 /// Rows of each row group of a Parquet file, where they were read.
 type RowGroupRows = Option<Vec<usize>>;
 
-/// Splits `weights` (in order) into at most `parts` contiguous runs of similar total weight;
-/// returns the index where each run starts.
+/// Splits `weights` (in order) into `min(parts, weights.len())` contiguous runs of similar
+/// total weight; returns the index where each run starts.
 fn contiguous_runs(weights: &[u64], parts: usize) -> Vec<usize> {
+    let n = weights.len();
     let total: u64 = weights.iter().sum();
-    let parts = parts.clamp(1, weights.len().max(1));
+    let parts = parts.clamp(1, n.max(1));
     let mut starts = vec![0];
     let mut acc = 0u64;
     for (i, &w) in weights.iter().enumerate() {
-        let target = total as f64 * starts.len() as f64 / parts as f64;
-        if i > 0 && starts.len() < parts && acc as f64 >= target {
+        let open = parts - starts.len();
+        if i > 0
+            && open > 0
+            && (acc as u128 * parts as u128 >= total as u128 * starts.len() as u128
+                || n - i <= open)
+        {
             starts.push(i);
         }
         acc += w;
@@ -2048,6 +2053,171 @@ mod tests {
                 "{location}"
             );
         }
+    }
+
+    #[test]
+    fn runs_are_contiguous_and_balanced() {
+        assert_eq!(contiguous_runs(&[1, 1, 4], 2), vec![0, 2]);
+        assert_eq!(contiguous_runs(&[1, 1, 1, 1], 2), vec![0, 2]);
+        assert_eq!(contiguous_runs(&[5, 1, 1, 1, 1, 1], 2), vec![0, 1]);
+        assert_eq!(contiguous_runs(&[1, 1, 1], 7), vec![0, 1, 2]);
+        assert_eq!(contiguous_runs(&[1, 2, 3], 1), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn partitioned_scans_keep_the_row_order() {
+        let dir = TempDir::new().unwrap();
+        // Three files; the last holds three row groups (one row each, 4..=6).
+        write_parquet(&dir.path().join("a.parquet"), &profile_batch(&[1, 2]));
+        write_parquet(&dir.path().join("b.parquet"), &profile_batch(&[3]));
+        let big = dir.path().join("c.parquet");
+        {
+            let file = std::fs::File::create(&big).unwrap();
+            let props = datafusion::parquet::file::properties::WriterProperties::builder()
+                .set_max_row_group_row_count(Some(1))
+                .build();
+            let batch = profile_batch(&[4, 5, 6]);
+            let mut w =
+                datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props))
+                    .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        }
+        let root = path_str(dir.path());
+        // Runs of files (as many partitions as files or fewer), and runs of row groups when
+        // one file must be split.
+        for (location, partitions, want) in [
+            (root.clone(), 2, 2),
+            (root.clone(), 3, 3),
+            (format!("{root}/c.parquet"), 3, 3),
+            (format!("{root}/c.parquet"), 7, 3),
+            (root.clone(), 1, 1),
+        ] {
+            let ctx = parallel_context();
+            let opts = SourceOptions {
+                scan_partitions: partitions,
+                ..SourceOptions::default()
+            };
+            register_profiles(&ctx, &location, "t", &opts)
+                .await
+                .unwrap();
+            let plan = ctx
+                .table("t")
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
+            assert_eq!(
+                plan.output_partitioning().partition_count(),
+                want,
+                "{location} in {partitions}"
+            );
+            // Partition by partition, in order: the file order.
+            let task = ctx.task_ctx();
+            let mut ids = Vec::new();
+            for p in 0..want {
+                let batches: Vec<RecordBatch> = plan
+                    .execute(p, task.clone())
+                    .unwrap()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                for b in batches {
+                    let c = b.column_by_name("Metadata_Id").unwrap();
+                    ids.extend(
+                        c.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                            .values()
+                            .iter()
+                            .copied(),
+                    );
+                }
+            }
+            let all = if location.ends_with("c.parquet") {
+                vec![4, 5, 6]
+            } else {
+                vec![1, 2, 3, 4, 5, 6]
+            };
+            assert_eq!(ids, all, "{location} in {partitions}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hive_directories_become_columns() {
+        let dir = TempDir::new().unwrap();
+        let strip = |b: RecordBatch| {
+            let keep: Vec<usize> = (0..b.num_columns())
+                .filter(|&i| b.schema().field(i).name() != "Metadata_Batch")
+                .collect();
+            b.project(&keep).unwrap()
+        };
+        write_parquet(
+            &dir.path().join("Metadata_Batch=B1/part-0.parquet"),
+            &strip(profile_batch(&[1, 2])),
+        );
+        write_parquet(
+            &dir.path().join("Metadata_Batch=B%202/part-0.parquet"),
+            &strip(profile_batch(&[3])),
+        );
+        let ctx = parallel_context();
+        let table = register_profiles(&ctx, &path_str(dir.path()), "t", &SourceOptions::default())
+            .await
+            .unwrap();
+        assert!(
+            table.schema.index_of("Metadata_Batch").is_ok(),
+            "{:?}",
+            table.schema
+        );
+        let batches = ctx
+            .sql("SELECT \"Metadata_Batch\", \"Metadata_Id\" FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let keys: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let c = cast(b.column(0), &DataType::Utf8).unwrap();
+                c.as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // Files in path order: `B%202` sorts before `B1`.
+        assert_eq!(keys, vec!["B 2", "B1", "B1"]);
+        // The batch column is a usable role.
+        let roles = resolve_columns(
+            &table.schema,
+            &FeatureSelection::default(),
+            &["Metadata_Batch".to_string()],
+        )
+        .unwrap();
+        assert_eq!(roles.batch, vec!["Metadata_Batch".to_string()]);
+        // A column the files hold themselves is not duplicated.
+        let dir2 = TempDir::new().unwrap();
+        write_parquet(
+            &dir2.path().join("Metadata_Batch=B1/part-0.parquet"),
+            &profile_batch(&[1, 2]),
+        );
+        let table = register_profiles(
+            &ctx,
+            &path_str(dir2.path()),
+            "t2",
+            &SourceOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            table
+                .schema
+                .fields()
+                .iter()
+                .filter(|f| f.name() == "Metadata_Batch")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test]
