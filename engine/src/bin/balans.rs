@@ -705,7 +705,8 @@ struct TuneArgs {
     #[arg(long, short, value_delimiter = ',', required = true)]
     batch: Vec<String>,
     /// One grid dimension per use, NAME=V1,V2,... with NAME one of variant, iterations, elbow,
-    /// batch-knn-floor, strength, k, tau, block, pca, metric, estimator, seed, max-landmarks (other parameters keep the defaults of the setting's variant).
+    /// batch-knn-floor, strength, k, tau, block, pca, metric, estimator, seed, max-landmarks,
+    /// sample-rows (other parameters keep the defaults of the setting's variant).
     #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
     grid: Vec<String>,
     /// Replace an existing --json file.

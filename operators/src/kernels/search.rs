@@ -237,9 +237,9 @@ impl LandmarkSearch {
                 };
                 let best_upper = (0..m).map(|l| bounds(l).1).fold(f64::INFINITY, f64::min);
                 let mut best = (f64::INFINITY, u32::MAX);
-                for l in 0..m {
+                for (l, landmark) in landmarks.iter().enumerate().take(m) {
                     if bounds(l).0 <= best_upper * (1.0 + 1e-9) {
-                        let s = landmarks[l].scaled_distance(zi, b);
+                        let s = landmark.scaled_distance(zi, b);
                         if s < best.0 {
                             best = (s, l as u32);
                         }
