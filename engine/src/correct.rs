@@ -34,8 +34,12 @@ pub struct CorrectRequest {
     pub overwrite: bool,
     /// Object-store options.
     pub source: SourceOptions,
-    /// SQL predicate marking the negative controls (what sphering is fitted on).
+    /// SQL predicate marking the negative controls (what sphering is fitted on; BALANS's
+    /// anchors with `--anchor negcon`).
     pub negcon: Option<String>,
+    /// Label column whose values shared by at least two batches are BALANS's anchors
+    /// (`--anchor label`).
+    pub anchor_label: Option<String>,
     /// Model directory of the model-embedding step (`--method embed`): when given, the
     /// model's embedding replaces the correction.
     pub model: Option<PathBuf>,
@@ -80,17 +84,35 @@ pub async fn run_correct(
         request.config.clone(),
         progress,
     );
-    if request.config.method == Method::Sphering {
+    let anchor = request.config.anchor;
+    if request.config.method == Method::Sphering || anchor.negcon() {
         let predicate = request.negcon.as_deref().ok_or_else(|| {
-            BalansError::InvalidArgument(
+            BalansError::InvalidArgument(if anchor.negcon() {
+                "--anchor negcon estimates the batch offsets from the negative controls: give \
+                 --negcon PREDICATE (e.g. \"Metadata_PertType = 'negcon'\")"
+                    .into()
+            } else {
                 "--method sphering is fitted on negative controls: give --negcon PREDICATE \
                  (e.g. \"Metadata_PertType = 'negcon'\")"
-                    .into(),
-            )
+                    .into()
+            })
         })?;
         let mask = negcon_predicate(&df, predicate)?;
         df = df.with_column(FIT_MASK_COLUMN, mask)?;
         spec.fit_mask = Some(FIT_MASK_COLUMN.to_string());
+    }
+    if anchor.label() {
+        spec.anchor_label = Some(request.anchor_label.clone().ok_or_else(|| {
+            BalansError::InvalidArgument(
+                "--anchor label needs --anchor-label COL (e.g. Metadata_Compound): rows whose \
+                 value occurs in at least two batches are the anchors"
+                    .into(),
+            )
+        })?);
+    } else if request.anchor_label.is_some() {
+        return Err(BalansError::InvalidArgument(
+            "--anchor-label is used with --anchor label or --anchor both".into(),
+        ));
     }
     let plan = match &request.model {
         Some(dir) => {

@@ -3,7 +3,8 @@
 
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::{
-    BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod, Variant,
+    Anchor, BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod,
+    Variant,
 };
 
 use crate::error::{BalansError, Result};
@@ -11,7 +12,7 @@ use crate::error::{BalansError, Result};
 /// Every parameter name [`set_parameter`] accepts (`-` and `_` are interchangeable).
 pub const PARAMETERS: &str = "method, variant, k, iterations, strength, batch-knn-floor, tau, \
      block, pca, elbow, metric, estimator, output-space, seed, max-landmarks, sample-rows, nan, \
-     sphering, epsilon, clusters, theta, sigma, harmony-iterations";
+     sphering, epsilon, clusters, theta, sigma, harmony-iterations, anchor";
 
 /// Parses a `--pca` value: `auto`, `off` (or `none`, `0`) or a component count.
 pub fn pca_setting(text: &str) -> Result<PcaSetting> {
@@ -56,6 +57,7 @@ pub fn set_parameter(config: &mut BalansConfig, name: &str, value: &str) -> Resu
             *config = BalansConfig {
                 method: config.method,
                 seed: config.seed,
+                anchor: config.anchor,
                 ..BalansConfig::for_variant(variant)
             };
         }
@@ -104,6 +106,15 @@ pub fn set_parameter(config: &mut BalansConfig, name: &str, value: &str) -> Resu
         }
         "seed" => config.seed = text.parse().map_err(|_| bad("a whole number"))?,
         "max-landmarks" => config.max_landmarks = Some(count()?),
+        "anchor" => {
+            config.anchor = match word.as_str() {
+                "none" => Anchor::None,
+                "negcon" => Anchor::Negcon,
+                "label" => Anchor::Label,
+                "both" => Anchor::Both,
+                _ => return Err(bad("none, negcon, label or both")),
+            }
+        }
         "sample-rows" => {
             config.sample_rows = match word.as_str() {
                 "all" => None,

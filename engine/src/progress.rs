@@ -174,6 +174,20 @@ pub fn format_summary(s: &RunSummary, total_seconds: f64, peak: Option<u64>) -> 
                 s.landmarks, s.distinct_landmarks
             ),
         );
+        if s.anchor_rows > 0 {
+            let labels = if s.anchor_labels_shared + s.anchor_labels_single_batch > 0 {
+                format!(
+                    "; {} label value(s) shared by several batches, {} in one batch only (not anchors)",
+                    s.anchor_labels_shared, s.anchor_labels_single_batch
+                )
+            } else {
+                String::new()
+            };
+            line(
+                "anchors",
+                format!("{} of {} rows{labels}", s.anchor_rows, s.rows),
+            );
+        }
         if s.sample_rows > 0 && s.sample_rows < s.rows {
             line(
                 "landmark sample",

@@ -336,6 +336,12 @@ impl RelationPlanner for CorrectionRelationPlanner {
         if function == "balans" && config.method != Method::Balans {
             return plan_err!("{function}: use correct((...), method => '...') for other methods");
         }
+        let anchor_label = take_named(&mut named, "anchor_label")
+            .or_else(|| take_named(&mut named, "anchor-label"));
+        if anchor_label.is_some() && !named.iter().any(|(k, _)| k == "anchor") {
+            // A label column alone anchors on it.
+            config.anchor = balans_operators::Anchor::Label;
+        }
         for (key, value) in &named {
             set_parameter(&mut config, key, value)
                 .map_err(|e| plan_datafusion_err!("{function}: {e}"))?;
@@ -352,8 +358,24 @@ impl RelationPlanner for CorrectionRelationPlanner {
             config.clone(),
             Arc::new(NoProgress),
         );
-        let input = match (config.method, negcon) {
-            (Method::Sphering, Some(predicate)) => {
+        match (config.anchor.label(), &anchor_label) {
+            (true, Some(label)) => spec.anchor_label = Some(label.clone()),
+            (true, None) => {
+                return plan_err!(
+                    "{function}: anchor => 'label' needs anchor_label => 'COLUMN' (rows whose \
+                     value occurs in at least two batches are the anchors)"
+                );
+            }
+            (false, Some(_)) => {
+                return plan_err!(
+                    "{function}: anchor_label applies with anchor => 'label' or 'both'"
+                );
+            }
+            (false, None) => {}
+        }
+        let fitted_on_negcon = config.method == Method::Sphering || config.anchor.negcon();
+        let input = match (fitted_on_negcon, negcon) {
+            (true, Some(predicate)) => {
                 let mask = negcon_mask(&function, &predicate, &input, context)?;
                 let mut columns: Vec<Expr> = input
                     .schema()
@@ -365,15 +387,24 @@ impl RelationPlanner for CorrectionRelationPlanner {
                 spec.fit_mask = Some(FIT_MASK_COLUMN.to_string());
                 LogicalPlanBuilder::from(input).project(columns)?.build()?
             }
-            (Method::Sphering, None) => {
+            (true, None) if config.method == Method::Sphering => {
                 return plan_err!(
                     "{function}: sphering is fitted on negative controls: add negcon => 'PREDICATE'"
                 );
             }
-            (_, Some(_)) => {
-                return plan_err!("{function}: negcon applies to method => 'sphering' only");
+            (true, None) => {
+                return plan_err!(
+                    "{function}: anchor => 'negcon' estimates the batch offsets from the negative \
+                     controls: add negcon => 'PREDICATE'"
+                );
             }
-            (_, None) => input,
+            (false, Some(_)) => {
+                return plan_err!(
+                    "{function}: negcon applies to method => 'sphering' and to anchor => 'negcon' \
+                     or 'both'"
+                );
+            }
+            (false, None) => input,
         };
         let plan = balans_plan(input, spec)?;
         Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(

@@ -155,6 +155,43 @@ impl fmt::Display for OutputSpace {
     }
 }
 
+/// Which rows BALANS estimates the batch offsets from (every row is corrected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default)]
+pub enum Anchor {
+    /// Every row (the unanchored residual correction).
+    #[default]
+    None,
+    /// The negative controls (the `negcon` predicate's rows).
+    Negcon,
+    /// Rows whose anchor-label value occurs in at least two batches.
+    Label,
+    /// Both: negative controls and shared labels.
+    Both,
+}
+
+impl Anchor {
+    /// Whether the negative controls are anchors.
+    pub fn negcon(self) -> bool {
+        matches!(self, Self::Negcon | Self::Both)
+    }
+
+    /// Whether shared labels are anchors.
+    pub fn label(self) -> bool {
+        matches!(self, Self::Label | Self::Both)
+    }
+}
+
+impl fmt::Display for Anchor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Negcon => "negcon",
+            Self::Label => "label",
+            Self::Both => "both",
+        })
+    }
+}
+
 /// Distance used for the affinities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
 pub enum Metric {
@@ -327,6 +364,9 @@ pub struct BalansConfig {
     pub sample_rows: Option<usize>,
     /// Rows per leaf of the order-independent reductions (see `kernels::exact`).
     pub leaf_rows: usize,
+    /// Rows the batch offsets are estimated from (residual variant; the predicate and the
+    /// label column come with the request).
+    pub anchor: Anchor,
 }
 
 /// Default of [`BalansConfig::sample_rows`].
@@ -359,6 +399,7 @@ impl Default for BalansConfig {
             chunk_rows: 8192,
             sample_rows: Some(DEFAULT_SAMPLE_ROWS),
             leaf_rows: 65_536,
+            anchor: Anchor::None,
         }
     }
 }
@@ -394,6 +435,7 @@ impl std::hash::Hash for BalansConfig {
         self.chunk_rows.hash(state);
         self.sample_rows.hash(state);
         self.leaf_rows.hash(state);
+        self.anchor.hash(state);
     }
 }
 
@@ -449,6 +491,14 @@ impl BalansConfig {
         }
         if self.leaf_rows == 0 {
             return bad("leaf_rows must be at least 1");
+        }
+        if self.anchor != Anchor::None
+            && (self.method != Method::Balans || self.variant != Variant::Residual)
+        {
+            return bad(
+                "anchors (--anchor) apply to BALANS's residual variant: the offsets it estimates \
+                 from them are what that variant applies",
+            );
         }
         if self.sample_rows == Some(0) {
             return bad("sample-rows must be at least 1 (or 'all')");
@@ -569,8 +619,12 @@ impl BalansConfig {
             }
             Method::Balans => {}
         }
+        let anchor = match self.anchor {
+            Anchor::None => String::new(),
+            a => format!(" anchor={a}"),
+        };
         format!(
-            "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} sample_rows={} nan={} a_min={} bins={}",
+            "variant={} iterations={} batch_knn_floor={} strength={} k={} tau={} block={} pca={} elbow={} estimator={} output_space={} metric={} seed={} max_landmarks={} sample_rows={} nan={} a_min={} bins={}{anchor}",
             self.variant,
             self.iterations,
             self.batch_knn_floor,

@@ -13,7 +13,8 @@ pub mod kernels;
 pub mod progress;
 
 pub use config::{
-    BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod, Variant,
+    Anchor, BalansConfig, ElbowRule, Estimator, Method, NanPolicy, OutputSpace, SpheringMethod,
+    Variant,
 };
 pub use error::{OperatorError, Result};
 pub use exec::{BalansSpec, correction_plan};

@@ -86,4 +86,10 @@ pub struct RunSummary {
     /// Landmarks of every pass so far, first pass first (filled in by sinks that merge the
     /// passes' summaries; a single pass leaves it empty).
     pub landmarks_per_pass: Vec<usize>,
+    /// Anchor rows the batch offsets were estimated from (0: unanchored, every row).
+    pub anchor_rows: usize,
+    /// `--anchor-label` values present in at least two batches (their rows are anchors).
+    pub anchor_labels_shared: usize,
+    /// `--anchor-label` values present in one batch only (ignored as anchors).
+    pub anchor_labels_single_batch: usize,
 }

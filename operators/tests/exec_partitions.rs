@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use balans_operators::NoProgress;
-use balans_operators::config::{BalansConfig, Method, PcaSetting, Variant};
+use balans_operators::config::{Anchor, BalansConfig, Method, PcaSetting, Variant};
 use balans_operators::exec::{BalansSpec, correction_plan};
 use balans_operators::kernels::combat::{BatchMoments, fit_combat};
 use balans_operators::kernels::elbow::ElbowParams;
@@ -95,8 +95,11 @@ fn spec(config: BalansConfig) -> BalansSpec {
         config,
         Arc::new(NoProgress),
     );
-    if s.config.method == Method::Sphering {
+    if s.config.method == Method::Sphering || s.config.anchor.negcon() {
         s.fit_mask = Some("fit".into());
+    }
+    if s.config.anchor.label() {
+        s.anchor_label = Some("Metadata_Label".into());
     }
     s
 }
@@ -153,6 +156,21 @@ fn configs() -> Vec<(&'static str, BalansConfig)> {
             "balans, row sample",
             small(BalansConfig {
                 sample_rows: Some(300),
+                ..BalansConfig::default()
+            }),
+        ),
+        (
+            "balans, anchored on controls, row sample",
+            small(BalansConfig {
+                sample_rows: Some(300),
+                anchor: Anchor::Negcon,
+                ..BalansConfig::default()
+            }),
+        ),
+        (
+            "balans, anchored on shared labels",
+            small(BalansConfig {
+                anchor: Anchor::Label,
                 ..BalansConfig::default()
             }),
         ),

@@ -101,6 +101,7 @@ async fn varchamp_corrects_with_pca_under_a_memory_limit() {
         overwrite: false,
         source: SourceOptions::default(),
         negcon: None,
+        anchor_label: None,
         model: None,
     };
     let outcome = run_correct(&ctx, &request, Arc::new(NoProgress))

@@ -25,7 +25,7 @@ use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::exec::COVERED_COLUMN;
 use balans_operators::kernels::preprocess::Normalization;
-use balans_operators::{BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
+use balans_operators::{Anchor, BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datafusion::prelude::SessionContext;
 
@@ -187,6 +187,18 @@ enum SpheringArg {
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
+enum AnchorArg {
+    /// Every row (the unanchored correction).
+    None,
+    /// The negative controls (--negcon PREDICATE).
+    Negcon,
+    /// Rows whose --anchor-label value occurs in at least two batches.
+    Label,
+    /// Negative controls and shared labels.
+    Both,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
 enum VariantArg {
     /// X + batch-balanced minus own-batch local mean (the default; keeps within-neighbourhood
     /// variation).
@@ -318,6 +330,16 @@ struct CorrectArgs {
     /// output does not depend on it) [default: the worker threads].
     #[arg(long)]
     partitions: Option<usize>,
+    /// Rows BALANS estimates the batch offsets from (every row is corrected): the negative
+    /// controls (with --negcon), labels shared by several batches (with --anchor-label), both,
+    /// or none (every row). Use it when batches hold different biology (docs/balans.md)
+    /// [default: none; label when --anchor-label is given].
+    #[arg(long, value_enum)]
+    anchor: Option<AnchorArg>,
+    /// Label column for --anchor label / both (e.g. Metadata_Compound): rows whose value
+    /// occurs in at least two batches are anchors; values in one batch only are ignored.
+    #[arg(long)]
+    anchor_label: Option<String>,
     /// What to do with NaN / infinite / null features.
     #[arg(long, value_enum, default_value = "error")]
     nan: NanArg,
@@ -706,9 +728,12 @@ struct TuneArgs {
     batch: Vec<String>,
     /// One grid dimension per use, NAME=V1,V2,... with NAME one of variant, iterations, elbow,
     /// batch-knn-floor, strength, k, tau, block, pca, metric, estimator, seed, max-landmarks,
-    /// sample-rows (other parameters keep the defaults of the setting's variant).
+    /// sample-rows, anchor (other parameters keep the defaults of the setting's variant).
     #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
     grid: Vec<String>,
+    /// Label column of the settings with anchor=label or anchor=both (see `correct`).
+    #[arg(long)]
+    anchor_label: Option<String>,
     /// Replace an existing --json file.
     #[arg(long)]
     overwrite: bool,
@@ -846,6 +871,13 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
             NanArg::DropRows => NanPolicy::DropRows,
             NanArg::Zero => NanPolicy::Zero,
         },
+        anchor: match (a.anchor, &a.anchor_label) {
+            (Some(AnchorArg::None), _) => Anchor::None,
+            (Some(AnchorArg::Negcon), _) => Anchor::Negcon,
+            (Some(AnchorArg::Label), _) | (None, Some(_)) => Anchor::Label,
+            (Some(AnchorArg::Both), _) => Anchor::Both,
+            (None, None) => Anchor::None,
+        },
         ..base
     };
     config
@@ -933,6 +965,7 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
             ..a.input.select.source()
         },
         negcon: a.eval.negcon.clone(),
+        anchor_label: a.anchor_label.clone(),
         model: match (a.method, &a.model) {
             (Method::Embed, Some(dir)) => Some(dir.clone()),
             (Method::Embed, None) => {
@@ -1203,6 +1236,11 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
             eprintln!("balans: tune {}/{}: {label}", i + 1, settings.len());
         }
         let output = work.path().join(format!("setting_{i}.parquet"));
+        let anchor_label = config
+            .anchor
+            .label()
+            .then(|| a.anchor_label.clone())
+            .flatten();
         let request = CorrectRequest {
             input: a.input.input.clone(),
             output: output.clone(),
@@ -1211,7 +1249,10 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
             config,
             overwrite: true,
             source: a.input.select.source(),
-            negcon: None,
+            // The evaluation's negative controls also anchor (`anchor=negcon`) and fit
+            // sphering (`method=sphering`).
+            negcon: a.eval.negcon.clone(),
+            anchor_label,
             model: None,
         };
         let progress = Arc::new(TerminalProgress::new(true));

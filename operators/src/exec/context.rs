@@ -67,6 +67,9 @@ pub struct SpoolPartition {
     pub max: Vec<f32>,
     /// Rows marked by the fit-row column (sphering), when there is one.
     pub fit_mask: Option<Vec<bool>>,
+    /// With an anchor label column: each row's label (index into `label_keys`; `u32::MAX` for
+    /// null) and this partition's labels in order of first appearance.
+    pub labels: Option<(Vec<u32>, Vec<String>)>,
     _files: [WorkFile; 2],
 }
 
@@ -97,8 +100,15 @@ impl SpoolPartition {
             min,
             max,
             fit_mask,
+            labels: None,
             _files: [features, meta],
         })
+    }
+
+    /// Attaches the rows' anchor labels (see [`SpoolPartition::labels`]).
+    pub fn with_labels(mut self, labels: Option<(Vec<u32>, Vec<String>)>) -> Self {
+        self.labels = labels;
+        self
     }
 }
 
@@ -135,6 +145,10 @@ pub struct Profile {
     pub codes: Vec<u32>,
     /// Fit-row flag of every row (sphering), global row order.
     pub fit_mask: Option<Vec<bool>>,
+    /// Anchored BALANS: whether each row is an anchor, global row order.
+    pub anchors: Option<Vec<bool>>,
+    /// Anchored BALANS: anchor rows per batch (same order as `batch_keys`).
+    pub anchors_per_batch: Vec<usize>,
     /// Per feature: smallest finite value.
     pub min: Vec<f32>,
     /// Per feature: largest finite value.
@@ -208,6 +222,10 @@ pub struct LandmarkSet {
     pub stop: StopReason,
     /// Landmarks needed for full coverage of the sample.
     pub steps_to_full_coverage: Option<usize>,
+    /// Anchored BALANS: the landmarks with their per-batch scales measured on the anchor
+    /// rows of the sample (same order, coordinates and thresholds as `landmarks`); the
+    /// smoothing sums run over anchor rows with these.
+    pub anchor_landmarks: Option<Vec<Landmark>>,
 }
 
 impl LandmarkSet {

@@ -191,6 +191,9 @@ fn spool_partition(
     let feature_idx: Vec<usize> = spec.features.iter().map(index).collect::<Result<_>>()?;
     let batch_idx: Vec<usize> = spec.batch.iter().map(index).collect::<Result<_>>()?;
     let mask_idx = spec.fit_mask.as_ref().map(index).transpose()?;
+    let label_idx = spec.anchor_label.as_ref().map(index).transpose()?;
+    let mut labels: Option<(Vec<u32>, Vec<String>)> = label_idx.map(|_| (Vec::new(), Vec::new()));
+    let mut label_index: HashMap<String, u32> = HashMap::new();
     let meta_idx: Vec<usize> = (0..in_schema.fields().len())
         .filter(|i| !feature_idx.contains(i))
         .collect();
@@ -297,8 +300,29 @@ fn spool_partition(
             let flags = batch.column(c).as_boolean();
             mask.extend((0..r).map(|k| flags.is_valid(k) && flags.value(k)));
         }
+        if let (Some((codes, keys)), Some(c)) = (labels.as_mut(), label_idx) {
+            let col = cast(batch.column(c), &DataType::Utf8)?;
+            let col = col.as_string::<i32>();
+            for k in 0..r {
+                if col.is_null(k) {
+                    codes.push(u32::MAX);
+                    continue;
+                }
+                let v = col.value(k);
+                let code = match label_index.get(v) {
+                    Some(&c) => c,
+                    None => {
+                        let c = keys.len() as u32;
+                        label_index.insert(v.to_string(), c);
+                        keys.push(v.to_string());
+                        c
+                    }
+                };
+                codes.push(code);
+            }
+        }
         ctx.reserve(
-            r * (4 + fit_mask.is_some() as usize),
+            r * (4 + fit_mask.is_some() as usize + 4 * labels.is_some() as usize),
             "batch codes (4 bytes per row)",
         )?;
         fw.append(rows)?;
@@ -312,7 +336,8 @@ fn spool_partition(
         i,
         SpoolPartition::new(
             features, meta, dropped, codes, keys, non_finite, min, max, fit_mask,
-        )?,
+        )?
+        .with_labels(labels),
     )?;
     Ok(rows)
 }

@@ -23,7 +23,9 @@ use crate::exec::context::{CancelFlag, LandmarkSet, PassContext};
 use crate::exec::reduce::distance_dims;
 use crate::exec::step::{GlobalStep, GlobalStepExec};
 use crate::kernels::elbow::ElbowParams;
-use crate::kernels::landmark::{Landmark, RowBlocks, SamplingParams, sample_landmarks};
+use crate::kernels::landmark::{
+    Landmark, RowBlocks, SamplingParams, anchor_landmarks, sample_landmarks,
+};
 
 /// Stage name of the sampling step.
 pub const SAMPLE_STAGE: &str = "sample";
@@ -215,7 +217,22 @@ impl GlobalStep for LandmarkStep {
                 progress.stage_progress(SAMPLE_STAGE, 1, Some(format!("{m} landmarks")));
             },
         )?;
+        let anchor_landmarks = match profile.anchors.as_deref() {
+            Some(flags) => {
+                cancel.check()?;
+                let in_sample: Vec<bool> = sample_rows.iter().map(|&r| flags[r as usize]).collect();
+                Some(anchor_landmarks(
+                    &blocks,
+                    &offsets,
+                    &in_sample,
+                    &result.landmarks,
+                    cfg.k,
+                ))
+            }
+            None => None,
+        };
         // The sampler's state and the sample rows (reserved by the reduce step) are gone.
+        drop(blocks);
         drop(z);
         ctx.release(sampler_bytes + s * (p * 4 + 12));
         if result.landmarks.is_empty() {
@@ -243,6 +260,7 @@ impl GlobalStep for LandmarkStep {
             all_rows,
             stop: result.stop,
             steps_to_full_coverage: result.steps_to_full_coverage,
+            anchor_landmarks,
         };
         let table = landmark_table(&set, p, batches)?;
         ctx.set_landmarks(Arc::new(set));

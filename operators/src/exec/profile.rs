@@ -177,6 +177,7 @@ fn build_profile(ctx: &PassContext) -> Result<Profile> {
             all.extend_from_slice(mask);
         }
     }
+    let anchors = anchor_flags(ctx, &parts, &codes, &all_keys, fit_mask.as_deref())?;
     ctx.with_summary(|s| {
         s.rows = rows;
         s.dropped_rows = dropped;
@@ -195,7 +196,125 @@ fn build_profile(ctx: &PassContext) -> Result<Profile> {
         batch_sizes,
         codes,
         fit_mask,
+        anchors: anchors.as_ref().map(|a| a.flags.clone()),
+        anchors_per_batch: anchors.map_or_else(Vec::new, |a| a.per_batch),
         min,
         max,
     })
+}
+
+/// The anchor rows of an anchored BALANS pass.
+struct Anchors {
+    flags: Vec<bool>,
+    per_batch: Vec<usize>,
+}
+
+/// Marks the anchor rows: the fit-row column's rows, and rows whose anchor label occurs in at
+/// least two batches. Every batch must hold anchors (its offset is estimated from them).
+fn anchor_flags(
+    ctx: &PassContext,
+    parts: &[Arc<crate::exec::context::SpoolPartition>],
+    codes: &[u32],
+    batch_keys: &[String],
+    fit_mask: Option<&[bool]>,
+) -> Result<Option<Anchors>> {
+    let spec = &ctx.spec;
+    if !spec.anchored() {
+        return Ok(None);
+    }
+    let rows = codes.len();
+    ctx.reserve(rows, "the anchor flag of every row")?;
+    let mut flags = match fit_mask {
+        Some(mask) => mask.to_vec(),
+        None => vec![false; rows],
+    };
+    let (mut shared, mut single) = (0usize, 0usize);
+    if spec.anchor_label.is_some() {
+        // Global label ids, first batch seen and whether a second batch holds the label.
+        let mut id_of: HashMap<&str, usize> = HashMap::new();
+        let mut first_batch: Vec<u32> = Vec::new();
+        let mut multi: Vec<bool> = Vec::new();
+        let mut global_ids: Vec<Vec<usize>> = Vec::with_capacity(parts.len());
+        let mut start = 0usize;
+        for p in parts {
+            let (local, keys) = p.labels.as_ref().ok_or_else(|| {
+                OperatorError::InvalidParameter("anchor labels were not recorded".into())
+            })?;
+            let ids: Vec<usize> = keys
+                .iter()
+                .map(|k| {
+                    let next = id_of.len();
+                    *id_of.entry(k.as_str()).or_insert(next)
+                })
+                .collect();
+            first_batch.resize(id_of.len(), u32::MAX);
+            multi.resize(id_of.len(), false);
+            for (r, &c) in local.iter().enumerate() {
+                if c == u32::MAX {
+                    continue;
+                }
+                let id = ids[c as usize];
+                let b = codes[start + r];
+                if first_batch[id] == u32::MAX {
+                    first_batch[id] = b;
+                } else if first_batch[id] != b {
+                    multi[id] = true;
+                }
+            }
+            start += local.len();
+            global_ids.push(ids);
+        }
+        shared = multi.iter().filter(|&&m| m).count();
+        single = multi.len() - shared;
+        let mut g = 0usize;
+        for (p, ids) in parts.iter().zip(&global_ids) {
+            let (local, _) = p.labels.as_ref().expect("checked above");
+            for &c in local {
+                if c != u32::MAX && multi[ids[c as usize]] {
+                    flags[g] = true;
+                }
+                g += 1;
+            }
+        }
+        if single > 0 {
+            ctx.warn(format!(
+                "{single} value(s) of anchor label '{}' occur in one batch only and are not anchors",
+                spec.anchor_label.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    let mut per_batch = vec![0usize; batch_keys.len()];
+    for (&f, &b) in flags.iter().zip(codes) {
+        per_batch[b as usize] += f as usize;
+    }
+    let empty: Vec<&str> = per_batch
+        .iter()
+        .zip(batch_keys)
+        .filter(|(c, _)| **c == 0)
+        .map(|(_, k)| k.as_str())
+        .collect();
+    if !empty.is_empty() {
+        let what = match (&spec.fit_mask, &spec.anchor_label) {
+            (Some(_), Some(l)) => format!("the anchor predicate and the shared values of '{l}'"),
+            (Some(_), None) => "the anchor predicate".to_string(),
+            (None, Some(l)) => format!("the values of '{l}' shared with another batch"),
+            (None, None) => unreachable!("anchored"),
+        };
+        return Err(OperatorError::BadInput(format!(
+            "no anchor rows in batch {}: {what} match nothing there, and every batch needs \
+             anchors to estimate its offset",
+            empty
+                .iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let total: usize = per_batch.iter().sum();
+    ctx.with_summary(|s| {
+        s.anchor_rows = total;
+        s.anchor_labels_shared = shared;
+        s.anchor_labels_single_batch = single;
+    });
+    Ok(Some(Anchors { flags, per_batch }))
 }

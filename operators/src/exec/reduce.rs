@@ -65,19 +65,31 @@ pub fn sample_schema(p: usize) -> SchemaRef {
 
 /// Per batch: the hash threshold of the landmark sample (`u64::MAX`: every row).
 pub fn sample_thresholds(ctx: &PassContext, profile: &Profile) -> Vec<u64> {
+    stratum_thresholds(ctx, profile, &profile.batch_sizes)
+}
+
+/// Per batch: the hash threshold of the anchor rows of the landmark sample. Anchors are kept
+/// at the batch's rate, or more where that would leave fewer than `4 (k + 1)` anchors of the
+/// batch in the sample (their per-batch scales are measured there).
+pub fn anchor_sample_thresholds(ctx: &PassContext, profile: &Profile) -> Vec<u64> {
+    stratum_thresholds(ctx, profile, &profile.anchors_per_batch)
+}
+
+fn stratum_thresholds(ctx: &PassContext, profile: &Profile, sizes: &[usize]) -> Vec<u64> {
     let cfg = &ctx.spec.config;
     let n = profile.rows;
     match cfg.sample_rows {
-        Some(target) if n > target => profile
-            .batch_sizes
+        Some(target) if n > target => sizes
             .iter()
-            .map(|&nb| {
+            .zip(&profile.batch_sizes)
+            .map(|(&size, &nb)| {
                 let rate = (target as f64 / n as f64)
-                    .max(cfg.min_sample_rows_per_batch() as f64 / nb.max(1) as f64);
+                    .max(cfg.min_sample_rows_per_batch() as f64 / nb.max(1) as f64)
+                    .max(cfg.min_sample_rows_per_batch() as f64 / size.max(1) as f64);
                 rate_threshold(rate)
             })
             .collect(),
-        _ => vec![u64::MAX; profile.batch_sizes.len()],
+        _ => vec![u64::MAX; sizes.len()],
     }
 }
 
@@ -126,6 +138,8 @@ impl PartitionStep for ReduceStep {
         let features = spool.features.row_blocks()?;
         let start = profile.partition_start[partition];
         let thresholds = sample_thresholds(ctx, &profile);
+        let anchor_thresholds = anchor_sample_thresholds(ctx, &profile);
+        let anchors = profile.anchors.as_deref();
         let sampling = cfg.method == Method::Balans;
         let mut writer = match writes_coordinates(ctx) {
             true => {
@@ -161,10 +175,14 @@ impl PartitionStep for ReduceStep {
             if sampling {
                 for (k, row) in z.chunks_exact(p.max(1)).enumerate() {
                     let g = start + lo + k;
-                    let code = profile.codes[g];
-                    if in_row_sample(cfg.seed, g as u64, thresholds[code as usize]) {
+                    let code = profile.codes[g] as usize;
+                    let threshold = match anchors {
+                        Some(a) if a[g] => anchor_thresholds[code],
+                        _ => thresholds[code],
+                    };
+                    if in_row_sample(cfg.seed, g as u64, threshold) {
                         rows_out.push(g as u64);
-                        codes_out.push(code);
+                        codes_out.push(code as u32);
                         z_out.extend_from_slice(row);
                     }
                 }

@@ -101,8 +101,10 @@ impl PartitionStep for SmoothPartialStep {
     fn run(&self, ctx: &PassContext, partition: usize, cancel: &CancelFlag) -> Result<RecordBatch> {
         let cfg = &ctx.spec.config;
         let set = ctx.landmarks()?.clone();
-        let landmarks = &set.landmarks;
+        // Anchored: the sums run over the anchor rows, with the anchor scales.
+        let landmarks = set.anchor_landmarks.as_ref().unwrap_or(&set.landmarks);
         let profile = ctx.profile()?.clone();
+        let anchors = profile.anchors.as_deref();
         let x_rows = output_rows(ctx)?;
         let z_rows = ctx.distance_rows()?;
         let dx = x_rows.p();
@@ -122,7 +124,7 @@ impl PartitionStep for SmoothPartialStep {
         );
         let rows = profile.partition_rows(partition);
         let mut seen = 0usize;
-        let (mut z, mut x) = (Vec::new(), Vec::new());
+        let (mut z, mut x, mut codes) = (Vec::new(), Vec::new(), Vec::new());
         for leaf in leaves_starting_in(rows, profile.rows, cfg.leaf_rows) {
             let mut lo = leaf.start;
             while lo < leaf.end {
@@ -130,12 +132,17 @@ impl PartitionStep for SmoothPartialStep {
                 let hi = (lo + cfg.chunk_rows).min(leaf.end);
                 z.clear();
                 x.clear();
+                codes.clear();
                 for i in lo..hi {
+                    if anchors.is_some_and(|a| !a[i]) {
+                        continue;
+                    }
                     z.extend_from_slice(z_rows.row(i));
                     x.extend_from_slice(x_rows.row(i));
+                    codes.push(profile.codes[i]);
                 }
-                debug_assert_eq!(z.len(), (hi - lo) * p);
-                acc.add_rows(landmarks, &z, &profile.codes[lo..hi], &x);
+                debug_assert_eq!(z.len(), codes.len() * p);
+                acc.add_rows(landmarks, &z, &codes, &x);
                 ctx.stage_progress(SMOOTH_STAGE, (hi - lo) as u64, None);
                 seen += hi - lo;
                 lo = hi;

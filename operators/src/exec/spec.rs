@@ -26,9 +26,13 @@ pub struct BalansSpec {
     /// Which of the `config.iterations` passes this operator runs (1-based); planners chain
     /// one operator per pass, each correcting the previous pass's output.
     pub pass: usize,
-    /// Boolean input column marking the rows a method is fitted on (sphering: the negative
-    /// controls); it is not passed to the output.
+    /// Boolean input column marking the rows a method is fitted on: the negative controls of
+    /// sphering; BALANS's anchor rows (the batch offsets are estimated from them, every row is
+    /// corrected). It is passed on to the next pass and left out of the last pass's output.
     pub fit_mask: Option<String>,
+    /// BALANS: a label column whose values present in at least two batches make their rows
+    /// anchors (with `fit_mask`, the union is anchored).
+    pub anchor_label: Option<String>,
 }
 
 impl BalansSpec {
@@ -46,7 +50,14 @@ impl BalansSpec {
             progress,
             pass: 1,
             fit_mask: None,
+            anchor_label: None,
         }
+    }
+
+    /// Whether BALANS estimates its offsets from anchor rows only.
+    pub fn anchored(&self) -> bool {
+        self.config.method == Method::Balans
+            && (self.fit_mask.is_some() || self.anchor_label.is_some())
     }
 
     /// Whether this pass is the last one.
@@ -105,8 +116,29 @@ pub fn balans_output_schema(input: &Schema, spec: &BalansSpec) -> Result<SchemaR
             }
         }
     }
+    if let Some(label) = &spec.anchor_label {
+        if input.index_of(label).is_err() {
+            return Err(OperatorError::BadInput(format!(
+                "the anchor label column '{label}' is not in the input"
+            )));
+        }
+        if spec.features.contains(label) || spec.batch.contains(label) {
+            return Err(OperatorError::BadInput(format!(
+                "the anchor label column '{label}' is a feature or batch column"
+            )));
+        }
+    }
+    if spec.anchored() && spec.config.variant != crate::config::Variant::Residual {
+        return Err(OperatorError::InvalidParameter(format!(
+            "anchored BALANS estimates batch offsets, which only the residual variant applies \
+             (got --variant {})",
+            spec.config.variant
+        )));
+    }
     let is_feature = |f: &Field| spec.features.iter().any(|n| n == f.name());
-    let is_mask = |f: &Field| spec.fit_mask.as_deref() == Some(f.name().as_str());
+    // The fit-row column travels with the rows to the next pass and ends at the last one.
+    let is_mask =
+        |f: &Field| spec.is_last_pass() && spec.fit_mask.as_deref() == Some(f.name().as_str());
     let mut fields: Vec<Field> = Vec::new();
     match spec.output_space() {
         OutputSpace::Features => {

@@ -230,6 +230,54 @@ pub fn sample_landmarks(
     })
 }
 
+/// The landmarks of an anchored correction: the same coordinates and thresholds, with every
+/// per-batch scale measured on the anchor rows only (`sigma2_{l,b}` = squared distance to the
+/// `k`-th nearest anchor of batch `b`, self excluded, `k` clipped to the batch's anchors; the
+/// floor of [`batch_scales`] over the anchors).
+///
+/// `z` and `offsets` are the batch-grouped rows the landmarks were sampled from and
+/// `anchors[i]` marks the anchor rows among them. The anchor kernel reaches the `k` nearest
+/// anchors of every batch wherever the landmark lies (with the per-batch floor the threshold
+/// keeps them), so a landmark far from every anchor still gets each batch's local anchor mean.
+/// With every row an anchor the result equals `landmarks`, bit for bit.
+pub fn anchor_landmarks(
+    z: &RowBlocks<'_>,
+    offsets: &[usize],
+    anchors: &[bool],
+    landmarks: &[Landmark],
+    k: usize,
+) -> Vec<Landmark> {
+    assert_eq!(anchors.len(), z.n(), "one anchor flag per row");
+    let p = z.p();
+    let idx: Vec<usize> = (0..z.n()).filter(|&i| anchors[i]).collect();
+    let anchor_offsets: Vec<usize> = offsets
+        .iter()
+        .map(|&o| idx.partition_point(|&i| i < o))
+        .collect();
+    let coords: Vec<f32> = idx.iter().flat_map(|&i| z.row(i).iter().copied()).collect();
+    let rows = RowBlocks::new(vec![&coords], p);
+    landmarks
+        .par_iter()
+        .map_init(
+            || (vec![0.0f64; idx.len()], Vec::new()),
+            |(d2, scratch), lm| {
+                rows.sq_distances_to(&lm.coords, d2);
+                let self_pos = match idx.binary_search(&lm.index) {
+                    Ok(pos) => {
+                        d2[pos] = 0.0;
+                        pos
+                    }
+                    Err(_) => usize::MAX,
+                };
+                Landmark {
+                    scales: batch_scales(d2, &anchor_offsets, self_pos, k, scratch),
+                    ..lm.clone()
+                }
+            },
+        )
+        .collect()
+}
+
 /// Nonzero entries `(landmark, A_lj)` of column `j` of `A_S`, in landmark order.
 #[inline]
 pub fn column_entries(landmarks: &[Landmark], z: &[f32], batch: usize, out: &mut Vec<(u32, f64)>) {

@@ -895,6 +895,157 @@ mod tests {
         );
     }
 
+    /// Anchored residual: sums over the anchor rows with the anchor landmarks, offsets applied
+    /// to every row through the landmarks' own weights.
+    fn run_anchored(s: &Setup, anchors: &[bool], strength: f64) -> (Vec<f32>, Vec<Landmark>) {
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        let view = RowBlocks::new(vec![&s.z], s.p);
+        let alms =
+            crate::kernels::landmark::anchor_landmarks(&view, &s.offsets, anchors, &s.landmarks, 3);
+        let m = s.landmarks.len();
+        let groups = s.offsets.len() - 1;
+        let mut acc = SmoothAccumulator::new(&alms, s.d, Variant::Residual);
+        let (mut z, mut x, mut codes) = (Vec::new(), Vec::new(), Vec::new());
+        for j in (0..s.n).filter(|&j| anchors[j]) {
+            z.extend_from_slice(&s.z[j * s.p..(j + 1) * s.p]);
+            x.extend_from_slice(&s.x[j * s.d..(j + 1) * s.d]);
+            codes.push(batch(j) as u32);
+        }
+        acc.add_rows(&alms, &z, &codes, &x);
+        let mut sums = SmoothSums::new(m, s.d, groups, &vec![1e4; s.d], s.n);
+        acc.drain_into(&mut sums);
+        let options = SmoothOptions {
+            estimator: Estimator::Smooth,
+            variant: Variant::Residual,
+            strength,
+            nearest_fallback: false,
+        };
+        let fit = sums.totals().fit(
+            &options,
+            &s.landmarks,
+            LandmarkSearch::new(&s.landmarks),
+            batch,
+        );
+        let all_batches: Vec<u32> = (0..s.n).map(|j| batch(j) as u32).collect();
+        let mut out = vec![0.0; s.n * s.d];
+        let mut cov = vec![false; s.n];
+        fit.apply_rows(&s.landmarks, &s.z, &all_batches, &s.x, &mut out, &mut cov);
+        (out, alms)
+    }
+
+    fn floored(seed: u64, picks: &[usize]) -> Setup {
+        let mut s = setup(seed, picks);
+        let view = RowBlocks::new(vec![&s.z], s.p);
+        let elbow = ElbowParams {
+            rule: ElbowRule::Kneedle,
+            a_min: 1e-8,
+            bins: 4096,
+            r_min: 4,
+            min_threshold: crate::config::BATCH_KNN_FLOOR,
+        };
+        let mut buf = RowBuffers::default();
+        s.landmarks = picks
+            .iter()
+            .map(|&i| landmark_row(&view, &s.offsets, i, 3, &elbow, &mut buf))
+            .collect();
+        s
+    }
+
+    #[test]
+    fn anchored_residual_matches_the_dense_formula() {
+        let s = floored(8, &[0, 31, 62, 5, 88, 47]);
+        let batch = |j: usize| s.offsets.partition_point(|&o| o <= j) - 1;
+        // Anchors: every fourth row (each batch has some), plus landmark 0's own row.
+        let anchors: Vec<bool> = (0..s.n).map(|j| j % 4 == 1 || j == 0).collect();
+        let strength = 0.7;
+        let (out, alms) = run_anchored(&s, &anchors, strength);
+        let (m, batches) = (s.landmarks.len(), s.offsets.len() - 1);
+        // Dense: the anchor scales are the k-th nearest *anchor* of each batch.
+        for (lm, alm) in s.landmarks.iter().zip(&alms) {
+            assert_eq!((lm.threshold, &lm.coords), (alm.threshold, &alm.coords));
+            for b in 0..batches {
+                let mut d2: Vec<f64> = (0..s.n)
+                    .filter(|&j| anchors[j] && batch(j) == b && j != lm.index)
+                    .map(|j| sq_dist_ref(&lm.coords, &s.z[j * s.p..(j + 1) * s.p]))
+                    .collect();
+                d2.sort_by(f64::total_cmp);
+                let kth = d2[2.min(d2.len() - 1)];
+                assert!((alm.scales[b].sigma2_kth - kth).abs() <= 1e-12 * kth.max(1.0));
+            }
+        }
+        // Y_lb over anchors with the anchor kernel; Q over every row with the landmarks'.
+        let a_anchor =
+            |l: usize, j: usize| alms[l].affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j));
+        let a_all =
+            |l: usize, j: usize| s.landmarks[l].affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j));
+        let mut offsets = vec![vec![None::<Vec<f64>>; batches]; m];
+        for l in 0..m {
+            let per: Vec<Option<Vec<f64>>> = (0..batches)
+                .map(|b| {
+                    let rows: Vec<usize> =
+                        (0..s.n).filter(|&j| anchors[j] && batch(j) == b).collect();
+                    let w: f64 = rows.iter().map(|&j| a_anchor(l, j)).sum();
+                    (w > 0.0).then(|| {
+                        (0..s.d)
+                            .map(|f| {
+                                rows.iter()
+                                    .map(|&j| a_anchor(l, j) * s.x[j * s.d + f] as f64)
+                                    .sum::<f64>()
+                                    / w
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            // The floor reaches every batch's anchors.
+            assert!(per.iter().all(|v| v.is_some()), "landmark {l}");
+            let mean: Vec<f64> = (0..s.d)
+                .map(|f| per.iter().flatten().map(|v| v[f]).sum::<f64>() / batches as f64)
+                .collect();
+            for b in 0..batches {
+                let own = per[b].as_ref().unwrap();
+                offsets[l][b] = Some((0..s.d).map(|f| mean[f] - own[f]).collect());
+            }
+        }
+        for j in 0..s.n {
+            let w: Vec<f64> = (0..m).map(|l| a_all(l, j)).collect();
+            let cs: f64 = w.iter().sum();
+            for f in 0..s.d {
+                let xj = s.x[j * s.d + f] as f64;
+                let want = if cs == 0.0 {
+                    xj
+                } else {
+                    let off: f64 = (0..m)
+                        .map(|l| w[l] * offsets[l][batch(j)].as_ref().unwrap()[f])
+                        .sum::<f64>()
+                        / cs;
+                    xj + strength * off
+                };
+                let got = out[j * s.d + f] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{j} {f}: {got} {want}"
+                );
+            }
+        }
+    }
+
+    fn sq_dist_ref(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&u, &v)| (u as f64 - v as f64).powi(2))
+            .sum()
+    }
+
+    #[test]
+    fn anchors_on_every_row_reproduce_the_residual_output() {
+        let s = floored(9, &[0, 31, 62, 5, 45, 70]);
+        let (anchored, alms) = run_anchored(&s, &vec![true; s.n], 1.0);
+        assert_eq!(alms, s.landmarks);
+        let (plain, _) = run_variant(&s, Estimator::Smooth, Variant::Residual, 90);
+        assert_eq!(anchored, plain);
+    }
+
     #[test]
     fn per_batch_variants_do_not_depend_on_chunking() {
         let s = setup(6, &[3, 40, 77]);
