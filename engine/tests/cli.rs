@@ -196,6 +196,73 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
 }
 
 #[test]
+fn anchored_correction_reports_its_anchors_and_needs_its_predicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = synthetic_path();
+    let out = dir.path().join("anchored.parquet");
+    let json = dir.path().join("summary.json");
+    let o = correct(
+        &input,
+        out.to_str().unwrap(),
+        &[
+            "--anchor",
+            "negcon",
+            "--negcon",
+            "Metadata_IsControl",
+            "--summary-json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
+    // The shared synthetic file has 10 % DMSO wells in each of its 5 batches.
+    assert_eq!(summary["anchor_rows"], 300);
+    let corrected = read(&out);
+    let names: Vec<String> = corrected
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("__balans")),
+        "{names:?}"
+    );
+    // Anchored on the controls only, the correction differs from the unanchored one.
+    let plain = dir.path().join("plain.parquet");
+    assert!(
+        correct(&input, plain.to_str().unwrap(), &[])
+            .status
+            .success()
+    );
+    assert_ne!(matrix(&corrected, "f").0, matrix(&read(&plain), "f").0);
+    let none = dir.path().join("none.parquet");
+    let o = correct(&input, none.to_str().unwrap(), &["--anchor", "negcon"]);
+    assert_fails_cleanly(
+        o,
+        dir.path(),
+        &["anchored.parquet", "summary.json", "plain.parquet"],
+        "give --negcon PREDICATE",
+    );
+    let o = correct(
+        &input,
+        none.to_str().unwrap(),
+        &[
+            "--anchor",
+            "negcon",
+            "--negcon",
+            "Metadata_IsControl AND Metadata_Batch <> 'batch_02'",
+        ],
+    );
+    assert_fails_cleanly(
+        o,
+        dir.path(),
+        &["anchored.parquet", "summary.json", "plain.parquet"],
+        "no anchor rows in batch 'batch_02'",
+    );
+}
+
+#[test]
 fn hive_directory_input_gives_the_same_bytes_for_any_partition_count() {
     let dir = tempfile::tempdir().unwrap();
     // The synthetic table written by our own SQL, one directory per batch.
