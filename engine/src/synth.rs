@@ -12,7 +12,9 @@
 //! negative-control cluster (`DMSO`, centred at 0). Compound centres are
 //! `mu_k = potency_k * N(0, sep^2 I_q)` with `potency_k ~ U[min_potency, 1]`; each cluster has an
 //! anisotropic within-cluster scale vector `s_c = exp(N(0, 0.25^2))` per latent dimension. A
-//! point of cluster `c` is `z = mu_c + s_c * eps`, `x = W z + noise * e`.
+//! point of cluster `c` is `z = mu_c + s_c * eps`, `x = W z + noise * e`. The first
+//! `positive_controls` compounds (`cpd_000`, ...) are positive controls: potency 1 (a clear
+//! phenotype, as far from DMSO as any compound).
 //!
 //! *Batch effects (every batch gets them).* (1) density: the within-cluster deviation is
 //! multiplied by `rho_b ~ U[0.6, 1.6]`; (2) rotation: `x <- x + U_b (R_b - I) U_b^T x` with
@@ -28,8 +30,26 @@
 //! `min_batches` batches. Per-batch counts are exact (largest remainder), batch sizes differ by
 //! at most one row.
 //!
+//! *Confounding (batches hold different biology).* With `unique_frac = u`,
+//! `round(u * (k - positive_controls))` of the treatment compounds, chosen at random, occur in
+//! exactly one batch each; their batches are dealt round-robin over a random order of the
+//! batches, so every batch gets some (when there are at least as many as batches) and the
+//! numbers per batch differ by at most one. The other treatments follow the `missing_frac` /
+//! `min_batches` rule, and the positive controls (like DMSO) are in every batch. This mimics
+//! JUMP-style screens, where sources share only the controls and a few compounds: a batch
+//! effect is then confounded with biology, and a correction that simply aligns the batches
+//! erases real signal. The batch effects themselves vary along the manifold (the rotation,
+//! the per-feature scale and the optional `warp` act differently on different clusters).
+//! [`SynthParams::confounded`] is a preset (`unique_frac` 0.8, 2 positive controls, `warp`
+//! 0.3); [`SynthSummary::unique_batch`] and [`SynthSummary::pert_type`] give the ground truth.
+//! When `unique_frac > 0` or `positive_controls > 0` the output gains a `Metadata_PertType`
+//! column (`negcon` = DMSO, `poscon`, `trt`) after `Metadata_IsControl`; with both at 0 (the
+//! default) the output is exactly that of the model without these options.
+//!
 //! # Layout and determinism
 //!
+//! The columns are `Metadata_Batch`, `Metadata_Plate`, `Metadata_Well`, `Metadata_Compound`,
+//! `Metadata_IsControl` (DMSO), [`Metadata_PertType`,] then float32 features `f0..f{d-1}`.
 //! Rows are ordered by batch, then plate; within a plate the compounds are in random order and
 //! wells are drawn at random from the 384-well layout (so plate + well is not unique). All
 //! randomness derives from [`SynthParams::seed`]: the model comes from one ChaCha8 stream, the
@@ -120,6 +140,13 @@ pub struct SynthParams {
     pub missing_frac: f64,
     /// Each compound stays in at least `min(min_batches, batches)` batches. Default 2.
     pub min_batches: usize,
+    /// Fraction of the treatment compounds (all but the positive controls) that occur in
+    /// exactly one batch, `round(unique_frac * (k - positive_controls))` of them (confounded
+    /// design). Default 0.0.
+    pub unique_frac: f64,
+    /// The first `positive_controls` compounds (`cpd_000`, ...) are positive controls: potency
+    /// 1 and present in every batch. Must be `< k`. Default 0.
+    pub positive_controls: usize,
 }
 
 impl Default for SynthParams {
@@ -144,11 +171,30 @@ impl Default for SynthParams {
             dirichlet: f64::INFINITY,
             missing_frac: 0.0,
             min_batches: 2,
+            unique_frac: 0.0,
+            positive_controls: 0,
         }
     }
 }
 
 impl SynthParams {
+    /// The confounded preset on top of `self`: `unique_frac` 0.8, 2 positive controls (fewer
+    /// when `k <= 2`) and `warp` 0.3 (batches hold mostly different compounds, as JUMP sources
+    /// do, and the batch effect is non-linear).
+    pub fn confounded(self) -> Self {
+        Self {
+            unique_frac: 0.8,
+            positive_controls: 2.min(self.k.saturating_sub(1)),
+            warp: 0.3,
+            ..self
+        }
+    }
+
+    /// Whether the output has a `Metadata_PertType` column.
+    fn has_pert_type(&self) -> bool {
+        self.unique_frac > 0.0 || self.positive_controls > 0
+    }
+
     /// Checks the parameters; the error names the first offending one.
     fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(BalansError::InvalidArgument(format!("synth: {what}")));
@@ -185,11 +231,18 @@ impl SynthParams {
             ("min_potency", self.min_potency),
             ("control_frac", self.control_frac),
             ("missing_frac", self.missing_frac),
+            ("unique_frac", self.unique_frac),
         ];
         for (name, v) in unit {
             if !(0.0..=1.0).contains(&v) {
                 return bad(&format!("{name} must be in [0, 1], got {v}"));
             }
+        }
+        if self.positive_controls >= self.k {
+            return bad(&format!(
+                "positive_controls must be < k (the number of compounds, {}), got {}",
+                self.k, self.positive_controls
+            ));
         }
         if self.dirichlet.is_nan() || self.dirichlet <= 0.0 {
             return bad(&format!(
@@ -235,6 +288,11 @@ pub struct SynthSummary {
     pub present: Vec<Vec<bool>>,
     /// Potency of each compound (its centre's scale relative to `sep`).
     pub potency: Vec<f64>,
+    /// `unique_batch[k]`: the only batch compound `k` occurs in, when it was made unique to one
+    /// batch by `unique_frac` (`None` for the others).
+    pub unique_batch: Vec<Option<usize>>,
+    /// Perturbation type of each compound: `poscon` or `trt` (DMSO, not listed, is `negcon`).
+    pub pert_type: Vec<String>,
     /// Within-cluster density factor of each batch.
     pub density: Vec<f64>,
     /// Euclidean norm of each batch's shift vector.
@@ -270,6 +328,10 @@ struct Inner {
     potency: Vec<f64>,
     effects: Vec<BatchEffect>,
     present: Vec<Vec<bool>>,
+    /// The only batch of each compound made unique by `unique_frac`.
+    unique_batch: Vec<Option<usize>>,
+    /// Perturbation type per cluster (`negcon` for DMSO first).
+    pert_names: Vec<String>,
     /// Rows per batch and cluster, `counts[b][c]` (cluster 0 = DMSO).
     counts: Vec<Vec<u64>>,
     schema: SchemaRef,
@@ -332,9 +394,13 @@ impl SynthModel {
 
         // Biology.
         let w = orthonormal(&mut rng, d, q);
-        let potency: Vec<f64> = (0..kk)
+        let mut potency: Vec<f64> = (0..kk)
             .map(|_| uniform(&mut rng, p.min_potency, 1.0))
             .collect();
+        // Positive controls: full potency (drawn anyway, so the stream does not depend on it).
+        for v in &mut potency[..p.positive_controls] {
+            *v = 1.0;
+        }
         let mut mu = vec![0.0; (kk + 1) * q];
         for (c, pot) in potency.iter().enumerate() {
             for v in &mut mu[(c + 1) * q..(c + 2) * q] {
@@ -350,7 +416,8 @@ impl SynthModel {
         let effects = (0..nb)
             .map(|_| BatchEffect::draw(&mut rng, p, &w, r_rot))
             .collect::<Result<Vec<_>>>()?;
-        let present = draw_present(&mut rng, p);
+        let unique_batch = draw_unique(&mut rng, p);
+        let present = draw_present(&mut rng, p, &unique_batch);
         let props: Vec<Vec<f64>> = present
             .iter()
             .map(|row| proportions(&mut rng, p, row))
@@ -370,6 +437,9 @@ impl SynthModel {
         let compound_names = std::iter::once("DMSO".to_string())
             .chain((0..kk).map(|c| format!("cpd_{c:03}")))
             .collect();
+        let pert_names = std::iter::once("negcon".to_string())
+            .chain((0..kk).map(|c| pert_type(p, c).to_string()))
+            .collect();
         let well_names = WELL_ROWS
             .iter()
             .flat_map(|&r| (1..=WELL_COLS).map(move |c| format!("{}{c:02}", r as char)))
@@ -381,6 +451,9 @@ impl SynthModel {
             Field::new("Metadata_Compound", DataType::Utf8, true),
             Field::new("Metadata_IsControl", DataType::Boolean, true),
         ];
+        if p.has_pert_type() {
+            fields.push(Field::new("Metadata_PertType", DataType::Utf8, true));
+        }
         fields.extend((0..d).map(|j| Field::new(format!("f{j}"), DataType::Float32, true)));
         let schema = Arc::new(Schema::new(fields));
 
@@ -393,6 +466,8 @@ impl SynthModel {
                 potency,
                 effects,
                 present,
+                unique_batch,
+                pert_names,
                 counts,
                 schema,
                 base_rng,
@@ -409,7 +484,8 @@ impl SynthModel {
         &self.inner.params
     }
 
-    /// The output schema: five `Metadata_*` columns, then float32 features `f0..f{d-1}`.
+    /// The output schema: five `Metadata_*` columns (six with `Metadata_PertType`, see the
+    /// module docs), then float32 features `f0..f{d-1}`.
     pub fn schema(&self) -> SchemaRef {
         self.inner.schema.clone()
     }
@@ -468,6 +544,8 @@ impl SynthModel {
             compound_counts,
             present: inner.present.clone(),
             potency: inner.potency.clone(),
+            unique_batch: inner.unique_batch.clone(),
+            pert_type: inner.pert_names[1..].to_vec(),
             density: inner.effects.iter().map(|e| e.density).collect(),
             shift_norm: inner.effects.iter().map(|e| e.shift_norm).collect(),
             centre_dist_median: median(&mut dists),
@@ -623,7 +701,7 @@ fn build_record_batch(
         }
         Arc::new(builder.finish())
     };
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(5 + d);
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(6 + d);
     columns.push(strings(
         &inner.batch_names[b..=b],
         &mut std::iter::repeat_n(0, len),
@@ -644,6 +722,12 @@ fn build_record_batch(
         BooleanBuffer::collect_bool(len, |i| labels[i] == 0),
         None,
     )));
+    if inner.params.has_pert_type() {
+        columns.push(strings(
+            &inner.pert_names,
+            &mut labels.iter().map(|&v| v as usize),
+        ));
+    }
     for j in 0..d {
         let mut col = Vec::with_capacity(len);
         for tile in &tiles {
@@ -886,17 +970,67 @@ impl BatchEffect {
     }
 }
 
-/// `present[b][k]`: whether compound `k` may occur in batch `b` (`missing_frac`, `min_batches`).
-fn draw_present(rng: &mut ChaCha8Rng, p: &SynthParams) -> Vec<Vec<bool>> {
+/// Perturbation type of compound `c` (0-based, DMSO excluded).
+fn pert_type(p: &SynthParams, c: usize) -> &'static str {
+    if c < p.positive_controls {
+        "poscon"
+    } else {
+        "trt"
+    }
+}
+
+/// The compounds made unique to one batch by `unique_frac`: `round(unique_frac * t)` of the
+/// `t = k - positive_controls` treatments, chosen at random, dealt round-robin over a random
+/// order of the batches. Draws nothing when there are none (the default).
+fn draw_unique(rng: &mut ChaCha8Rng, p: &SynthParams) -> Vec<Option<usize>> {
+    let mut unique = vec![None; p.k];
+    let mut candidates: Vec<usize> = (p.positive_controls..p.k).collect();
+    let count = ((p.unique_frac * candidates.len() as f64).round() as usize).min(candidates.len());
+    if count == 0 {
+        return unique;
+    }
+    // Partial Fisher-Yates: the first `count` candidates are a uniform random subset.
+    for i in 0..count {
+        let j = rng.random_range(i..candidates.len());
+        candidates.swap(i, j);
+    }
+    let mut order: Vec<usize> = (0..p.batches).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    for (i, &c) in candidates[..count].iter().enumerate() {
+        unique[c] = Some(order[i % p.batches]);
+    }
+    unique
+}
+
+/// `present[b][k]`: whether compound `k` may occur in batch `b`: positive controls everywhere,
+/// a compound of `unique` in its batch only, the others by `missing_frac` and `min_batches`.
+fn draw_present(rng: &mut ChaCha8Rng, p: &SynthParams, unique: &[Option<usize>]) -> Vec<Vec<bool>> {
     let mut present = vec![vec![true; p.k]; p.batches];
     if p.missing_frac > 0.0 {
+        // Drawn for every (batch, compound), so the stream does not depend on the other options.
         for row in &mut present {
             for v in row.iter_mut() {
                 *v = rng.random::<f64>() >= p.missing_frac;
             }
         }
+    }
+    for (b, row) in present.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            if c < p.positive_controls {
+                *v = true;
+            } else if let Some(only) = unique[c] {
+                *v = b == only;
+            }
+        }
+    }
+    if p.missing_frac > 0.0 {
         let need = p.min_batches.min(p.batches);
-        for c in 0..p.k {
+        for c in p.positive_controls..p.k {
+            if unique[c].is_some() {
+                continue;
+            }
             while present.iter().filter(|row| row[c]).count() < need {
                 present[rng.random_range(0..p.batches)][c] = true;
             }
@@ -1298,6 +1432,313 @@ mod tests {
         );
         assert_eq!((p.control_frac, p.missing_frac), (0.1, 0.0));
         assert!(p.dirichlet.is_infinite());
+        assert_eq!((p.unique_frac, p.positive_controls), (0.0, 0));
+    }
+
+    /// FNV-1a hash of the schema (names and types) and of every string and boolean value,
+    /// column by column (the metadata; the float features are left out because their last bits
+    /// may depend on the CPU's matrix kernels).
+    fn metadata_fingerprint(rb: &RecordBatch) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for f in rb.schema().fields() {
+            eat(f.name().as_bytes());
+            eat(format!("{}", f.data_type()).as_bytes());
+        }
+        for col in rb.columns() {
+            match col.data_type() {
+                DataType::Utf8 => {
+                    for v in col.as_string::<i32>().iter() {
+                        eat(v.unwrap().as_bytes());
+                        eat(&[0]);
+                    }
+                }
+                DataType::Boolean => {
+                    for v in col.as_boolean().iter() {
+                        eat(&[u8::from(v.unwrap())]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        h
+    }
+
+    /// Values recorded from the generator before `unique_frac` and `positive_controls` existed:
+    /// with both at their defaults the output must not change.
+    #[test]
+    fn defaults_unchanged_by_confounding_options() {
+        let f = |rb: &RecordBatch, j: usize, i: usize| {
+            rb.column_by_name(&format!("f{j}"))
+                .unwrap()
+                .as_primitive::<Float32Type>()
+                .value(i)
+        };
+        let close = |got: f32, want: f32| {
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        };
+
+        // the README set: balanced, every compound everywhere
+        let params = readme_params();
+        let explicit = SynthParams {
+            unique_frac: 0.0,
+            positive_controls: 0,
+            ..readme_params()
+        };
+        let rb = generate(&params, 777);
+        assert_eq!(rb.num_columns(), 25);
+        assert!(rb.column_by_name("Metadata_PertType").is_none());
+        assert_eq!(metadata_fingerprint(&rb), 0xa7f9_ccee_a352_99e6);
+        close(f(&rb, 0, 0), -0.685_680_27);
+        close(f(&rb, 0, 1), 0.587_738_6);
+        close(f(&rb, 0, 2), -2.101_705_6);
+        close(f(&rb, 0, 2999), -3.063_577_4);
+        close(f(&rb, 5, 100), 1.074_909_2);
+        close(f(&rb, 5, 1500), 2.898_840_2);
+        assert_eq!(generate(&explicit, 4096), rb);
+        let summary = SynthModel::new(&params).unwrap().summary();
+        assert_eq!(summary.potency[0], 0.476_439_384_946_430_57);
+        assert_eq!(summary.potency[9], 0.640_158_192_488_337_9);
+        assert_eq!(summary.density[4], 1.249_387_286_092_741_3);
+        assert!(summary.unique_batch.iter().all(Option::is_none));
+        assert!(summary.pert_type.iter().all(|t| t == "trt"));
+
+        // missing compounds, a warp and Dirichlet proportions (the model stream is longer)
+        let params = SynthParams {
+            n: 2000,
+            seed: 3,
+            missing_frac: 0.5,
+            warp: 0.3,
+            dirichlet: 1.0,
+            ..SynthParams::default()
+        };
+        let model = SynthModel::new(&params).unwrap();
+        assert_eq!(
+            model.counts()[1],
+            vec![40, 78, 0, 191, 0, 0, 0, 0, 0, 76, 15]
+        );
+        assert_eq!(
+            model.counts()[3],
+            vec![40, 0, 0, 0, 23, 17, 0, 235, 0, 0, 85]
+        );
+        let rb = generate(&params, 777);
+        assert_eq!(rb.num_columns(), 15);
+        assert_eq!(metadata_fingerprint(&rb), 0x762d_2eac_dd51_41ae);
+        close(f(&rb, 0, 0), 3.116_412);
+        close(f(&rb, 0, 1), 3.456_605_2);
+        close(f(&rb, 0, 2), 6.227_917_7);
+        close(f(&rb, 0, 1999), -1.694_764_5);
+        close(f(&rb, 5, 100), -0.854_075_9);
+        close(f(&rb, 5, 1500), -3.413_962_6);
+        let summary = model.summary();
+        assert_eq!(summary.potency[0], 0.252_563_900_549_514);
+        assert_eq!(summary.density[1], 1.599_987_572_916_519_2);
+        assert_eq!(
+            summary.present[3],
+            vec![
+                false, false, false, true, true, false, true, false, false, true
+            ]
+        );
+    }
+
+    /// Batches each compound occurs in, from the generated rows.
+    fn batches_of_compounds(rb: &RecordBatch) -> BTreeMap<String, BTreeSet<String>> {
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (b, c) in strings(rb, "Metadata_Batch")
+            .into_iter()
+            .zip(strings(rb, "Metadata_Compound"))
+        {
+            seen.entry(c).or_default().insert(b);
+        }
+        seen
+    }
+
+    #[test]
+    fn confounded_design_has_unique_compounds_and_shared_controls() {
+        for (seed, missing_frac) in [(0, 0.0), (1, 0.0), (11, 0.0), (5, 0.3)] {
+            let params = SynthParams {
+                n: 5000,
+                d: 6,
+                k: 10,
+                batches: 5,
+                seed,
+                unique_frac: 0.8,
+                positive_controls: 2,
+                missing_frac,
+                ..SynthParams::default()
+            };
+            let model = SynthModel::new(&params).unwrap();
+            let summary = model.summary();
+            let rb = generate(&params, 999);
+            let names: Vec<String> = rb
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            assert_eq!(names.len(), 5 + 1 + 6);
+            assert_eq!(names[4], "Metadata_IsControl");
+            assert_eq!(names[5], "Metadata_PertType");
+            assert_eq!(names[6], "f0");
+            assert_eq!(rb.schema().field(5).data_type(), &DataType::Utf8);
+
+            // exactly round(0.8 * 8) = 6 compounds occur in one batch only (from the rows)
+            let seen = batches_of_compounds(&rb);
+            assert_eq!(seen.len(), 11, "seed {seed}: {seen:?}");
+            let single: Vec<&String> = seen
+                .iter()
+                .filter(|(_, bs)| bs.len() == 1)
+                .map(|(c, _)| c)
+                .collect();
+            assert_eq!(single.len(), 6, "seed {seed}: {seen:?}");
+            for c in ["DMSO", "cpd_000", "cpd_001"] {
+                assert_eq!(seen[c].len(), 5, "seed {seed}: {c} in {:?}", seen[c]);
+            }
+            let mut per_batch = [0usize; 5];
+            for (c, only) in summary.unique_batch.iter().enumerate() {
+                let name = format!("cpd_{c:03}");
+                match only {
+                    Some(b) => {
+                        assert!(c >= 2, "a positive control is never unique");
+                        let want: BTreeSet<String> = [format!("batch_{b:02}")].into();
+                        assert_eq!(seen[&name], want, "seed {seed}: {name}");
+                        per_batch[*b] += 1;
+                    }
+                    None => {
+                        let min = if missing_frac > 0.0 { 2 } else { 5 };
+                        assert!(seen[&name].len() >= min, "seed {seed}: {name}");
+                    }
+                }
+            }
+            // 6 unique compounds over 5 batches: every batch gets one or two
+            assert!(
+                per_batch.iter().all(|&v| (1..=2).contains(&v)),
+                "seed {seed}: {per_batch:?}"
+            );
+            assert_eq!(summary.pert_type[..2], ["poscon", "poscon"]);
+            assert!(summary.pert_type[2..].iter().all(|t| t == "trt"));
+            assert_eq!(summary.potency[..2], [1.0, 1.0]);
+
+            // the PertType column matches the compound
+            let pert = strings(&rb, "Metadata_PertType");
+            let ctrl = rb.column(4).as_boolean();
+            for (i, c) in strings(&rb, "Metadata_Compound").iter().enumerate() {
+                let want = match c.as_str() {
+                    "DMSO" => "negcon",
+                    "cpd_000" | "cpd_001" => "poscon",
+                    _ => "trt",
+                };
+                assert_eq!(pert[i], want, "row {i}: {c}");
+                assert_eq!(ctrl.value(i), c == "DMSO");
+            }
+            // batch sizes and the DMSO fraction are kept
+            for c in model.counts() {
+                assert_eq!(c.iter().sum::<u64>(), 1000);
+                assert_eq!(c[0], 100);
+            }
+        }
+
+        // positive controls alone: the column appears, every compound stays everywhere
+        let params = SynthParams {
+            n: 2000,
+            d: 4,
+            positive_controls: 1,
+            ..SynthParams::default()
+        };
+        let rb = generate(&params, 500);
+        assert_eq!(rb.schema().field(5).name(), "Metadata_PertType");
+        assert!(batches_of_compounds(&rb).values().all(|bs| bs.len() == 5));
+        let pert: BTreeSet<String> = strings(&rb, "Metadata_PertType").into_iter().collect();
+        assert_eq!(pert, ["negcon", "poscon", "trt"].map(String::from).into());
+        // unique_frac 1: every treatment in one batch, the single positive control everywhere
+        let params = SynthParams {
+            unique_frac: 1.0,
+            ..params
+        };
+        let seen = batches_of_compounds(&generate(&params, 500));
+        assert_eq!(seen.values().filter(|bs| bs.len() == 1).count(), 9);
+        assert_eq!(seen["cpd_000"].len(), 5);
+    }
+
+    #[test]
+    fn confounded_preset() {
+        let p = SynthParams::default().confounded();
+        assert_eq!((p.unique_frac, p.positive_controls, p.warp), (0.8, 2, 0.3));
+        assert_eq!(
+            SynthParams {
+                k: 2,
+                ..SynthParams::default()
+            }
+            .confounded()
+            .positive_controls,
+            1
+        );
+        let model = SynthModel::new(&p).unwrap();
+        let summary = model.summary();
+        assert_eq!(
+            summary.unique_batch.iter().filter(|b| b.is_some()).count(),
+            6
+        );
+        assert!(model.schema().field_with_name("Metadata_PertType").is_ok());
+    }
+
+    #[test]
+    fn confounding_options_are_validated() {
+        let bad = [
+            SynthParams {
+                unique_frac: -0.1,
+                ..SynthParams::default()
+            },
+            SynthParams {
+                unique_frac: 1.5,
+                ..SynthParams::default()
+            },
+            SynthParams {
+                unique_frac: f64::NAN,
+                ..SynthParams::default()
+            },
+            SynthParams {
+                positive_controls: 10,
+                ..SynthParams::default()
+            },
+            SynthParams {
+                k: 3,
+                positive_controls: 7,
+                ..SynthParams::default()
+            },
+        ];
+        for p in bad {
+            let err = SynthModel::new(&p).unwrap_err();
+            let BalansError::InvalidArgument(msg) = &err else {
+                panic!("{p:?}: {err:?}");
+            };
+            assert!(
+                msg.contains("unique_frac") || msg.contains("positive_controls"),
+                "{msg}"
+            );
+        }
+        // the edges are allowed
+        for p in [
+            SynthParams {
+                unique_frac: 1.0,
+                positive_controls: 9,
+                ..SynthParams::default()
+            },
+            SynthParams {
+                unique_frac: 0.0,
+                ..SynthParams::default()
+            },
+        ] {
+            SynthModel::new(&p).unwrap();
+        }
     }
 
     #[test]
