@@ -6,6 +6,7 @@
 //! ([`synth`]) and the terminal progress display used by the `balans` command
 //! ([`progress`]). See `ARCHITECTURE.md` at the repository root for the data flow.
 
+pub mod auto;
 pub mod bench;
 pub mod correct;
 pub mod embed;

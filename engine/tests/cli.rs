@@ -263,6 +263,105 @@ fn anchored_correction_reports_its_anchors_and_needs_its_predicate() {
 }
 
 #[test]
+fn strength_auto_keeps_one_scored_candidate_and_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("confounded.parquet");
+    let o = balans(&[
+        "synth",
+        "--confounded",
+        "--n",
+        "1500",
+        "--seed",
+        "5",
+        "-o",
+        input.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("auto.parquet");
+    let json = dir.path().join("summary.json");
+    let negcon = "Metadata_PertType = 'negcon'";
+    let o = correct(
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &[
+            "--anchor-label",
+            "Metadata_Compound",
+            "--negcon",
+            negcon,
+            "--strength",
+            "auto",
+            "--summary-json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--strength auto chose strength"),
+        "{}",
+        stderr(&o)
+    );
+    assert_dir_holds(
+        dir.path(),
+        &["confounded.parquet", "auto.parquet", "summary.json"],
+    );
+    let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
+    let candidates = summary["strength_auto"].as_array().unwrap();
+    assert_eq!(candidates.len(), 6);
+    let chosen: Vec<&serde_json::Value> =
+        candidates.iter().filter(|c| c["chosen"] == true).collect();
+    assert_eq!(chosen.len(), 1);
+    let best = candidates
+        .iter()
+        .map(|c| c["criterion"]["score"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(chosen[0]["criterion"]["score"].as_f64().unwrap(), best);
+    // The output is the chosen candidate: the same bytes as that setting run directly.
+    let direct = dir.path().join("direct.parquet");
+    let strength = chosen[0]["strength"].as_f64().unwrap().to_string();
+    let passes = chosen[0]["passes"].as_u64().unwrap().to_string();
+    let o = correct(
+        input.to_str().unwrap(),
+        direct.to_str().unwrap(),
+        &[
+            "--anchor-label",
+            "Metadata_Compound",
+            "--strength",
+            &strength,
+            "--iterations",
+            &passes,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+    std::fs::remove_file(&direct).unwrap();
+    // It needs the controls it scores on, and chooses the passes itself.
+    let other = dir.path().join("other.parquet");
+    let o = correct(
+        input.to_str().unwrap(),
+        other.to_str().unwrap(),
+        &["--strength", "auto"],
+    );
+    let held = ["confounded.parquet", "auto.parquet", "summary.json"];
+    assert_fails_cleanly(o, dir.path(), &held, "give --negcon PREDICATE");
+    let o = correct(
+        input.to_str().unwrap(),
+        other.to_str().unwrap(),
+        &[
+            "--strength",
+            "auto",
+            "--negcon",
+            negcon,
+            "--iterations",
+            "1",
+        ],
+    );
+    assert_fails_cleanly(o, dir.path(), &held, "leave out --iterations");
+}
+
+#[test]
 fn hive_directory_input_gives_the_same_bytes_for_any_partition_count() {
     let dir = tempfile::tempdir().unwrap();
     // The synthetic table written by our own SQL, one directory per batch.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use balans_engine::auto::{run_correct_auto, score_correction};
 use balans_engine::correct::CorrectOutcome;
 use balans_engine::evaluate::{
     Evaluation, LoadedEmbedding, format_scores, format_timings, render_report,
@@ -25,7 +26,10 @@ use balans_operators::RunSummary;
 use balans_operators::config::{Metric, PcaSetting};
 use balans_operators::exec::COVERED_COLUMN;
 use balans_operators::kernels::preprocess::Normalization;
-use balans_operators::{Anchor, BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant};
+use balans_operators::kernels::quality::AnchorCriterion;
+use balans_operators::{
+    Anchor, BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, Variant,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datafusion::prelude::SessionContext;
 
@@ -300,9 +304,11 @@ struct CorrectArgs {
     /// [default: true, false for --variant paper].
     #[arg(long)]
     batch_knn_floor: Option<bool>,
-    /// Fraction of the correction applied, in (0, 1] [default: 1].
+    /// Fraction of the correction applied, in (0, 1], or `auto`: strength and passes chosen
+    /// for the data set among 0.25 / 0.5 / 1 x 1 / 2 passes by a label-free criterion on the
+    /// --negcon rows (docs/balans.md; costs six corrections) [default: 1].
     #[arg(long)]
-    strength: Option<f64>,
+    strength: Option<String>,
     /// Passes, each correcting the previous pass's output [default: 2, 1 for --variant paper].
     #[arg(long)]
     iterations: Option<usize>,
@@ -776,6 +782,33 @@ struct SynthArgs {
     /// Seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Batch shift standard deviation, in units of the compound separation.
+    #[arg(long, default_value_t = 0.4)]
+    shift: f64,
+    /// Fraction of DMSO (negative control) rows in each batch.
+    #[arg(long, default_value_t = 0.1)]
+    control_frac: f64,
+    /// Probability that a compound is absent from a batch (the compounds that are not unique to
+    /// one batch stay in at least 2 batches).
+    #[arg(long, default_value_t = 0.0)]
+    missing_frac: f64,
+    /// Standard deviation of the per-batch, per-feature tanh warp (a non-linear batch effect;
+    /// 0 = off). [default: 0, 0.3 with --confounded]
+    #[arg(long)]
+    warp: Option<f64>,
+    /// Fraction of the treatment compounds that occur in exactly one batch (a confounded
+    /// design); adds a Metadata_PertType column when > 0. [default: 0, 0.8 with --confounded]
+    #[arg(long)]
+    unique_frac: Option<f64>,
+    /// The first N compounds (cpd_000, ...) are positive controls: potency 1, in every batch
+    /// (must be < --k); adds a Metadata_PertType column when > 0. [default: 0, 2 with
+    /// --confounded]
+    #[arg(long)]
+    positive_controls: Option<usize>,
+    /// Confounded preset, as in JUMP (batches share only the controls and a few compounds):
+    /// --unique-frac 0.8 --positive-controls 2 --warp 0.3 (explicit flags override it).
+    #[arg(long)]
+    confounded: bool,
     /// Output Parquet file.
     #[arg(long, short)]
     output: PathBuf,
@@ -847,7 +880,14 @@ fn correct_config(a: &CorrectArgs) -> Result<BalansConfig> {
         },
         elbow: a.elbow.map_or(base.elbow, elbow_rule),
         batch_knn_floor: a.batch_knn_floor.unwrap_or(base.batch_knn_floor),
-        strength: a.strength.unwrap_or(base.strength),
+        strength: match a.strength.as_deref().map(str::trim) {
+            None | Some("auto") => base.strength,
+            Some(text) => text.parse().map_err(|_| {
+                BalansError::InvalidArgument(format!(
+                    "--strength takes a number in (0, 1] or 'auto', not '{text}'"
+                ))
+            })?,
+        },
         iterations: a.iterations.unwrap_or(base.iterations),
         estimator: a.estimator.map_or(base.estimator, estimator),
         output_space: match a.output_space {
@@ -982,10 +1022,30 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
             (_, None) => None,
         },
     };
-    let outcome = run_correct(&ctx, &request, progress.clone()).await?;
+    let auto = a.strength.as_deref().map(str::trim) == Some("auto");
+    if auto && a.iterations.is_some() {
+        return Err(BalansError::InvalidArgument(
+            "--strength auto chooses the passes too: leave out --iterations".into(),
+        ));
+    }
+    let (outcome, summary, candidates) = if auto {
+        let chosen = run_correct_auto(&ctx, &request, quiet).await?;
+        (chosen.outcome, chosen.summary, Some(chosen.candidates))
+    } else {
+        let outcome = run_correct(&ctx, &request, progress.clone()).await?;
+        (outcome, progress.summary().unwrap_or_default(), None)
+    };
     let total = started.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
-    let summary = progress.summary().unwrap_or_default();
+    if let Some(c) = candidates
+        .as_ref()
+        .and_then(|c| c.iter().find(|c| c.chosen))
+    {
+        eprintln!(
+            "balans: --strength auto chose strength {} with {} pass(es) (score {:.4})",
+            c.strength, c.passes, c.criterion.score
+        );
+    }
     if let Some(dir) = &request.model {
         // The model-embedding step streams: no correction summary, just what was written.
         eprintln!(
@@ -1014,6 +1074,9 @@ async fn correct(a: CorrectArgs, quiet: bool) -> Result<()> {
             .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
         value["total_seconds"] = serde_json::json!(total);
         value["peak_rss_bytes"] = serde_json::json!(peak);
+        if let Some(c) = &candidates {
+            value["strength_auto"] = serde_json::json!(c);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&value).expect("json"))?;
     }
     if a.evaluate {
@@ -1221,7 +1284,7 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
     let work = tempfile::tempdir()?;
     let (_, baseline) =
         run_evaluate(&ctx, &base, "tune_input", step_printer(true, "input")).await?;
-    let mut rows: Vec<(String, Option<RunSummary>, f64, Evaluation)> = Vec::new();
+    let mut rows: Vec<TuneRow> = Vec::new();
     for (i, (setting, config)) in settings.iter().zip(configs).enumerate() {
         let label = if setting.is_empty() {
             "defaults".to_string()
@@ -1260,17 +1323,25 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         let outcome = run_correct(&ctx, &request, progress.clone()).await?;
         let seconds = started.elapsed().as_secs_f64();
         let (_, evaluation) = evaluate_output(&ctx, &base, &output, &outcome, true).await?;
+        // The label-free criterion of `--strength auto`, where it applies.
+        let criterion = match (&a.eval.negcon, request.config.output_space) {
+            (Some(negcon), OutputSpace::Features) => {
+                Some(score_correction(&request, &output, &outcome.roles.features, negcon).await?)
+            }
+            _ => None,
+        };
         std::fs::remove_file(&output)?;
-        rows.push((label, progress.summary(), seconds, evaluation));
+        rows.push((label, progress.summary(), seconds, evaluation, criterion));
     }
     print!("{}", tune_table(&baseline, &rows));
     if let Some(path) = &a.eval.json {
         let value = serde_json::json!({
             "input": baseline,
-            "settings": rows.iter().map(|(label, summary, seconds, evaluation)| serde_json::json!({
+            "settings": rows.iter().map(|(label, summary, seconds, evaluation, criterion)| serde_json::json!({
                 "setting": label,
                 "landmarks": summary.as_ref().map(|s| s.landmarks),
                 "correct_seconds": seconds,
+                "auto_criterion": criterion,
                 "evaluation": evaluation,
             })).collect::<Vec<_>>(),
         });
@@ -1286,10 +1357,17 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
 }
 
 /// A Markdown table: the input, then one row per setting.
-fn tune_table(
-    baseline: &Evaluation,
-    rows: &[(String, Option<RunSummary>, f64, Evaluation)],
-) -> String {
+/// One `tune` setting: label, run summary, correction seconds, evaluation, and the
+/// label-free criterion of `--strength auto` (with `--negcon`).
+type TuneRow = (
+    String,
+    Option<RunSummary>,
+    f64,
+    Evaluation,
+    Option<AnchorCriterion>,
+);
+
+fn tune_table(baseline: &Evaluation, rows: &[TuneRow]) -> String {
     const COLUMNS: [&str; 10] = [
         "overall",
         "batch_score",
@@ -1312,11 +1390,11 @@ fn tune_table(
             .map_or_else(|| "-".to_string(), |v| format!("{v:.4}"))
     };
     let mut out = format!(
-        "| setting | landmarks | correct (s) | {} |\n",
+        "| setting | landmarks | correct (s) | auto criterion | {} |\n",
         COLUMNS.join(" | ")
     );
     out.push_str(&format!(
-        "|---|---:|---:|{}\n",
+        "|---|---:|---:|---:|{}\n",
         "---:|".repeat(COLUMNS.len())
     ));
     let cells = |e: &Evaluation| {
@@ -1327,15 +1405,18 @@ fn tune_table(
             .join(" | ")
     };
     out.push_str(&format!(
-        "| input (uncorrected) | - | - | {} |\n",
+        "| input (uncorrected) | - | - | - | {} |\n",
         cells(baseline)
     ));
-    for (label, summary, seconds, evaluation) in rows {
+    for (label, summary, seconds, evaluation, criterion) in rows {
+        let criterion = criterion
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |c| format!("{:.4}", c.score));
         let landmarks = summary
             .as_ref()
             .map_or_else(|| "-".to_string(), |s| s.landmarks.to_string());
         out.push_str(&format!(
-            "| {label} | {landmarks} | {seconds:.2} | {} |\n",
+            "| {label} | {landmarks} | {seconds:.2} | {criterion} | {} |\n",
             cells(evaluation)
         ));
     }
@@ -1358,14 +1439,23 @@ async fn run_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run_synth(a: SynthArgs) -> Result<()> {
-    let params = balans_engine::synth::SynthParams {
+    let mut params = balans_engine::synth::SynthParams {
         n: a.n,
         d: a.d,
         k: a.k,
         batches: a.batches,
         seed: a.seed,
+        shift: a.shift,
+        control_frac: a.control_frac,
+        missing_frac: a.missing_frac,
         ..Default::default()
     };
+    if a.confounded {
+        params = params.confounded();
+    }
+    params.warp = a.warp.unwrap_or(params.warp);
+    params.unique_frac = a.unique_frac.unwrap_or(params.unique_frac);
+    params.positive_controls = a.positive_controls.unwrap_or(params.positive_controls);
     let summary = balans_engine::synth::write_parquet(&params, &a.output, 65_536)?;
     eprintln!(
         "balans: wrote {} rows x {} features to {} ({:.2} s)",

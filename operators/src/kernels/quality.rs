@@ -62,9 +62,129 @@ pub fn label_purity(neighbours: &[Vec<usize>], label: &[usize]) -> f64 {
     total / label.len() as f64
 }
 
+/// The label-free criterion `--strength auto` ranks corrections by (see `docs/balans.md`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AnchorCriterion {
+    /// Batch mixing of the anchor rows after the correction ([`batch_mixing`] over their `k`
+    /// nearest anchors, capped at 1): anchors hold the same biology in every batch, so a
+    /// correction should mix them.
+    pub anchor_mixing: f64,
+    /// Mean `|ln(d_after / d_before)|` over the other rows, `d` = distance to the centroid of
+    /// their own batch's anchors: the batch effect acts on a row and on its batch's anchors
+    /// alike, so a correction should keep how far a row lies from its own controls.
+    pub anchor_distance_change: f64,
+    /// `anchor_mixing - anchor_distance_change` (higher is better).
+    pub score: f64,
+}
+
+/// Scores a correction without labels: `before` and `after` are the same rows (row-major,
+/// `p` columns) before and after it, `batch` their batch codes and `anchor` the anchor rows.
+pub fn anchor_criterion(
+    before: &[f32],
+    after: &[f32],
+    p: usize,
+    batch: &[usize],
+    anchor: &[bool],
+    k: usize,
+) -> AnchorCriterion {
+    let n = batch.len();
+    assert_eq!(before.len(), n * p);
+    assert_eq!(after.len(), n * p);
+    assert_eq!(anchor.len(), n);
+    let anchors: Vec<usize> = (0..n).filter(|&i| anchor[i]).collect();
+    let anchor_rows: Vec<f32> = anchors
+        .iter()
+        .flat_map(|&i| after[i * p..(i + 1) * p].iter().copied())
+        .collect();
+    let anchor_batch: Vec<usize> = anchors.iter().map(|&i| batch[i]).collect();
+    let nn = knn_indices(&anchor_rows, p, k);
+    let anchor_mixing = batch_mixing(&nn, &anchor_batch).min(1.0);
+    let nb = batch.iter().max().map_or(0, |&b| b + 1);
+    let centroids = |x: &[f32]| {
+        let mut c = vec![0.0f64; nb * p];
+        let mut count = vec![0usize; nb];
+        for &i in &anchors {
+            count[batch[i]] += 1;
+            for (acc, &v) in c[batch[i] * p..(batch[i] + 1) * p].iter_mut().zip(&x[i * p..]) {
+                *acc += v as f64;
+            }
+        }
+        for (b, &cnt) in count.iter().enumerate() {
+            c[b * p..(b + 1) * p].iter_mut().for_each(|v| *v /= cnt.max(1) as f64);
+        }
+        c
+    };
+    let (c0, c1) = (centroids(before), centroids(after));
+    let dist = |x: &[f32], c: &[f64]| {
+        x.iter()
+            .zip(c)
+            .map(|(&v, &m)| (v as f64 - m).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (mut total, mut rows) = (0.0f64, 0usize);
+    for i in (0..n).filter(|&i| !anchor[i]) {
+        let b = batch[i];
+        let d0 = dist(&before[i * p..(i + 1) * p], &c0[b * p..(b + 1) * p]);
+        let d1 = dist(&after[i * p..(i + 1) * p], &c1[b * p..(b + 1) * p]);
+        if d0 > 0.0 && d1 > 0.0 {
+            total += (d1 / d0).ln().abs();
+            rows += 1;
+        }
+    }
+    let anchor_distance_change = if rows > 0 { total / rows as f64 } else { 0.0 };
+    AnchorCriterion {
+        anchor_mixing,
+        anchor_distance_change,
+        score: anchor_mixing - anchor_distance_change,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anchor_criterion_prefers_the_shift_seen_on_the_anchors() {
+        // Two batches; controls at 0 and a compound at (4, 0) in batch 0 only. Batch 1 is
+        // shifted by (0, 3). Removing the shift mixes the controls and keeps the distances;
+        // pulling the compound onto the other batch's controls is penalised.
+        let (mut x, mut batch, mut anchor) = (Vec::new(), Vec::new(), Vec::new());
+        for b in 0..2 {
+            for i in 0..30 {
+                let jitter = (i as f32 * 0.37).sin() * 0.3;
+                x.extend([jitter, b as f32 * 3.0 + (i as f32 * 0.11).cos() * 0.3]);
+                batch.push(b);
+                anchor.push(true);
+            }
+        }
+        for i in 0..30 {
+            x.extend([4.0 + (i as f32 * 0.7).sin() * 0.3, (i as f32 * 0.3).cos() * 0.3]);
+            batch.push(0);
+            anchor.push(false);
+        }
+        let unshift: Vec<f32> = x
+            .chunks(2)
+            .zip(&batch)
+            .flat_map(|(r, &b)| [r[0], r[1] - 3.0 * b as f32])
+            .collect();
+        let none = anchor_criterion(&x, &x, 2, &batch, &anchor, 5);
+        let good = anchor_criterion(&x, &unshift, 2, &batch, &anchor, 5);
+        assert_eq!(none.anchor_distance_change, 0.0);
+        assert!(none.anchor_mixing < 0.1);
+        assert!(good.anchor_mixing > 0.6, "{good:?}");
+        assert!(good.anchor_distance_change < 1e-6, "{good:?}");
+        // Over-correction: the compound is also pulled halfway to the controls.
+        let mut over = unshift.clone();
+        for (r, &a) in over.chunks_mut(2).zip(&anchor) {
+            if !a {
+                r[0] *= 0.5;
+            }
+        }
+        let bad = anchor_criterion(&x, &over, 2, &batch, &anchor, 5);
+        assert!(bad.score < good.score - 0.3, "{bad:?} vs {good:?}");
+        assert!(good.score > none.score + 0.5);
+    }
 
     #[test]
     fn separated_and_mixed_batches() {
