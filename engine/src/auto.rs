@@ -112,11 +112,11 @@ pub async fn score_correction(
             rows.len()
         )));
     }
-    Ok(tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         anchor_criterion(&x0, &x1, d, &batch, &anchor, CRITERION_NEIGHBOURS)
     })
     .await
-    .map_err(|e| BalansError::InvalidArgument(format!("--strength auto: {e}")))?)
+    .map_err(|e| BalansError::InvalidArgument(format!("--strength auto: {e}")))
 }
 
 /// Temporary path of candidate `i` beside `output`.
@@ -209,12 +209,9 @@ pub async fn run_correct_auto(
                 }
             };
         eprintln!(
-            "balans: {}",
-            format!(
-                "--strength auto: strength {strength}, {passes} pass(es): control mixing {:.4}, \
-             distance-to-controls change {:.4}, score {:.4}",
-                criterion.anchor_mixing, criterion.anchor_distance_change, criterion.score
-            )
+            "balans: --strength auto: strength {strength}, {passes} pass(es): control mixing \
+             {:.4}, distance-to-controls change {:.4}, score {:.4}",
+            criterion.anchor_mixing, criterion.anchor_distance_change, criterion.score
         );
         scored.push((
             path,

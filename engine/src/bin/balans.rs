@@ -1324,8 +1324,11 @@ async fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         let (_, evaluation) = evaluate_output(&ctx, &base, &output, &outcome, true).await?;
         // The label-free criterion of `--strength auto`, where it applies.
-        let criterion = match (&a.eval.negcon, request.config.output_space) {
-            (Some(negcon), OutputSpace::Features) => {
+        // Harmony writes PCA coordinates: nothing to compare with the input's features.
+        let features_out = request.config.output_space == OutputSpace::Features
+            && request.config.method != balans_operators::Method::Harmony;
+        let criterion = match &a.eval.negcon {
+            Some(negcon) if features_out => {
                 Some(score_correction(&request, &output, &outcome.roles.features, negcon).await?)
             }
             _ => None,

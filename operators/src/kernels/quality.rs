@@ -105,12 +105,17 @@ pub fn anchor_criterion(
         let mut count = vec![0usize; nb];
         for &i in &anchors {
             count[batch[i]] += 1;
-            for (acc, &v) in c[batch[i] * p..(batch[i] + 1) * p].iter_mut().zip(&x[i * p..]) {
+            for (acc, &v) in c[batch[i] * p..(batch[i] + 1) * p]
+                .iter_mut()
+                .zip(&x[i * p..])
+            {
                 *acc += v as f64;
             }
         }
         for (b, &cnt) in count.iter().enumerate() {
-            c[b * p..(b + 1) * p].iter_mut().for_each(|v| *v /= cnt.max(1) as f64);
+            c[b * p..(b + 1) * p]
+                .iter_mut()
+                .for_each(|v| *v /= cnt.max(1) as f64);
         }
         c
     };
@@ -159,7 +164,10 @@ mod tests {
             }
         }
         for i in 0..30 {
-            x.extend([4.0 + (i as f32 * 0.7).sin() * 0.3, (i as f32 * 0.3).cos() * 0.3]);
+            x.extend([
+                4.0 + (i as f32 * 0.7).sin() * 0.3,
+                (i as f32 * 0.3).cos() * 0.3,
+            ]);
             batch.push(0);
             anchor.push(false);
         }

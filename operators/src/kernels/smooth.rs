@@ -979,7 +979,7 @@ mod tests {
         let a_all =
             |l: usize, j: usize| s.landmarks[l].affinity(&s.z[j * s.p..(j + 1) * s.p], batch(j));
         let mut offsets = vec![vec![None::<Vec<f64>>; batches]; m];
-        for l in 0..m {
+        for (l, offsets_l) in offsets.iter_mut().enumerate() {
             let per: Vec<Option<Vec<f64>>> = (0..batches)
                 .map(|b| {
                     let rows: Vec<usize> =
@@ -1002,9 +1002,9 @@ mod tests {
             let mean: Vec<f64> = (0..s.d)
                 .map(|f| per.iter().flatten().map(|v| v[f]).sum::<f64>() / batches as f64)
                 .collect();
-            for b in 0..batches {
+            for (b, slot) in offsets_l.iter_mut().enumerate() {
                 let own = per[b].as_ref().unwrap();
-                offsets[l][b] = Some((0..s.d).map(|f| mean[f] - own[f]).collect());
+                *slot = Some((0..s.d).map(|f| mean[f] - own[f]).collect());
             }
         }
         for j in 0..s.n {
