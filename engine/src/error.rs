@@ -57,5 +57,17 @@ impl From<balans_learned::LearnedError> for BalansError {
     }
 }
 
+impl From<balans_planner::PlannerError> for BalansError {
+    fn from(e: balans_planner::PlannerError) -> Self {
+        use balans_planner::PlannerError as P;
+        match e {
+            P::BadInput(m) => BalansError::BadInput(m),
+            P::InvalidArgument(m) => BalansError::InvalidArgument(m),
+            P::DataFusion(e) => BalansError::DataFusion(e),
+            P::Arrow(e) => BalansError::Arrow(e),
+        }
+    }
+}
+
 /// Result type of the engine.
 pub type Result<T, E = BalansError> = std::result::Result<T, E>;

@@ -5,8 +5,10 @@
 //! partitioned operators of [`balans_operators::exec::plan`], and [`BalansQueryPlanner`] is the session's query planner
 //! with that extension registered.
 
+pub mod error;
 pub mod node;
 pub mod physical;
 
+pub use error::{PlannerError, Result};
 pub use node::{BalansNode, balans_plan};
 pub use physical::{BalansExtensionPlanner, BalansQueryPlanner};
