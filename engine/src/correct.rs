@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use balans_operators::exec::BalansSpec;
 use balans_operators::{BalansConfig, Method, ProgressSink};
-use balans_planner::balans_plan;
+use balans_planner::{FIT_MASK_COLUMN, balans_plan};
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 
@@ -44,9 +44,6 @@ pub struct CorrectRequest {
     /// model's embedding replaces the correction.
     pub model: Option<PathBuf>,
 }
-
-/// Column the engine adds to carry the `negcon` predicate's value to the operator.
-pub(crate) const FIT_MASK_COLUMN: &str = "__balans_fit_row";
 
 /// What a correction did.
 #[derive(Debug, Clone)]
@@ -115,9 +112,8 @@ pub async fn run_correct(
         ));
     }
     let plan = match &request.model {
-        Some(dir) => {
-            crate::embed::embed_plan(df.logical_plan().clone(), dir).map_err(map_planning_error)?
-        }
+        Some(dir) => balans_planner::embed::embed_plan(df.logical_plan().clone(), dir)
+            .map_err(map_planning_error)?,
         None => balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?,
     };
     let physical = ctx

@@ -4,130 +4,24 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow::datatypes::DataType;
 use balans_metrics::suite::{EvalInput, EvalOptions, EvalReport, evaluate};
 use balans_metrics::{Codes, MetricsError};
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::logical_expr::{Expr, ExprSchemable};
-use datafusion::prelude::{SessionContext, ident, lit};
+use datafusion::prelude::{SessionContext, lit};
 use futures::StreamExt;
 use serde::Serialize;
+
+pub use balans_planner::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN};
+
+use balans_operators::exec::evaluate::CanonicalRows;
+use balans_planner::evaluate::canonical_columns;
 
 use crate::error::{BalansError, Result};
 use crate::source::{
     FeatureSelection, ProfileTable, SourceOptions, register_profiles, resolve_columns,
 };
-
-/// Default plate column, used when present and none is named.
-pub const DEFAULT_PLATE_COLUMN: &str = "Metadata_Plate";
-/// Default well column, used when present and none is named.
-pub const DEFAULT_WELL_COLUMN: &str = "Metadata_Well";
-
-/// The columns the metric suite reads, as a projection of a profile table: `f0..f{d-1}`
-/// (the embedding as float64), `__batch` (the batch columns as text joined by ` / `),
-/// `__label`, `__plate` and `__well` (text; a null is `(null)`) and `__negcon` (`negcon`).
-pub(crate) fn canonical_columns(
-    schema: &datafusion::common::DFSchema,
-    features: &[String],
-    batch: &[String],
-    label: &str,
-    plate: Option<&str>,
-    well: Option<&str>,
-    negcon: Expr,
-) -> datafusion::error::Result<Vec<Expr>> {
-    let as_text = |name: &str| -> datafusion::error::Result<Expr> {
-        Ok(coalesce(vec![
-            ident(name).cast_to(&DataType::Utf8, schema)?,
-            lit("(null)"),
-        ]))
-    };
-    let mut columns = Vec::with_capacity(features.len() + 5);
-    for (i, f) in features.iter().enumerate() {
-        columns.push(
-            ident(f.as_str())
-                .cast_to(&DataType::Float64, schema)?
-                .alias(format!("f{i}")),
-        );
-    }
-    let mut keys = Vec::new();
-    for (i, b) in batch.iter().enumerate() {
-        if i > 0 {
-            keys.push(lit(" / "));
-        }
-        keys.push(as_text(b)?);
-    }
-    columns.push(datafusion::functions::string::expr_fn::concat(keys).alias("__batch"));
-    columns.push(as_text(label)?.alias("__label"));
-    if let Some(p) = plate {
-        columns.push(as_text(p)?.alias("__plate"));
-    }
-    if let Some(w) = well {
-        columns.push(as_text(w)?.alias("__well"));
-    }
-    columns.push(negcon.alias("__negcon"));
-    Ok(columns)
-}
-
-/// An embedding collected from batches of [`canonical_columns`].
-#[derive(Debug, Default)]
-pub(crate) struct CanonicalRows {
-    /// Row-major embedding.
-    pub x: Vec<f64>,
-    /// Batch key of each row.
-    pub batch: Vec<String>,
-    /// Label of each row.
-    pub label: Vec<String>,
-    /// Plate of each row (empty without `__plate`).
-    pub plate: Vec<String>,
-    /// Well of each row (empty without `__well`).
-    pub well: Vec<String>,
-    /// Negative-control flags.
-    pub is_negcon: Vec<bool>,
-}
-
-impl CanonicalRows {
-    /// Appends one batch of `d` embedding columns (with `__plate` / `__well` when present).
-    pub fn push(
-        &mut self,
-        batch: &arrow::array::RecordBatch,
-        d: usize,
-    ) -> datafusion::error::Result<()> {
-        let rows = batch.num_rows();
-        let start = self.x.len();
-        self.x.resize(start + rows * d, 0.0);
-        for j in 0..d {
-            let column = batch.column(j).as_primitive::<Float64Type>();
-            for i in 0..rows {
-                self.x[start + i * d + j] = if column.is_null(i) {
-                    f64::NAN
-                } else {
-                    column.value(i)
-                };
-            }
-        }
-        for (name, out) in [
-            ("__batch", &mut self.batch),
-            ("__label", &mut self.label),
-            ("__plate", &mut self.plate),
-            ("__well", &mut self.well),
-        ] {
-            if let Some(column) = batch.column_by_name(name) {
-                let column = column.as_string::<i32>();
-                out.extend((0..rows).map(|i| column.value(i).to_string()));
-            }
-        }
-        let flags: &BooleanArray = batch
-            .column_by_name("__negcon")
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::Internal("no __negcon column".into())
-            })?
-            .as_boolean();
-        self.is_negcon
-            .extend((0..rows).map(|i| flags.is_valid(i) && flags.value(i)));
-        Ok(())
-    }
-}
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]

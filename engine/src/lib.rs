@@ -9,16 +9,12 @@
 pub mod auto;
 pub mod bench;
 pub mod correct;
-pub mod embed;
 pub mod error;
 pub mod evaluate;
-pub mod evaluate_relation;
 pub mod line_editor;
-pub mod parameters;
 pub mod preprocess;
 pub mod preprocess_relation;
 pub mod progress;
-pub mod relation;
 pub mod session;
 pub mod source;
 pub mod sql;

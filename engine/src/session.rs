@@ -10,10 +10,10 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{BalansError, Result};
-use crate::evaluate_relation::EngineQueryPlanner;
-use crate::relation::CorrectionRelationPlanner;
+use crate::preprocess_relation::PreprocessJob;
 use crate::source::SourceOptions;
 use crate::stores::BalansObjectStoreRegistry;
+use balans_planner::{BalansQueryPlanner, CorrectionRelationPlanner};
 
 /// Settings of a Balans session.
 #[derive(Debug, Clone)]
@@ -85,12 +85,14 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         })?;
         runtime = runtime.with_temp_file_path(dir);
     }
-    let relations = Arc::new(CorrectionRelationPlanner::default());
+    let relations = Arc::new(CorrectionRelationPlanner::with_preprocess(Arc::new(
+        PreprocessJob,
+    )));
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime.build_arc()?)
         .with_default_features()
-        .with_query_planner(Arc::new(EngineQueryPlanner))
+        .with_query_planner(Arc::new(BalansQueryPlanner))
         .with_relation_planners(vec![relations.clone()])
         .build();
     let ctx = SessionContext::new_with_state(state);
@@ -98,9 +100,6 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
     let weak = ctx.state_weak_ref();
     relations.bind_session(move || weak.upgrade().map(|state| state.read().clone()));
     balans_udfs::register_all(&ctx);
-    ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
-        crate::embed::EmbedFunction::default(),
-    ));
     Ok(ctx)
 }
 

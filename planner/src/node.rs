@@ -10,6 +10,10 @@ use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, Extension, LogicalPlan, UserDefinedLogicalNodeCore};
 
+/// Column a plan adds to carry a `negcon` predicate's value (true for the rows a sphering or
+/// negcon-anchored correction is fitted on) to the operator.
+pub const FIT_MASK_COLUMN: &str = "__balans_fit_row";
+
 /// `Balans: features=…, batch=…, k=…` over one input relation.
 #[derive(Debug, Clone)]
 pub struct BalansNode {

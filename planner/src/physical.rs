@@ -1,5 +1,6 @@
 //! Lowering of [`BalansNode`] to the operator chain of one correction pass
-//! ([`balans_operators::exec::plan`]).
+//! ([`balans_operators::exec::plan`]), and the session's query planner with every extension
+//! planner of this crate.
 
 use std::sync::Arc;
 
@@ -13,7 +14,10 @@ use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 
+use crate::embed::EmbedExtensionPlanner;
+use crate::evaluate::EvaluateExtensionPlanner;
 use crate::node::BalansNode;
+use crate::preprocess::PreprocessExtensionPlanner;
 
 /// Plans [`BalansNode`] as one pass of partitioned operators.
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,7 +44,8 @@ impl ExtensionPlanner for BalansExtensionPlanner {
     }
 }
 
-/// The session's query planner: DataFusion's default planner plus the Balans extensions.
+/// The session's query planner: DataFusion's default planner plus the Balans extensions
+/// (corrections, evaluation, preprocessing, model embedding).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BalansQueryPlanner;
 
@@ -51,8 +56,13 @@ impl QueryPlanner for BalansQueryPlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BalansExtensionPlanner)])
-            .create_physical_plan(logical_plan, session)
-            .await
+        DefaultPhysicalPlanner::with_extension_planners(vec![
+            Arc::new(BalansExtensionPlanner),
+            Arc::new(EvaluateExtensionPlanner),
+            Arc::new(PreprocessExtensionPlanner),
+            Arc::new(EmbedExtensionPlanner),
+        ])
+        .create_physical_plan(logical_plan, session)
+        .await
     }
 }

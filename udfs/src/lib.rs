@@ -11,9 +11,13 @@
 //! - `mad(x)`, an aggregate: the unscaled median absolute deviation (scipy's
 //!   `median_abs_deviation`; NaN and nulls skipped), per group, mergeable across partitions
 //!   (with DataFusion's `median(x)` it gives the per-plate robust statistics of pycytominer's
-//!   `mad_robustize`: multiply by 1.4826).
+//!   `mad_robustize`: multiply by 1.4826);
+//! - `embed(v, 'model_dir/')` ([`embed`]): a learned model applied to packed vectors.
 
+pub mod embed;
 pub mod pca;
+
+pub use embed::EmbedFunction;
 
 use std::sync::Arc;
 
@@ -45,6 +49,7 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udaf(AggregateUDF::new_from_impl(MedianAbsoluteDeviation::new()));
     ctx.register_udaf(AggregateUDF::new_from_impl(pca::PcaFit::new()));
     ctx.register_udf(ScalarUDF::new_from_impl(pca::PcaProject::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(EmbedFunction::default()));
 }
 
 /// `unpack_features(v [, 'names'])`: `FixedSizeList<_, n>` → `Struct<n x Float32>`.

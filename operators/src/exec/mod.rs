@@ -4,13 +4,17 @@
 
 pub mod apply;
 pub mod combat;
+pub mod common;
 pub mod concat;
 pub mod context;
+pub mod embed;
+pub mod evaluate;
 pub mod harmony;
 pub mod ingest;
 pub mod landmarks;
 pub mod pca;
 pub mod plan;
+pub mod preprocess;
 pub mod profile;
 pub mod reduce;
 pub mod smooth;

@@ -17,45 +17,19 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
-use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties,
+    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, PlanProperties,
 };
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::OnceCell;
 
 use crate::error::{OperatorError, Result};
+pub use crate::exec::common::{plan_properties, single_child};
 use crate::exec::context::{CancelFlag, PassContext};
-
-/// The properties of a bounded operator with `partitions` output partitions.
-pub fn plan_properties(schema: SchemaRef, partitions: usize) -> Arc<PlanProperties> {
-    Arc::new(PlanProperties::new(
-        EquivalenceProperties::new(schema),
-        Partitioning::UnknownPartitioning(partitions.max(1)),
-        EmissionType::Final,
-        Boundedness::Bounded,
-    ))
-}
-
-/// The one child of an operator rebuilt by `with_new_children`.
-pub fn single_child(
-    name: &str,
-    mut children: Vec<Arc<dyn ExecutionPlan>>,
-) -> DFResult<Arc<dyn ExecutionPlan>> {
-    if children.len() != 1 {
-        return Err(DataFusionError::Internal(format!(
-            "{name} takes one child, got {}",
-            children.len()
-        )));
-    }
-    Ok(children.swap_remove(0))
-}
 
 /// Schema of the partial batches of per-partition steps: the partition, its rows and an
 /// opaque state.
@@ -239,12 +213,7 @@ impl<S: PartitionStep> ExecutionPlan for PartitionStepExec<S> {
         vec![&self.input]
     }
 
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
-    ) -> DFResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
+    crate::no_physical_expressions!();
 
     fn with_new_children(
         self: Arc<Self>,
@@ -370,12 +339,7 @@ impl<G: GlobalStep> ExecutionPlan for GlobalStepExec<G> {
         vec![&self.input]
     }
 
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
-    ) -> DFResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
+    crate::no_physical_expressions!();
 
     fn with_new_children(
         self: Arc<Self>,

@@ -356,7 +356,7 @@ async fn evaluate_correction(
 }
 
 fn pca_setting(text: &str) -> Result<PcaSetting> {
-    balans_engine::parameters::pca_setting(text)
+    Ok(balans_planner::parameters::pca_setting(text)?)
 }
 
 fn elbow_rule(a: ElbowArg) -> ElbowRule {

@@ -153,11 +153,11 @@ pub async fn run(a: TuneArgs, quiet: bool) -> Result<()> {
 }
 
 /// Parameters a `--grid` dimension may vary: every correction parameter.
-const GRID_PARAMETERS: &str = balans_engine::parameters::PARAMETERS;
+const GRID_PARAMETERS: &str = balans_planner::parameters::PARAMETERS;
 
 /// Sets one BALANS parameter from its `--grid` name and text value.
 fn apply_grid_value(config: &mut BalansConfig, name: &str, value: &str) -> Result<()> {
-    balans_engine::parameters::set_parameter(config, name, value).map_err(|e| {
+    balans_planner::parameters::set_parameter(config, name, value).map_err(|e| {
         BalansError::InvalidArgument(format!(
             "--grid {name}={value}: {}",
             e.to_string().trim_start_matches("invalid argument: ")

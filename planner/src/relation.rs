@@ -9,12 +9,14 @@
 //! `features` / `exclude` (comma-separated names or regular expressions, as `--features`),
 //! `negcon` (an SQL predicate, for sphering), and any correction parameter of
 //! [`crate::parameters::PARAMETERS`].
+//!
+//! `preprocess(...)` runs its job while planning (its output columns come from the data):
+//! the engine gives the planner that job as a [`PreprocessRunner`].
 
 use std::sync::Arc;
 
 use balans_operators::exec::BalansSpec;
 use balans_operators::{BalansConfig, Method, NoProgress};
-use balans_planner::balans_plan;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DFSchema, Result, ScalarValue, plan_datafusion_err, plan_err};
 use datafusion::logical_expr::planner::{
@@ -27,31 +29,43 @@ use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, FunctionArg, FunctionArgE
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
-use crate::correct::FIT_MASK_COLUMN;
-use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN, canonical_columns};
-use crate::evaluate_relation::{EvaluateNode, EvaluateSpec, METRIC_FAMILIES};
+use balans_operators::exec::evaluate::{EvaluateSpec, METRIC_FAMILIES};
+
+use crate::columns::{FeatureSelection, resolve_columns};
+use crate::evaluate::{DEFAULT_PLATE_COLUMN, DEFAULT_WELL_COLUMN, EvaluateNode, canonical_columns};
+use crate::node::{FIT_MASK_COLUMN, balans_plan};
 use crate::parameters::set_parameter;
-use crate::preprocess_relation::{SessionStateSource, plan_preprocess};
-use crate::source::{FeatureSelection, resolve_columns};
+use crate::preprocess::{PreprocessNode, PreprocessRunner, SessionStateSource};
 
 /// Plans `balans(...)`, `correct(...)`, `evaluate(...)` and `preprocess(...)` in `FROM`
 /// clauses.
 #[derive(Default)]
 pub struct CorrectionRelationPlanner {
     session: SessionStateSource,
+    preprocess: Option<Arc<dyn PreprocessRunner>>,
 }
 
 impl std::fmt::Debug for CorrectionRelationPlanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CorrectionRelationPlanner")
             .field("session_bound", &self.session.get().is_some())
+            .field("preprocess", &self.preprocess)
             .finish()
     }
 }
 
 impl CorrectionRelationPlanner {
+    /// A planner whose `preprocess(...)` runs `runner` (without one, `preprocess(...)` is a
+    /// planning error naming what is missing).
+    pub fn with_preprocess(runner: Arc<dyn PreprocessRunner>) -> Self {
+        Self {
+            session: SessionStateSource::default(),
+            preprocess: Some(runner),
+        }
+    }
+
     /// Gives the planner its session, which `preprocess(...)` runs its subquery in (the job
-    /// runs while planning; see [`crate::preprocess_relation`]). Only the first call counts.
+    /// runs while planning; see [`crate::preprocess`]). Only the first call counts.
     pub fn bind_session(
         &self,
         state: impl Fn() -> Option<datafusion::execution::SessionState> + Send + Sync + 'static,
@@ -80,7 +94,7 @@ fn list(text: &str) -> Vec<String> {
 }
 
 /// Removes the named argument `key` and returns its value.
-pub(crate) fn take_named(named: &mut Vec<(String, String)>, key: &str) -> Option<String> {
+pub fn take_named(named: &mut Vec<(String, String)>, key: &str) -> Option<String> {
     named
         .iter()
         .position(|(k, _)| k == key)
@@ -274,7 +288,20 @@ impl RelationPlanner for CorrectionRelationPlanner {
         };
         let negcon = take_named(&mut named, "negcon");
         if function == "preprocess" {
-            let plan = plan_preprocess(input, named, selection, negcon, &self.session)?;
+            let Some(runner) = &self.preprocess else {
+                return plan_err!(
+                    "preprocess(...) needs a session from balans_engine::session::build_session"
+                );
+            };
+            let Some(state) = self.session.get().and_then(|state| state()) else {
+                return plan_err!(
+                    "preprocess(...) needs a session from balans_engine::session::build_session"
+                );
+            };
+            let (table, description) = runner.run(state, input, named, selection, negcon)?;
+            let plan = LogicalPlan::Extension(Extension {
+                node: Arc::new(PreprocessNode::try_new(table, description)?),
+            });
             return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
                 plan,
                 alias.clone(),

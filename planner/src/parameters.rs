@@ -7,7 +7,7 @@ use balans_operators::{
     Variant,
 };
 
-use crate::error::{BalansError, Result};
+use crate::error::{PlannerError, Result};
 
 /// Every parameter name [`set_parameter`] accepts (`-` and `_` are interchangeable).
 pub const PARAMETERS: &str = "method, variant, k, iterations, strength, batch-knn-floor, tau, \
@@ -20,7 +20,7 @@ pub fn pca_setting(text: &str) -> Result<PcaSetting> {
         "auto" => PcaSetting::Auto,
         "off" | "none" | "0" => PcaSetting::Off,
         n => PcaSetting::Components(n.parse().map_err(|_| {
-            BalansError::InvalidArgument(format!("pca takes auto, off or a number, not '{n}'"))
+            PlannerError::InvalidArgument(format!("pca takes auto, off or a number, not '{n}'"))
         })?),
     })
 }
@@ -33,7 +33,7 @@ pub fn set_parameter(config: &mut BalansConfig, name: &str, value: &str) -> Resu
     let text = value.trim();
     let word = text.to_ascii_lowercase().replace('_', "-");
     let bad = |expected: &str| {
-        BalansError::InvalidArgument(format!("{name} => '{value}': expected {expected}"))
+        PlannerError::InvalidArgument(format!("{name} => '{value}': expected {expected}"))
     };
     let count = || text.parse::<usize>().map_err(|_| bad("a whole number"));
     let real = || text.parse::<f64>().map_err(|_| bad("a number"));
@@ -142,7 +142,7 @@ pub fn set_parameter(config: &mut BalansConfig, name: &str, value: &str) -> Resu
         "sigma" => config.harmony.sigma = real()?,
         "harmony-iterations" => config.harmony.max_iterations = count()?,
         _ => {
-            return Err(BalansError::InvalidArgument(format!(
+            return Err(PlannerError::InvalidArgument(format!(
                 "unknown parameter '{name}' (one of: {PARAMETERS})"
             )));
         }
