@@ -128,15 +128,14 @@ fn the_embed_function_takes_packed_vectors_in_model_order() {
     assert_ok(&train(&model, &["--features", FEW]));
     // The vector function and the relation agree.
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{example}'; \
-         CREATE TABLE a AS SELECT Metadata_Plate, Metadata_Well, \
+        "{create}; CREATE TABLE a AS SELECT Metadata_Plate, Metadata_Well, \
            embed(pack_features(Cells_AreaShape_Compactness, Cells_AreaShape_Eccentricity, \
            Cells_AreaShape_FormFactor), '{m}') AS v FROM p; \
          CREATE TABLE b AS SELECT * FROM correct((SELECT * FROM p), method => 'embed', \
            model => '{m}'); \
          SELECT count(*) AS n, max(abs(a.v[1] - b.E1) + abs(a.v[8] - b.E8)) < 1e-6 AS same \
            FROM a JOIN b ON a.Metadata_Plate = b.Metadata_Plate AND a.Metadata_Well = b.Metadata_Well",
-        example = example_path(),
+        create = create_p(&example_path()),
         m = model.display()
     );
     let o = balans(&["sql", &script]);

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{arg, assert_ok, balans, create_p, example_path, read, sql_to};
+use common::{
+    arg, assert_fails_with, assert_fails_writing_nothing, assert_ok, assert_stderr_has, balans,
+    create_p, example_path, read, sql_to,
+};
 
 #[test]
 fn prints_or_writes_the_last_result() {
@@ -39,16 +42,10 @@ fn a_failing_statement_is_named_and_nothing_is_written() {
     let out = dir.path().join("x.parquet");
     let script = format!("{}; SELECT nope FROM p", create_p(&example_path()));
     let o = sql_to(&script, &out);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        stderr.contains("statement 2 of 2") && stderr.contains("nope"),
-        "{stderr}"
-    );
-    assert!(!out.exists());
+    assert_fails_writing_nothing(&o, "statement 2 of 2", &out);
+    assert_stderr_has(&o, "nope");
     let o = balans(&["sql", "--output", arg(&out)]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--output needs the statements"));
+    assert_fails_with(&o, "--output needs the statements");
 }
 
 #[test]
