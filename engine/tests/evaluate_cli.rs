@@ -85,7 +85,7 @@ fn correct_with_evaluate_prints_before_and_after_and_writes_a_report() {
         "--json",
         arg(&summary),
     ];
-    let o = correct(example_path(), &output, &[&scoring[..], &outputs].concat());
+    let o = correct(&example_path(), &output, &[&scoring[..], &outputs].concat());
     assert_ok(&o);
     let stdout = stdout(&o);
     let header = stdout.lines().next().unwrap();

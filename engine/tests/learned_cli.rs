@@ -84,7 +84,7 @@ fn train_then_embed_from_the_command_line_and_sql() {
         "--skip",
         "kbet,classifier",
     ];
-    let o = correct(example_path(), &out, &[&embed[..], &scores].concat());
+    let o = correct(&example_path(), &out, &[&embed[..], &scores].concat());
     assert_ok(&o);
     assert_stdout_has(&o, "overall");
     let table = read(&out);
@@ -172,9 +172,9 @@ fn bad_models_and_tables_are_clear_errors_and_write_nothing() {
     // Not a model directory.
     assert_fails_with(&embed(&example_path(), dir.path()), "config.json");
     // --method embed needs --model; --model needs --method embed.
-    let o = correct(example_path(), &out, &["--method", "embed"]);
+    let o = correct(&example_path(), &out, &["--method", "embed"]);
     assert_fails_with(&o, "--model DIR");
-    let o = correct(example_path(), &out, &["--model", arg(&model)]);
+    let o = correct(&example_path(), &out, &["--model", arg(&model)]);
     assert_fails_with(&o, "--method embed only");
     assert!(!out.exists());
     // Training on a single batch cannot validate on held-out batches.

@@ -74,7 +74,11 @@ pub fn correct_args<'a>(input: &'a Path, output: &'a Path, extra: &[&'a str]) ->
 }
 
 /// Runs `balans correct -i INPUT -b Metadata_Batch -o OUTPUT EXTRA...`.
-pub fn correct(input: impl AsRef<Path>, output: impl AsRef<Path>, extra: &[&str]) -> Output {
+pub fn correct<I, O>(input: &I, output: &O, extra: &[&str]) -> Output
+where
+    I: AsRef<Path> + ?Sized,
+    O: AsRef<Path> + ?Sized,
+{
     balans(&correct_args(input.as_ref(), output.as_ref(), extra))
 }
 
