@@ -3,7 +3,12 @@
 
 mod common;
 
-use common::{balans, example_path, read, shared, stderr, synthetic_path};
+use common::{
+    arg, assert_dir_holds, assert_fails_cleanly, assert_fails_with, assert_fails_writing_nothing,
+    assert_ok, assert_stderr_has, assert_stdout_has, balans, balans_ok, column_names, correct,
+    correct_args, create_p, example_path, f64_column, read, read_json, shared, stderr, synth,
+    synthetic_path, write_parquet,
+};
 
 use std::fs::File;
 use std::path::Path;
@@ -15,15 +20,7 @@ use balans_operators::kernels::quality::{batch_mixing, knn_indices, label_purity
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema};
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-/// Runs `balans correct -i INPUT -b Metadata_Batch -o OUTPUT EXTRA...`.
-fn correct(input: &str, output: &str, extra: &[&str]) -> Output {
-    let mut args = vec!["correct", "-i", input, "-b", "Metadata_Batch", "-o", output];
-    args.extend_from_slice(extra);
-    balans(&args)
-}
 
 fn matrix(b: &RecordBatch, prefix: &str) -> (Vec<f32>, usize) {
     let cols: Vec<usize> = (0..b.num_columns())
@@ -58,18 +55,6 @@ fn codes(b: &RecordBatch, name: &str) -> Vec<usize> {
             }
         })
         .collect()
-}
-
-/// Asserts `dir` holds exactly the files named in `expected` (no leftovers).
-fn assert_dir_holds(dir: &Path, expected: &[&str]) {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    assert_eq!(names, want, "files left in {}", dir.display());
 }
 
 /// A small profile table: `batches` batches x `per` rows, 3 clusters, features f0..f{d-1}.
@@ -110,9 +95,7 @@ fn write_table(path: &Path, batch: &[String], label: &[String], cols: &[Vec<f64>
         arrays.push(Arc::new(Float64Array::from(c.clone())));
     }
     let rb = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap();
-    let mut w = ArrowWriter::try_new(File::create(path).unwrap(), rb.schema(), None).unwrap();
-    w.write(&rb).unwrap();
-    w.close().unwrap();
+    write_parquet(path, &rb);
 }
 
 fn small_table(dir: &Path, name: &str, batches: usize, per: usize) -> String {
@@ -122,12 +105,9 @@ fn small_table(dir: &Path, name: &str, batches: usize, per: usize) -> String {
     p.display().to_string()
 }
 
-/// Checks that a finished command failed with `needle` in its message and wrote nothing.
-fn assert_fails_cleanly(o: Output, dir: &Path, inputs: &[&str], needle: &str) {
-    assert!(!o.status.success(), "expected failure");
-    let e = stderr(&o);
-    assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
-    assert_dir_holds(dir, inputs);
+/// Runs `balans inspect TABLE -b Metadata_Batch --json`, which must succeed.
+fn inspect(table: &str) -> Output {
+    balans_ok(&["inspect", table, "-b", "Metadata_Batch", "--json"])
 }
 
 #[test]
@@ -137,42 +117,20 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
     let out2 = dir.path().join("t2.parquet");
     let json = dir.path().join("summary.json");
     let input = synthetic_path();
-    let o = balans(&[
-        "--threads",
-        "1",
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out1.to_str().unwrap(),
-        "--seed",
-        "3",
-        "--summary-json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = balans(&[
-        "--threads",
-        "2",
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out2.to_str().unwrap(),
-        "--seed",
-        "3",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let seed_3_on = |threads: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec!["--threads", threads];
+        args.extend(correct_args(Path::new(&input), out, &["--seed", "3"]));
+        args.extend_from_slice(extra);
+        balans_ok(&args);
+    };
+    seed_3_on("1", &out1, &["--summary-json", arg(&json)]);
+    seed_3_on("2", &out2, &[]);
     assert_eq!(
         std::fs::read(&out1).unwrap(),
         std::fs::read(&out2).unwrap(),
         "same seed, different threads: same bytes"
     );
-    let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
+    let summary = read_json(&json);
     assert_eq!(summary["coverage"], 1.0);
     assert_eq!(summary["stop_reason"], "tau");
     assert_eq!(summary["rows"], 3000);
@@ -190,8 +148,7 @@ fn synthetic_run_is_deterministic_across_thread_counts() {
     }
     // Another seed gives another landmark sequence, hence other bytes.
     let out3 = dir.path().join("t3.parquet");
-    let o = correct(&input, out3.to_str().unwrap(), &["--seed", "4"]);
-    assert!(o.status.success());
+    assert_ok(&correct(&input, &out3, &["--seed", "4"]));
     assert_ne!(std::fs::read(&out1).unwrap(), std::fs::read(&out3).unwrap());
 }
 
@@ -201,110 +158,60 @@ fn anchored_correction_reports_its_anchors_and_needs_its_predicate() {
     let input = synthetic_path();
     let out = dir.path().join("anchored.parquet");
     let json = dir.path().join("summary.json");
+    let controls = ["--anchor", "negcon", "--negcon", "Metadata_IsControl"];
     let o = correct(
         &input,
-        out.to_str().unwrap(),
-        &[
-            "--anchor",
-            "negcon",
-            "--negcon",
-            "Metadata_IsControl",
-            "--summary-json",
-            json.to_str().unwrap(),
-        ],
+        &out,
+        &[&controls[..], &["--summary-json", arg(&json)]].concat(),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
+    assert_ok(&o);
+    let summary = read_json(&json);
     // The shared synthetic file has 10 % DMSO wells in each of its 5 batches.
     assert_eq!(summary["anchor_rows"], 300);
     let corrected = read(&out);
-    let names: Vec<String> = corrected
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let names = column_names(&corrected);
     assert!(
         names.iter().all(|n| !n.starts_with("__balans")),
         "{names:?}"
     );
     // Anchored on the controls only, the correction differs from the unanchored one.
     let plain = dir.path().join("plain.parquet");
-    assert!(
-        correct(&input, plain.to_str().unwrap(), &[])
-            .status
-            .success()
-    );
+    assert_ok(&correct(&input, &plain, &[]));
     assert_ne!(matrix(&corrected, "f").0, matrix(&read(&plain), "f").0);
     let none = dir.path().join("none.parquet");
-    let o = correct(&input, none.to_str().unwrap(), &["--anchor", "negcon"]);
-    assert_fails_cleanly(
-        o,
-        dir.path(),
-        &["anchored.parquet", "summary.json", "plain.parquet"],
-        "give --negcon PREDICATE",
-    );
-    let o = correct(
-        &input,
-        none.to_str().unwrap(),
-        &[
-            "--anchor",
-            "negcon",
-            "--negcon",
-            "Metadata_IsControl AND Metadata_Batch <> 'batch_02'",
-        ],
-    );
-    assert_fails_cleanly(
-        o,
-        dir.path(),
-        &["anchored.parquet", "summary.json", "plain.parquet"],
-        "no anchor rows in batch 'batch_02'",
-    );
+    let held = ["anchored.parquet", "summary.json", "plain.parquet"];
+    let o = correct(&input, &none, &["--anchor", "negcon"]);
+    assert_fails_cleanly(o, dir.path(), &held, "give --negcon PREDICATE");
+    let not_02 = "Metadata_IsControl AND Metadata_Batch <> 'batch_02'";
+    let o = correct(&input, &none, &["--anchor", "negcon", "--negcon", not_02]);
+    assert_fails_cleanly(o, dir.path(), &held, "no anchor rows in batch 'batch_02'");
 }
 
 #[test]
 fn strength_auto_keeps_one_scored_candidate_and_no_temporary_file() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("confounded.parquet");
-    let o = balans(&[
-        "synth",
-        "--confounded",
-        "--n",
-        "1500",
-        "--seed",
-        "5",
-        "-o",
-        input.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(&input, &["--confounded", "--n", "1500", "--seed", "5"]);
     let out = dir.path().join("auto.parquet");
     let json = dir.path().join("summary.json");
     let negcon = "Metadata_PertType = 'negcon'";
-    let o = correct(
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &[
-            "--anchor-label",
-            "Metadata_Compound",
-            "--negcon",
-            negcon,
-            "--strength",
-            "auto",
-            "--summary-json",
-            json.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("--strength auto chose strength"),
-        "{}",
-        stderr(&o)
-    );
+    let label = ["--anchor-label", "Metadata_Compound"];
+    let auto = [
+        "--negcon",
+        negcon,
+        "--strength",
+        "auto",
+        "--summary-json",
+        arg(&json),
+    ];
+    let o = correct(&input, &out, &[&label[..], &auto].concat());
+    assert_ok(&o);
+    assert_stderr_has(&o, "--strength auto chose strength");
     assert_dir_holds(
         dir.path(),
         &["confounded.parquet", "auto.parquet", "summary.json"],
     );
-    let summary: serde_json::Value = serde_json::from_reader(File::open(&json).unwrap()).unwrap();
+    let summary = read_json(&json);
     let candidates = summary["strength_auto"].as_array().unwrap();
     assert_eq!(candidates.len(), 6);
     let chosen: Vec<&serde_json::Value> =
@@ -319,19 +226,12 @@ fn strength_auto_keeps_one_scored_candidate_and_no_temporary_file() {
     let direct = dir.path().join("direct.parquet");
     let strength = chosen[0]["strength"].as_f64().unwrap().to_string();
     let passes = chosen[0]["passes"].as_u64().unwrap().to_string();
-    let o = correct(
-        input.to_str().unwrap(),
-        direct.to_str().unwrap(),
-        &[
-            "--anchor-label",
-            "Metadata_Compound",
-            "--strength",
-            &strength,
-            "--iterations",
-            &passes,
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let chosen_setting = ["--strength", &strength, "--iterations", &passes];
+    assert_ok(&correct(
+        &input,
+        &direct,
+        &[&label[..], &chosen_setting].concat(),
+    ));
     assert_eq!(
         std::fs::read(&out).unwrap(),
         std::fs::read(&direct).unwrap()
@@ -339,25 +239,18 @@ fn strength_auto_keeps_one_scored_candidate_and_no_temporary_file() {
     std::fs::remove_file(&direct).unwrap();
     // It needs the controls it scores on, and chooses the passes itself.
     let other = dir.path().join("other.parquet");
-    let o = correct(
-        input.to_str().unwrap(),
-        other.to_str().unwrap(),
-        &["--strength", "auto"],
-    );
+    let o = correct(&input, &other, &["--strength", "auto"]);
     let held = ["confounded.parquet", "auto.parquet", "summary.json"];
     assert_fails_cleanly(o, dir.path(), &held, "give --negcon PREDICATE");
-    let o = correct(
-        input.to_str().unwrap(),
-        other.to_str().unwrap(),
-        &[
-            "--strength",
-            "auto",
-            "--negcon",
-            negcon,
-            "--iterations",
-            "1",
-        ],
-    );
+    let with_passes = [
+        "--strength",
+        "auto",
+        "--negcon",
+        negcon,
+        "--iterations",
+        "1",
+    ];
+    let o = correct(&input, &other, &with_passes);
     assert_fails_cleanly(o, dir.path(), &held, "leave out --iterations");
 }
 
@@ -366,37 +259,25 @@ fn hive_directory_input_gives_the_same_bytes_for_any_partition_count() {
     let dir = tempfile::tempdir().unwrap();
     // The synthetic table written by our own SQL, one directory per batch.
     let hive = dir.path().join("by_batch");
-    let o = balans(&[
-        "sql",
-        &format!(
-            "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; \
-             COPY (SELECT * FROM p) TO '{}' STORED AS PARQUET PARTITIONED BY (Metadata_Batch)",
-            synthetic_path(),
-            hive.display()
-        ),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let copy = format!(
+        "{}; COPY (SELECT * FROM p) TO '{}' STORED AS PARQUET PARTITIONED BY (Metadata_Batch)",
+        create_p(&synthetic_path()),
+        hive.display()
+    );
+    balans_ok(&["sql", &copy]);
     assert!(hive.join("Metadata_Batch=batch_03").is_dir());
     // The partition column reads back: inspect and correct find the batch column.
-    let o = balans(&[
-        "inspect",
-        hive.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(common::stdout(&o).contains("batch_04"));
+    assert_stdout_has(&inspect(arg(&hive)), "batch_04");
     let mut outputs = Vec::new();
     for parts in ["1", "3", "7"] {
         let out = dir.path().join(format!("out{parts}.parquet"));
         // A landmark sample smaller than the table, so the row sample is exercised too.
         let o = correct(
-            hive.to_str().unwrap(),
-            out.to_str().unwrap(),
+            &hive,
+            &out,
             &["--partitions", parts, "--sample-rows", "1000"],
         );
-        assert!(o.status.success(), "{}", stderr(&o));
+        assert_ok(&o);
         outputs.push(std::fs::read(&out).unwrap());
     }
     assert_eq!(outputs[0], outputs[1], "1 vs 3 partitions");
@@ -411,8 +292,7 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("c.parquet");
     let input = synthetic_path();
-    let o = correct(&input, out.to_str().unwrap(), &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&correct(&input, &out, &[]));
     let before = read(Path::new(&input));
     let after = read(&out);
     // Same rows, same order, same metadata, same feature names.
@@ -429,14 +309,7 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
             "{name}"
         );
     }
-    let names = |b: &RecordBatch| {
-        b.schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(names(&before), names(&after));
+    assert_eq!(column_names(&before), column_names(&after));
     let batch = codes(&before, "Metadata_Batch");
     let label = codes(&before, "Metadata_Compound");
     let (xb, d) = matrix(&before, "f");
@@ -475,16 +348,16 @@ fn synthetic_batches_mix_better_and_compounds_stay_apart() {
 fn bundled_example_runs_with_pca() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bbbc021_corrected.parquet");
-    let o = balans(&[
+    let (input, batch) = (example_path(), "Metadata_Batch");
+    balans_ok(&[
         "correct",
         "--input",
-        &example_path(),
+        &input,
         "--batch",
-        "Metadata_Batch",
+        batch,
         "--output",
-        out.to_str().unwrap(),
+        arg(&out),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let after = read(&out);
     assert_eq!(after.num_rows(), 632);
     assert_eq!(after.num_columns(), 8 + 189);
@@ -494,17 +367,9 @@ fn bundled_example_runs_with_pca() {
 
 #[test]
 fn inspect_reports_schema_and_batches() {
-    let o = balans(&[
-        "inspect",
-        &synthetic_path(),
-        "-b",
-        "Metadata_Batch",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("batch_04"), "{text}");
-    assert!(text.contains("3000"), "{text}");
+    let o = inspect(&synthetic_path());
+    assert_stdout_has(&o, "batch_04");
+    assert_stdout_has(&o, "3000");
 }
 
 #[test]
@@ -512,16 +377,17 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
+    let by_plate = [
+        "correct",
+        "-i",
+        &input,
+        "-b",
+        "Metadata_Plate",
+        "-o",
+        arg(&out),
+    ];
     assert_fails_cleanly(
-        balans(&[
-            "correct",
-            "-i",
-            &input,
-            "-b",
-            "Metadata_Plate",
-            "-o",
-            out.to_str().unwrap(),
-        ]),
+        balans(&by_plate),
         dir.path(),
         &["in.parquet"],
         "Metadata_Plate",
@@ -539,11 +405,9 @@ fn missing_batch_column_and_no_features_fail_cleanly() {
         ],
     )
     .unwrap();
-    let mut w = ArrowWriter::try_new(File::create(&p).unwrap(), rb.schema(), None).unwrap();
-    w.write(&rb).unwrap();
-    w.close().unwrap();
+    write_parquet(&p, &rb);
     assert_fails_cleanly(
-        correct(p.to_str().unwrap(), out.to_str().unwrap(), &[]),
+        correct(&p, &out, &[]),
         dir.path(),
         &["in.parquet", "nofeat.parquet"],
         "numeric",
@@ -559,7 +423,7 @@ fn non_finite_features_error_or_follow_the_policy() {
     let p = dir.path().join("nan.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let (inp, outp) = (p.to_str().unwrap(), out.to_str().unwrap());
+    let (inp, outp) = (&p, &out);
     let o = correct(inp, outp, &["--k", "5"]);
     assert!(!o.status.success());
     let e = stderr(&o);
@@ -568,11 +432,13 @@ fn non_finite_features_error_or_follow_the_policy() {
         "{e}"
     );
     assert_dir_holds(dir.path(), &["nan.parquet"]);
-    let o = correct(inp, outp, &["--k", "5", "--nan", "drop-rows"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&correct(inp, outp, &["--k", "5", "--nan", "drop-rows"]));
     assert_eq!(read(&out).num_rows(), 88);
-    let o = correct(inp, outp, &["--k", "5", "--nan", "zero", "--overwrite"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&correct(
+        inp,
+        outp,
+        &["--k", "5", "--nan", "zero", "--overwrite"],
+    ));
     assert_eq!(read(&out).num_rows(), 90);
 }
 
@@ -586,17 +452,14 @@ fn small_batch_clips_k_and_single_batch_fails() {
     let p = dir.path().join("small.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = correct(p.to_str().unwrap(), out.to_str().unwrap(), &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("'tiny' has 4 rows") && stderr(&o).contains("clipped"),
-        "{}",
-        stderr(&o)
-    );
+    let o = correct(&p, &out, &[]);
+    assert_ok(&o);
+    assert_stderr_has(&o, "'tiny' has 4 rows");
+    assert_stderr_has(&o, "clipped");
     let single = small_table(dir.path(), "single.parquet", 1, 40);
     let out2 = dir.path().join("out2.parquet");
     assert_fails_cleanly(
-        correct(&single, out2.to_str().unwrap(), &[]),
+        correct(&single, &out2, &[]),
         dir.path(),
         &["small.parquet", "out.parquet", "single.parquet"],
         "only one batch",
@@ -611,9 +474,9 @@ fn constant_features_pass_through_and_all_constant_fails() {
     let p = dir.path().join("const.parquet");
     write_table(&p, &b, &l, &c);
     let out = dir.path().join("out.parquet");
-    let o = correct(p.to_str().unwrap(), out.to_str().unwrap(), &["--k", "5"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("constant feature"), "{}", stderr(&o));
+    let o = correct(&p, &out, &["--k", "5"]);
+    assert_ok(&o);
+    assert_stderr_has(&o, "constant feature");
     let after = read(&out);
     let f1 = after
         .column_by_name("f1")
@@ -627,7 +490,7 @@ fn constant_features_pass_through_and_all_constant_fails() {
     write_table(&p2, &b, &l, &c);
     let out2 = dir.path().join("out2.parquet");
     assert_fails_cleanly(
-        correct(p2.to_str().unwrap(), out2.to_str().unwrap(), &[]),
+        correct(&p2, &out2, &[]),
         dir.path(),
         &["const.parquet", "out.parquet", "allconst.parquet"],
         "constant",
@@ -642,7 +505,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     write_table(&empty, &b, &l, &c);
     let out = dir.path().join("out.parquet");
     assert_fails_cleanly(
-        correct(empty.to_str().unwrap(), out.to_str().unwrap(), &[]),
+        correct(&empty, &out, &[]),
         dir.path(),
         &["empty.parquet"],
         "no rows",
@@ -650,7 +513,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     let corrupt = dir.path().join("corrupt.parquet");
     std::fs::write(&corrupt, b"PAR1 this is not really parquet PAR1").unwrap();
     assert_fails_cleanly(
-        correct(corrupt.to_str().unwrap(), out.to_str().unwrap(), &[]),
+        correct(&corrupt, &out, &[]),
         dir.path(),
         &["empty.parquet", "corrupt.parquet"],
         "corrupt.parquet",
@@ -658,7 +521,7 @@ fn empty_and_corrupt_files_fail_cleanly() {
     let zero = dir.path().join("zero.parquet");
     std::fs::write(&zero, b"").unwrap();
     assert_fails_cleanly(
-        correct(zero.to_str().unwrap(), out.to_str().unwrap(), &[]),
+        correct(&zero, &out, &[]),
         dir.path(),
         &["empty.parquet", "corrupt.parquet", "zero.parquet"],
         "zero.parquet",
@@ -670,24 +533,15 @@ fn unreachable_object_store_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.parquet");
     let t = Instant::now();
-    let o = balans(&[
-        "correct",
-        "-i",
-        "s3://no-such-bucket/profiles/plate.parquet",
-        "--s3-endpoint",
-        "http://127.0.0.1:9",
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let input = "s3://no-such-bucket/profiles/plate.parquet";
+    let o = correct(input, &out, &["--s3-endpoint", "http://127.0.0.1:9"]);
     assert!(!o.status.success());
     assert!(
         t.elapsed() < Duration::from_secs(30),
         "took {:?}",
         t.elapsed()
     );
-    assert!(stderr(&o).contains("s3://no-such-bucket"), "{}", stderr(&o));
+    assert_stderr_has(&o, "s3://no-such-bucket");
     assert_dir_holds(dir.path(), &[]);
 }
 
@@ -697,30 +551,11 @@ fn existing_output_and_input_are_protected() {
     let input = small_table(dir.path(), "in.parquet", 3, 30);
     let out = dir.path().join("out.parquet");
     std::fs::write(&out, b"keep me").unwrap();
-    let o = correct(&input, out.to_str().unwrap(), &[]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("--overwrite"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&correct(&input, &out, &[]), "--overwrite");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    let o = balans(&[
-        "correct",
-        "-i",
-        &input,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        &input,
-        "--overwrite",
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("never writes over its input"),
-        "{}",
-        stderr(&o)
-    );
-    let o = correct(&input, out.to_str().unwrap(), &["--overwrite"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = correct(&input, &input, &["--overwrite"]);
+    assert_fails_with(&o, "never writes over its input");
+    assert_ok(&correct(&input, &out, &["--overwrite"]));
     assert_eq!(read(&out).num_rows(), 90);
     assert_dir_holds(dir.path(), &["in.parquet", "out.parquet"]);
     use std::os::unix::fs::PermissionsExt;
@@ -736,44 +571,20 @@ fn runs_under_a_memory_limit_below_the_input_size() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("big.parquet");
     // 100k rows x 40 features = 16 MB as float32 (32 MB as float64 in the file).
-    let o = balans(&[
-        "synth",
-        "--n",
-        "100000",
-        "--d",
-        "40",
-        "--seed",
-        "1",
-        "-o",
-        input.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(&input, &["--n", "100000", "--d", "40", "--seed", "1"]);
     let out = dir.path().join("out.parquet");
     let tmp = dir.path().join("work");
-    let o = correct(
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &[
-            "--memory-limit",
-            "8MB",
-            "--temp-dir",
-            tmp.to_str().unwrap(),
-            "--pca",
-            "10",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let limit = |mb: &'static str| ["--memory-limit", mb, "--temp-dir", arg(&tmp)];
+    assert_ok(&correct(
+        &input,
+        &out,
+        &[&limit("8MB")[..], &["--pca", "10"]].concat(),
+    ));
     assert_eq!(read(&out).num_rows(), 100_000);
     // A limit that cannot hold the sampler's per-row state fails with a clear message.
     let out2 = dir.path().join("out2.parquet");
-    let o = correct(
-        input.to_str().unwrap(),
-        out2.to_str().unwrap(),
-        &["--memory-limit", "1MB", "--temp-dir", tmp.to_str().unwrap()],
-    );
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
-    assert!(!out2.exists());
+    let o = correct(&input, &out2, &limit("1MB"));
+    assert_fails_writing_nothing(&o, "memory limit", &out2);
     assert_dir_holds(&tmp, &[]);
 }
 
@@ -781,37 +592,13 @@ fn runs_under_a_memory_limit_below_the_input_size() {
 fn interrupt_removes_partial_output_and_working_files() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("big.parquet");
-    let o = balans(&[
-        "synth",
-        "--n",
-        "400000",
-        "--d",
-        "10",
-        "--seed",
-        "2",
-        "-o",
-        input.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(&input, &["--n", "400000", "--d", "10", "--seed", "2"]);
     let out = dir.path().join("out.parquet");
     let tmp = dir.path().join("work");
+    let slow = ["--temp-dir", arg(&tmp), "--tau", "100000", "--block", "5"];
     let child = Command::new(env!("CARGO_BIN_EXE_balans"))
-        .args([
-            "--quiet",
-            "correct",
-            "-i",
-            input.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-            "--temp-dir",
-            tmp.to_str().unwrap(),
-            "--tau",
-            "100000",
-            "--block",
-            "5",
-        ])
+        .arg("--quiet")
+        .args(correct_args(&input, &out, &slow))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -834,17 +621,7 @@ fn every_option_runs_end_to_end() {
     let input = synthetic_path();
     let run = |name: &str, extra: &[&str]| -> RecordBatch {
         let out = dir.path().join(format!("{name}.parquet"));
-        let mut args = vec![
-            "correct",
-            "-i",
-            &input,
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let o = balans(&args);
+        let o = correct(&input, &out, extra);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         read(&out)
     };
@@ -852,12 +629,7 @@ fn every_option_runs_end_to_end() {
     let (x, _) = matrix(&nystrom, "f");
     assert!(x.iter().all(|v| v.is_finite()));
     let pca = run("pca", &["--output-space", "pca", "--pca", "5"]);
-    let names: Vec<String> = pca
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let names = column_names(&pca);
     assert_eq!(
         &names[names.len() - 5..],
         &["PC1", "PC2", "PC3", "PC4", "PC5"]
@@ -895,64 +667,32 @@ fn every_option_runs_end_to_end() {
         );
     }
     // Bad parameter values are rejected before any work.
-    let o = correct(
-        &input,
-        dir.path().join("x.parquet").to_str().unwrap(),
-        &["--estimator", "nystrom"],
-    );
-    assert!(
-        !o.status.success() && stderr(&o).contains("--variant paper"),
-        "{}",
-        stderr(&o)
-    );
-    let o = correct(
-        &input,
-        dir.path().join("x.parquet").to_str().unwrap(),
-        &["--k", "0"],
-    );
-    assert!(
-        !o.status.success() && stderr(&o).contains("k must be at least 1"),
-        "{}",
-        stderr(&o)
-    );
-    let o = correct(
-        &input,
-        dir.path().join("y.parquet").to_str().unwrap(),
-        &["--output-space", "pca", "--pca", "off"],
-    );
-    assert!(
-        !o.status.success() && stderr(&o).contains("needs PCA"),
-        "{}",
-        stderr(&o)
-    );
+    let (x, y) = (dir.path().join("x.parquet"), dir.path().join("y.parquet"));
+    let o = correct(&input, &x, &["--estimator", "nystrom"]);
+    assert_fails_with(&o, "--variant paper");
+    assert_fails_with(&correct(&input, &x, &["--k", "0"]), "k must be at least 1");
+    let o = correct(&input, &y, &["--output-space", "pca", "--pca", "off"]);
+    assert_fails_with(&o, "needs PCA");
 }
 
 /// Largest `|a - b| / max(1, |b|)` over the feature columns of two tables, which must have
 /// the same columns in the same order.
 fn worst_feature_error(ours: &Path, golden: &Path) -> f64 {
     let (ours, golden) = (read(ours), read(golden));
-    let names = |b: &RecordBatch| -> Vec<String> {
-        b.schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect()
-    };
     assert_eq!(
-        names(&ours),
-        names(&golden),
+        column_names(&ours),
+        column_names(&golden),
         "same columns, no helper column"
     );
     let mut worst = 0.0f64;
-    for name in names(&golden)
+    for name in column_names(&golden)
         .iter()
         .filter(|n| !n.starts_with("Metadata_"))
     {
-        let cast64 = |b: &RecordBatch| {
-            let c = cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>().values().to_vec()
-        };
-        for (a, b) in cast64(&ours).iter().zip(cast64(&golden)) {
+        for (a, b) in f64_column(&ours, name)
+            .iter()
+            .zip(f64_column(&golden, name))
+        {
             worst = worst.max((a - b).abs() / b.abs().max(1.0));
         }
     }
@@ -966,13 +706,9 @@ fn combat_method_matches_scanpy_and_rejects_a_one_row_batch() {
     let dir = tempfile::tempdir().unwrap();
     let input = shared().join("golden/preprocess/final_mad_int_featselect.parquet");
     let out = dir.path().join("combat.parquet");
-    let o = correct(
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &["--method", "combat"],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("empirical Bayes"), "{}", stderr(&o));
+    let o = correct(&input, &out, &["--method", "combat"]);
+    assert_ok(&o);
+    assert_stderr_has(&o, "empirical Bayes");
     let golden = shared().join("golden/combat/bbbc021_combat.parquet");
     let worst = worst_feature_error(&out, &golden);
     assert!(worst < 1e-6, "worst relative error {worst:e}");
@@ -984,17 +720,8 @@ fn combat_method_matches_scanpy_and_rejects_a_one_row_batch() {
     let small = dir.path().join("one_row_batch.parquet");
     write_table(&small, &batch, &label, &cols);
     let target = dir.path().join("x.parquet");
-    let o = correct(
-        small.to_str().unwrap(),
-        target.to_str().unwrap(),
-        &["--method", "combat"],
-    );
-    assert!(
-        !o.status.success() && stderr(&o).contains("batch 'B2' has 1 row(s)"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(!target.exists());
+    let o = correct(&small, &target, &["--method", "combat"]);
+    assert_fails_writing_nothing(&o, "batch 'B2' has 1 row(s)", &target);
 }
 
 /// `--method sphering` reproduces pycytominer's ZCA-cor fitted on the DMSO wells
@@ -1014,13 +741,9 @@ fn sphering_method_matches_pycytominer_and_needs_controls() {
         "--epsilon",
         "1e-2",
     ];
-    let o = correct(input.to_str().unwrap(), out.to_str().unwrap(), &args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("330 negative-control rows"),
-        "{}",
-        stderr(&o)
-    );
+    let o = correct(&input, &out, &args);
+    assert_ok(&o);
+    assert_stderr_has(&o, "330 negative-control rows");
     let golden = shared().join("golden/sphering/pycytominer_zca_cor_eps1e-2.parquet");
     let worst = worst_feature_error(&out, &golden);
     // float32 inputs through a whitening with condition number 3.4e4
@@ -1038,13 +761,8 @@ fn sphering_method_matches_pycytominer_and_needs_controls() {
         ),
     ] {
         let target = dir.path().join("x.parquet");
-        let o = correct(input.to_str().unwrap(), target.to_str().unwrap(), &extra);
-        assert!(
-            !o.status.success() && stderr(&o).contains(needle),
-            "{}",
-            stderr(&o)
-        );
-        assert!(!target.exists());
+        let o = correct(&input, &target, &extra);
+        assert_fails_writing_nothing(&o, needle, &target);
     }
 }
 
@@ -1058,26 +776,18 @@ fn harmony_method_matches_harmonypy() {
     let dir = tempfile::tempdir().unwrap();
     let input = shared().join("golden/preprocess/final_mad_int_featselect.parquet");
     let out = dir.path().join("harmony.parquet");
-    let o = correct(
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &["--method", "harmony", "--pca", "50"],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("21 clusters"), "{}", stderr(&o));
+    let o = correct(&input, &out, &["--method", "harmony", "--pca", "50"]);
+    assert_ok(&o);
+    assert_stderr_has(&o, "21 clusters");
     let ours = read(&out);
     let golden = read(&shared().join("golden/harmony/bbbc021_harmony.parquet"));
     assert_eq!(ours.num_rows(), golden.num_rows());
     assert!(ours.column_by_name("PC50").is_some() && ours.column_by_name("PC51").is_none());
     let mut worst = 0.0f64;
     for i in 0..50 {
-        let column = |b: &RecordBatch, name: &str| {
-            let c = cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
-            c.as_primitive::<Float64Type>().values().to_vec()
-        };
         let (a, b) = (
-            column(&ours, &format!("PC{}", i + 1)),
-            column(&golden, &format!("harmony_{i}")),
+            f64_column(&ours, &format!("PC{}", i + 1)),
+            f64_column(&golden, &format!("harmony_{i}")),
         );
         for (x, y) in a.iter().zip(&b) {
             worst = worst.max((x - y).abs());

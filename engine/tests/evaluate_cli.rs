@@ -3,24 +3,30 @@
 
 mod common;
 
-use common::{balans, example_path, shared, synthetic_path};
+use common::{
+    arg, assert_fails_with, assert_ok, assert_stderr_has, assert_stdout_has, balans, correct,
+    example_path, read_json, shared, stderr, stdout, synthetic_path, write_parquet,
+};
 
 use std::path::Path;
 use std::process::Output;
 
 use datafusion::arrow::array::{Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::parquet::arrow::ArrowWriter;
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// Runs `balans COMMAND -i INPUT -b Metadata_Batch --label LABEL EXTRA...`.
+fn labelled(command: &str, input: &str, label: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        command,
+        "-i",
+        input,
+        "-b",
+        "Metadata_Batch",
+        "--label",
+        label,
+    ];
+    args.extend_from_slice(extra);
+    balans(&args)
 }
 
 /// `ours[name]` is within `tol` of `golden[name]`.
@@ -37,24 +43,12 @@ fn evaluate_matches_the_reference_benchmark_on_a_golden_embedding() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("eval.json");
     let input = shared().join("golden/combat/bbbc021_combat.parquet");
-    let o = balans(&[
-        "evaluate",
-        "-i",
-        input.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_MoA",
-        "--negcon",
-        NEGCON,
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
-    assert!(stdout.contains("overall"), "{stdout}");
-    let ours = json(&out);
-    let golden = json(&shared().join("golden/metrics/bbbc021_combat/metrics.json"));
+    let extra = ["--negcon", NEGCON, "--json", arg(&out)];
+    let o = labelled("evaluate", arg(&input), "Metadata_MoA", &extra);
+    assert_ok(&o);
+    assert_stdout_has(&o, "overall");
+    let ours = read_json(&out);
+    let golden = read_json(&shared().join("golden/metrics/bbbc021_combat/metrics.json"));
     let scores = &ours["report"]["scores"];
     for (name, tol) in [
         ("silhouette_label", 1e-10),
@@ -82,34 +76,24 @@ fn correct_with_evaluate_prints_before_and_after_and_writes_a_report() {
     let output = dir.path().join("corrected.parquet");
     let report = dir.path().join("report.html");
     let summary = dir.path().join("eval.json");
-    let o = balans(&[
-        "correct",
-        "-i",
-        &example_path(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        output.to_str().unwrap(),
-        "--evaluate",
-        "--label",
-        "Metadata_MoA",
-        "--negcon",
-        NEGCON,
+    let scoring = ["--evaluate", "--label", "Metadata_MoA", "--negcon", NEGCON];
+    let outputs = [
         "--null-size",
         "1000",
         "--report",
-        report.to_str().unwrap(),
+        arg(&report),
         "--json",
-        summary.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
+        arg(&summary),
+    ];
+    let o = correct(&example_path(), &output, &[&scoring[..], &outputs].concat());
+    assert_ok(&o);
+    let stdout = stdout(&o);
     let header = stdout.lines().next().unwrap();
     assert!(
         header.contains("before") && header.contains("after"),
         "{stdout}"
     );
-    let values = json(&summary);
+    let values = read_json(&summary);
     for column in ["before", "after"] {
         let overall = values[column]["report"]["scores"]["overall"]
             .as_f64()
@@ -143,14 +127,9 @@ fn write_table(
             .map(|(n, t, _)| Field::new(*n, t.clone(), true))
             .collect::<Vec<_>>(),
     ));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        columns.into_iter().map(|(_, _, a)| a).collect(),
-    )
-    .unwrap();
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    let batch =
+        RecordBatch::try_new(schema, columns.into_iter().map(|(_, _, a)| a).collect()).unwrap();
+    write_parquet(path, &batch);
 }
 
 /// 4 plates x 2 batches; labels A, B, C with replicates on every plate, D once; DMSO on plates
@@ -212,19 +191,9 @@ fn small_table(path: &Path, nan_row: Option<usize>, with_plate: bool) {
     write_table(path, columns);
 }
 
-fn evaluate_small(path: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "evaluate",
-        "-i",
-        path.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_Label",
-        "--negcon",
-        NEGCON,
-        "--null-size",
-        "200",
+/// Runs `balans evaluate` on a small table with the controls `negcon` and small neighbourhoods.
+fn evaluate_small_with(path: &Path, negcon: &str, extra: &[&str]) -> Output {
+    let small = [
         "--neighbors",
         "5",
         "--lisi-neighbors",
@@ -232,8 +201,13 @@ fn evaluate_small(path: &Path, extra: &[&str]) -> Output {
         "--perplexity",
         "3",
     ];
-    args.extend_from_slice(extra);
-    balans(&args)
+    let args = [&["--negcon", negcon][..], &small, extra].concat();
+    labelled("evaluate", arg(path), "Metadata_Label", &args)
+}
+
+/// As `evaluate_small_with` with the DMSO controls and a null distribution of 200.
+fn evaluate_small(path: &Path, extra: &[&str]) -> Output {
+    evaluate_small_with(path, NEGCON, &[&["--null-size", "200"][..], extra].concat())
 }
 
 #[test]
@@ -242,15 +216,15 @@ fn single_replicates_and_plates_without_controls_are_skipped_and_named() {
     let path = dir.path().join("small.parquet");
     small_table(&path, None, true);
     let out = dir.path().join("eval.json");
-    let o = evaluate_small(&path, &["--json", out.to_str().unwrap()]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
+    let o = evaluate_small(&path, &["--json", arg(&out)]);
+    assert_ok(&o);
+    let stdout = stdout(&o);
     assert!(stdout.contains("single replicate"), "{stdout}");
     assert!(
         stdout.contains("p3"),
         "plate without controls not named: {stdout}"
     );
-    let v = json(&out);
+    let v = read_json(&out);
     let significance = &v["report"]["negcon_significance"];
     assert_eq!(significance["n_single_replicate_labels"], 1);
     assert!(v["report"]["scores"]["negcon_map"].as_f64().is_some());
@@ -262,35 +236,17 @@ fn nan_rows_missing_plate_and_bad_predicates_fail_clearly() {
     let nan = dir.path().join("nan.parquet");
     small_table(&nan, Some(4), true);
     let o = evaluate_small(&nan, &[]);
-    let (_, stderr) = text(&o);
-    assert!(!o.status.success());
-    assert!(
-        stderr.contains("NaN") && stderr.contains("rows 4"),
-        "{stderr}"
-    );
+    assert_fails_with(&o, "NaN");
+    assert_stderr_has(&o, "rows 4");
 
     let no_plate = dir.path().join("noplate.parquet");
     small_table(&no_plate, None, false);
-    let o = evaluate_small(&no_plate, &[]);
-    let (_, stderr) = text(&o);
-    assert!(!o.status.success());
-    assert!(stderr.contains("--plate"), "{stderr}");
+    assert_fails_with(&evaluate_small(&no_plate, &[]), "--plate");
     // Without mAP the plate is not needed.
-    let o = evaluate_small(&no_plate, &["--skip", "map"]);
-    assert!(o.status.success(), "{}", text(&o).1);
+    assert_ok(&evaluate_small(&no_plate, &["--skip", "map"]));
 
-    let o = balans(&[
-        "evaluate",
-        "-i",
-        nan.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_Nope",
-    ]);
-    let (_, stderr) = text(&o);
-    assert!(!o.status.success());
-    assert!(stderr.contains("Metadata_Nope"), "{stderr}");
+    let o = labelled("evaluate", arg(&nan), "Metadata_Nope", &[]);
+    assert_fails_with(&o, "Metadata_Nope");
 
     let path = dir.path().join("ok.parquet");
     small_table(&path, None, true);
@@ -299,27 +255,8 @@ fn nan_rows_missing_plate_and_bad_predicates_fail_clearly() {
         ("Metadata_PertType = 'nothing'", "matches no row"),
         ("Metadata_Batch", "boolean"),
     ] {
-        let mut args = vec![
-            "evaluate",
-            "-i",
-            path.to_str().unwrap(),
-            "-b",
-            "Metadata_Batch",
-            "--label",
-            "Metadata_Label",
-            "--negcon",
-            predicate,
-        ];
-        args.extend([
-            "--neighbors",
-            "5",
-            "--lisi-neighbors",
-            "10",
-            "--perplexity",
-            "3",
-        ]);
-        let o = balans(&args);
-        let (_, stderr) = text(&o);
+        let o = evaluate_small_with(&path, predicate, &[]);
+        let stderr = stderr(&o);
         assert!(!o.status.success(), "{predicate}");
         assert!(stderr.contains(needle), "{predicate}: {stderr}");
     }
@@ -332,31 +269,19 @@ fn existing_outputs_are_protected() {
     small_table(&path, None, true);
     let out = dir.path().join("eval.json");
     std::fs::write(&out, "keep").unwrap();
-    let o = evaluate_small(&path, &["--json", out.to_str().unwrap()]);
-    assert!(!o.status.success());
-    assert!(text(&o).1.contains("--overwrite"));
+    assert_fails_with(
+        &evaluate_small(&path, &["--json", arg(&out)]),
+        "--overwrite",
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep");
-    let o = evaluate_small(&path, &["--json", path.to_str().unwrap(), "--overwrite"]);
-    assert!(!o.status.success());
-    assert!(text(&o).1.contains("input"), "{}", text(&o).1);
+    let o = evaluate_small(&path, &["--json", arg(&path), "--overwrite"]);
+    assert_fails_with(&o, "input");
 }
 
 fn evaluate_synthetic_like(input: &str, json_out: &Path) -> serde_json::Value {
-    let o = balans(&[
-        "evaluate",
-        "-i",
-        input,
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_Compound",
-        "--negcon",
-        "Metadata_IsControl",
-        "--json",
-        json_out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o).1);
-    json(json_out)["report"]["scores"].clone()
+    let extra = ["--negcon", "Metadata_IsControl", "--json", arg(json_out)];
+    assert_ok(&labelled("evaluate", input, "Metadata_Compound", &extra));
+    read_json(json_out)["report"]["scores"].clone()
 }
 
 /// The reference BALANS run's output, scored by us, against the reference's own scores.
@@ -364,8 +289,8 @@ fn evaluate_synthetic_like(input: &str, json_out: &Path) -> serde_json::Value {
 fn reference_balans_output_scores_as_the_reference_scored_it() {
     let dir = tempfile::tempdir().unwrap();
     let input = shared().join("golden/balans/full_run_seed0.parquet");
-    let ours = evaluate_synthetic_like(input.to_str().unwrap(), &dir.path().join("e.json"));
-    let golden = json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
+    let ours = evaluate_synthetic_like(arg(&input), &dir.path().join("e.json"));
+    let golden = read_json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
     for (name, tol) in [
         ("silhouette_label", 1e-10),
         ("silhouette_batch", 1e-10),
@@ -395,24 +320,13 @@ fn balans_run_matches_the_reference_runs_aggregates() {
     let dir = tempfile::tempdir().unwrap();
     let synthetic = synthetic_path();
     let corrected = dir.path().join("corrected.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
-        &synthetic,
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        corrected.to_str().unwrap(),
-        "--variant",
-        "paper",
-    ]);
-    assert!(o.status.success(), "{}", text(&o).1);
-    let ours = evaluate_synthetic_like(corrected.to_str().unwrap(), &dir.path().join("e.json"));
-    let golden = json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
+    assert_ok(&correct(&synthetic, &corrected, &["--variant", "paper"]));
+    let ours = evaluate_synthetic_like(arg(&corrected), &dir.path().join("e.json"));
+    let golden = read_json(&shared().join("golden/balans/metrics_full_run_seed0/metrics.json"));
     for name in ["batch_score", "bio_score", "overall"] {
         assert_close(&ours, &golden, name, 0.03);
     }
-    let raw = json(&shared().join("golden/metrics/synthetic_raw/metrics.json"));
+    let raw = read_json(&shared().join("golden/metrics/synthetic_raw/metrics.json"));
     assert!(ours["overall"].as_f64().unwrap() > raw["overall"].as_f64().unwrap() + 0.1);
 }
 
@@ -421,33 +335,23 @@ fn tune_scores_every_setting_of_a_grid() {
     let dir = tempfile::tempdir().unwrap();
     let synthetic = synthetic_path();
     let out = dir.path().join("tune.json");
-    let o = balans(&[
-        "tune",
-        "-i",
-        &synthetic,
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_Compound",
-        "--negcon",
-        "Metadata_IsControl",
-        "--grid",
-        "elbow=kneedle,max-gap",
-        "--grid",
-        "k=10",
+    let grid = ["--grid", "elbow=kneedle,max-gap", "--grid", "k=10"];
+    let quick = [
         "--null-size",
         "200",
         "--skip",
         "classifier",
         "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stderr}");
+        arg(&out),
+    ];
+    let extra = [&["--negcon", "Metadata_IsControl"][..], &grid, &quick].concat();
+    let o = labelled("tune", &synthetic, "Metadata_Compound", &extra);
+    assert_ok(&o);
+    let stdout = stdout(&o);
     assert!(stdout.contains("| input (uncorrected) |"), "{stdout}");
     assert!(stdout.contains("| elbow=kneedle k=10 |"), "{stdout}");
     assert!(stdout.contains("| elbow=max-gap k=10 |"), "{stdout}");
-    let v = json(&out);
+    let v = read_json(&out);
     let settings = v["settings"].as_array().unwrap();
     assert_eq!(settings.len(), 2);
     let raw = v["input"]["report"]["scores"]["overall"].as_f64().unwrap();
@@ -464,18 +368,8 @@ fn tune_scores_every_setting_of_a_grid() {
         ("k", "NAME=V1,V2"),
         ("elbow=sideways", "--grid elbow=sideways"),
     ] {
-        let o = balans(&[
-            "tune",
-            "-i",
-            &synthetic,
-            "-b",
-            "Metadata_Batch",
-            "--label",
-            "Metadata_Compound",
-            "--grid",
-            grid,
-        ]);
+        let o = labelled("tune", &synthetic, "Metadata_Compound", &["--grid", grid]);
         assert!(!o.status.success(), "{grid}");
-        assert!(text(&o).1.contains(needle), "{grid}: {}", text(&o).1);
+        assert!(stderr(&o).contains(needle), "{grid}: {}", stderr(&o));
     }
 }

@@ -5,7 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{balans, example_path, read, stderr, stdout};
+use common::{
+    arg, assert_fails_with, assert_ok, assert_stdout_has, balans, column_names, correct, create_p,
+    example_path, read, read_json, sql_to, stderr,
+};
 
 const FEW: &str =
     "Cells_AreaShape_Compactness,Cells_AreaShape_Eccentricity,Cells_AreaShape_FormFactor";
@@ -21,10 +24,9 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
         example.as_str(),
         "-b",
         "Metadata_Batch",
-        "--label",
-        "Metadata_Compound",
-        "-o",
-        dir.to_str().unwrap(),
+    ];
+    args.extend(["--label", "Metadata_Compound", "-o", arg(dir)]);
+    args.extend([
         "--hidden",
         "32",
         "--embedding",
@@ -33,7 +35,7 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
         "3",
         "--seed",
         "4",
-    ];
+    ]);
     args.extend_from_slice(extra);
     // Not --quiet: the epoch lines are part of what is tested.
     std::process::Command::new(env!("CARGO_BIN_EXE_balans"))
@@ -47,7 +49,7 @@ fn train_then_embed_from_the_command_line_and_sql() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("abra");
     let o = train(&model, &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let log = stderr(&o);
     assert!(
         log.contains("abra epoch   1/3") && log.contains("validation"),
@@ -56,8 +58,7 @@ fn train_then_embed_from_the_command_line_and_sql() {
     assert!(model.join("model.safetensors").exists());
     assert!(model.join("config.json").exists());
     assert!(!dir.path().join("abra.partial").exists());
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let card = read_json(&model.join("config.json"));
     assert_eq!(card["architecture"]["kind"], "abra");
     assert_eq!(card["batch_column"], "Metadata_Batch");
     assert_eq!(card["history"].as_array().unwrap().len(), 3);
@@ -71,39 +72,24 @@ fn train_then_embed_from_the_command_line_and_sql() {
         std::fs::read(again.join("model.safetensors")).unwrap()
     );
     // An existing model directory needs --overwrite.
-    let o = train(&model, &[]);
-    assert!(!o.status.success() && stderr(&o).contains("--overwrite"));
+    assert_fails_with(&train(&model, &[]), "--overwrite");
 
     // correct --method embed: metadata, then E1..E8, every row, and the metric suite.
     let out = dir.path().join("embedded.parquet");
-    let o = balans(&[
-        "correct",
-        "-i",
-        &example_path(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "embed",
-        "--model",
-        model.to_str().unwrap(),
+    let embed = ["--method", "embed", "--model", arg(&model)];
+    let scores = [
         "--evaluate",
         "--label",
         "Metadata_MoA",
         "--skip",
         "kbet,classifier",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("overall"), "{}", stdout(&o));
+    ];
+    let o = correct(&example_path(), &out, &[&embed[..], &scores].concat());
+    assert_ok(&o);
+    assert_stdout_has(&o, "overall");
     let table = read(&out);
     assert_eq!(table.num_rows(), 632);
-    let names: Vec<String> = table
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let names = column_names(&table);
     let embedding: Vec<&String> = names
         .iter()
         .filter(|n| !n.starts_with("Metadata_"))
@@ -119,164 +105,89 @@ fn train_then_embed_from_the_command_line_and_sql() {
 
     // SQL: the same relation, and EXPLAIN names the operator.
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; \
-         SELECT count(*) AS n, count(DISTINCT E1) AS distinct_e1 FROM correct((SELECT * FROM p), \
-         method => 'embed', model => '{}')",
-        example_path(),
-        model.display()
-    );
-    let o = balans(&["sql", &script]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("| 632 |"), "{}", stdout(&o));
-    let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; EXPLAIN SELECT * FROM \
+        "{}; SELECT count(*) AS n, count(DISTINCT E1) AS distinct_e1 FROM \
          correct((SELECT * FROM p), method => 'embed', model => '{}')",
-        example_path(),
+        create_p(&example_path()),
         model.display()
     );
     let o = balans(&["sql", &script]);
-    assert!(stdout(&o).contains("EmbedExec: model="), "{}", stdout(&o));
+    assert_ok(&o);
+    assert_stdout_has(&o, "| 632 |");
+    let script = format!(
+        "{}; EXPLAIN SELECT * FROM correct((SELECT * FROM p), method => 'embed', model => '{}')",
+        create_p(&example_path()),
+        model.display()
+    );
+    assert_stdout_has(&balans(&["sql", &script]), "EmbedExec: model=");
 }
 
 #[test]
 fn the_embed_function_takes_packed_vectors_in_model_order() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("few");
-    let o = train(&model, &["--features", FEW]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&model, &["--features", FEW]));
     // The vector function and the relation agree.
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{example}'; \
-         CREATE TABLE a AS SELECT Metadata_Plate, Metadata_Well, \
+        "{create}; CREATE TABLE a AS SELECT Metadata_Plate, Metadata_Well, \
            embed(pack_features(Cells_AreaShape_Compactness, Cells_AreaShape_Eccentricity, \
            Cells_AreaShape_FormFactor), '{m}') AS v FROM p; \
          CREATE TABLE b AS SELECT * FROM correct((SELECT * FROM p), method => 'embed', \
            model => '{m}'); \
          SELECT count(*) AS n, max(abs(a.v[1] - b.E1) + abs(a.v[8] - b.E8)) < 1e-6 AS same \
            FROM a JOIN b ON a.Metadata_Plate = b.Metadata_Plate AND a.Metadata_Well = b.Metadata_Well",
-        example = example_path(),
+        create = create_p(&example_path()),
         m = model.display()
     );
     let o = balans(&["sql", &script]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("| 632 | true |"), "{}", stdout(&o));
+    assert_ok(&o);
+    assert_stdout_has(&o, "| 632 | true |");
     // A vector of the wrong width is a planning error naming the model's features.
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; \
-         SELECT embed(pack_features(Cells_AreaShape_Compactness), '{}') FROM p",
-        example_path(),
+        "{}; SELECT embed(pack_features(Cells_AreaShape_Compactness), '{}') FROM p",
+        create_p(&example_path()),
         model.display()
     );
-    let o = balans(&["sql", &script]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("the model takes 3 features"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&balans(&["sql", &script]), "the model takes 3 features");
 }
 
 #[test]
 fn bad_models_and_tables_are_clear_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("few");
-    assert!(train(&model, &["--features", FEW]).status.success());
+    assert_ok(&train(&model, &["--features", FEW]));
     let out = dir.path().join("x.parquet");
     let embed = |input: &str, model: &Path| {
-        balans(&[
-            "correct",
-            "-i",
-            input,
-            "-b",
-            "Metadata_Batch",
-            "-o",
-            out.to_str().unwrap(),
-            "--method",
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-        ])
+        correct(input, &out, &["--method", "embed", "--model", arg(model)])
     };
     // A table without the model's features.
     let other = dir.path().join("other.parquet");
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; \
-         SELECT Metadata_Batch, Cells_AreaShape_Compactness FROM p",
-        example_path()
+        "{}; SELECT Metadata_Batch, Cells_AreaShape_Compactness FROM p",
+        create_p(&example_path())
     );
-    assert!(
-        balans(&["sql", &script, "--output", other.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let o = embed(other.to_str().unwrap(), &model);
-    assert!(
-        !o.status.success() && stderr(&o).contains("lacks 2 of the model's 3 features"),
-        "{}",
-        stderr(&o)
-    );
+    assert_ok(&sql_to(&script, &other));
+    let o = embed(arg(&other), &model);
+    assert_fails_with(&o, "lacks 2 of the model's 3 features");
     assert!(!out.exists());
     // Not a model directory.
-    let o = embed(&example_path(), dir.path());
-    assert!(
-        !o.status.success() && stderr(&o).contains("config.json"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&embed(&example_path(), dir.path()), "config.json");
     // --method embed needs --model; --model needs --method embed.
-    let o = balans(&[
-        "correct",
-        "-i",
-        &example_path(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "embed",
-    ]);
-    assert!(!o.status.success() && stderr(&o).contains("--model DIR"));
-    let o = balans(&[
-        "correct",
-        "-i",
-        &example_path(),
-        "-b",
-        "Metadata_Batch",
-        "-o",
-        out.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success() && stderr(&o).contains("--method embed only"));
+    let o = correct(&example_path(), &out, &["--method", "embed"]);
+    assert_fails_with(&o, "--model DIR");
+    let o = correct(&example_path(), &out, &["--model", arg(&model)]);
+    assert_fails_with(&o, "--method embed only");
     assert!(!out.exists());
     // Training on a single batch cannot validate on held-out batches.
     let one = dir.path().join("one.parquet");
     let script = format!(
-        "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}'; \
-         SELECT * FROM p WHERE Metadata_Batch = 'Week1'",
-        example_path()
+        "{}; SELECT * FROM p WHERE Metadata_Batch = 'Week1'",
+        create_p(&example_path())
     );
-    assert!(
-        balans(&["sql", &script, "--output", one.to_str().unwrap()])
-            .status
-            .success()
-    );
+    assert_ok(&sql_to(&script, &one));
     let bad = dir.path().join("bad");
-    let o = balans(&[
-        "train",
-        "-i",
-        one.to_str().unwrap(),
-        "-b",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_Compound",
-        "-o",
-        bad.to_str().unwrap(),
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("at least two batches"),
-        "{}",
-        stderr(&o)
-    );
+    let mut args = vec!["train", "-i", arg(&one), "-b", "Metadata_Batch"];
+    args.extend(["--label", "Metadata_Compound", "-o", arg(&bad)]);
+    assert_fails_with(&balans(&args), "at least two batches");
     assert!(!bad.exists() && !dir.path().join("bad.partial").exists());
 }
 
@@ -284,22 +195,14 @@ fn bad_models_and_tables_are_clear_errors_and_write_nothing() {
 fn an_unknown_or_unbuilt_device_is_a_clear_error_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model");
-    let o = train(&out, &["--device", "tpu"]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("use cpu, cuda or cuda:N"),
-        "{}",
-        stderr(&o)
+    assert_fails_with(
+        &train(&out, &["--device", "tpu"]),
+        "use cpu, cuda or cuda:N",
     );
     if !balans_learned::ComputeDevice::CUDA_BUILT {
-        let o = train(&out, &["--device", "cuda:0"]);
-        assert!(
-            !o.status.success() && stderr(&o).contains("--features cuda"),
-            "{}",
-            stderr(&o)
-        );
+        assert_fails_with(&train(&out, &["--device", "cuda:0"]), "--features cuda");
     }
     assert!(!out.exists() && !dir.path().join("model.partial").exists());
     // The default device is the CPU, and naming it is the same run.
-    let o = train(&out, &["--device", "cpu"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&out, &["--device", "cpu"]));
 }

@@ -4,15 +4,32 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 
-use common::{balans, read, shared, stderr};
+use common::{
+    arg, assert_fails_writing_nothing, assert_ok, assert_stderr_has, balans, read, read_json,
+    shared, sql_to,
+};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type};
 
 const NEGCON: &str = "Metadata_PertType = 'negcon'";
+
+/// Per-plate steps with the DMSO wells as controls.
+const PER_PLATE: [&str; 4] = ["--plate", "Metadata_Plate", "--negcon", NEGCON];
+
+/// The Arevalo et al. recipe per plate, with the controls `negcon`.
+fn recipe(negcon: &str) -> [&str; 6] {
+    [
+        "--recipe",
+        "mad-int-featselect",
+        "--plate",
+        "Metadata_Plate",
+        "--negcon",
+        negcon,
+    ]
+}
 
 fn raw() -> String {
     shared()
@@ -63,17 +80,16 @@ fn worst_relative(ours: &Path, golden: &str) -> f64 {
     worst
 }
 
-fn preprocess(output: &Path, extra: &[&str]) -> std::process::Output {
-    let raw = raw();
-    let mut args = vec![
-        "preprocess",
-        "-i",
-        raw.as_str(),
-        "-o",
-        output.to_str().unwrap(),
-    ];
+/// Runs `balans preprocess -i INPUT -o OUTPUT EXTRA...`.
+fn preprocess_from(input: &str, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["preprocess", "-i", input, "-o", arg(output)];
     args.extend_from_slice(extra);
     balans(&args)
+}
+
+/// Runs `balans preprocess` on the raw BBBC021 well table.
+fn preprocess(output: &Path, extra: &[&str]) -> std::process::Output {
+    preprocess_from(&raw(), output, extra)
 }
 
 /// The recipe reproduces the golden table: the same variant features, the same
@@ -87,25 +103,10 @@ fn mad_int_featselect_recipe_matches_the_golden_table() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("recipe.parquet");
     let summary = dir.path().join("summary.json");
-    let o = preprocess(
-        &out,
-        &[
-            "--recipe",
-            "mad-int-featselect",
-            "--plate",
-            "Metadata_Plate",
-            "--negcon",
-            NEGCON,
-            "--summary-json",
-            summary.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let golden: serde_json::Value = serde_json::from_reader(
-        File::open(shared().join("golden/preprocess/features.json")).unwrap(),
-    )
-    .unwrap();
-    let ours: serde_json::Value = serde_json::from_reader(File::open(&summary).unwrap()).unwrap();
+    let with_summary = [&recipe(NEGCON)[..], &["--summary-json", arg(&summary)]].concat();
+    assert_ok(&preprocess(&out, &with_summary));
+    let golden = read_json(&shared().join("golden/preprocess/features.json"));
+    let ours = read_json(&summary);
     let dropped: BTreeMap<String, serde_json::Value> = ours["dropped"]
         .as_array()
         .unwrap()
@@ -171,16 +172,9 @@ fn mad_robustize_per_plate_matches_pycytominer() {
     let out = dir.path().join("mad.parquet");
     let o = preprocess(
         &out,
-        &[
-            "--normalize",
-            "mad-robustize",
-            "--plate",
-            "Metadata_Plate",
-            "--negcon",
-            NEGCON,
-        ],
+        &[&["--normalize", "mad-robustize"][..], &PER_PLATE].concat(),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let worst = worst_relative(
         &out,
         "golden/preprocess/pycytominer_mad_robustize_per_plate.parquet",
@@ -192,8 +186,7 @@ fn mad_robustize_per_plate_matches_pycytominer() {
 fn standardize_matches_pycytominer() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("std.parquet");
-    let o = preprocess(&out, &["--normalize", "standardize"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&preprocess(&out, &["--normalize", "standardize"]));
     let worst = worst_relative(&out, "golden/preprocess/pycytominer_standardize.parquet");
     assert!(worst <= 1e-12, "{worst:e}");
 }
@@ -203,24 +196,9 @@ fn a_plate_without_controls_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.parquet");
     let predicate = "Metadata_PertType = 'negcon' AND Metadata_Plate <> 'Week1_22123'";
-    let o = preprocess(
-        &out,
-        &[
-            "--recipe",
-            "mad-int-featselect",
-            "--plate",
-            "Metadata_Plate",
-            "--negcon",
-            predicate,
-        ],
-    );
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("plate 'Week1_22123'") && stderr(&o).contains("no negative-control"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(!out.exists());
+    let o = preprocess(&out, &recipe(predicate));
+    assert_fails_writing_nothing(&o, "plate 'Week1_22123'", &out);
+    assert_stderr_has(&o, "no negative-control");
 }
 
 /// A CSV table: plates P1/P2, wells, controls, features a (NaN on plate P2 only), b, c.
@@ -253,20 +231,12 @@ fn aggregation_takes_medians_and_means_per_plate_and_well() {
     let input = small_csv(dir.path());
     for (how, a02_p1, b_a02_p1) in [("median", 4.0, 12.0), ("mean", 14.0 / 3.0, 12.0)] {
         let out = dir.path().join(format!("{how}.parquet"));
-        let o = balans(&[
-            "preprocess",
-            "-i",
+        let per_well = ["--plate", "Metadata_Plate", "--well", "Metadata_Well"];
+        assert_ok(&preprocess_from(
             &input,
-            "-o",
-            out.to_str().unwrap(),
-            "--aggregate",
-            how,
-            "--plate",
-            "Metadata_Plate",
-            "--well",
-            "Metadata_Well",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+            &out,
+            &[&["--aggregate", how][..], &per_well].concat(),
+        ));
         let b = read(&out);
         assert_eq!(b.num_rows(), 4, "one row per plate and well");
         let f: BTreeMap<String, Vec<f64>> = features(&b).into_iter().collect();
@@ -290,32 +260,13 @@ fn a_feature_nan_on_one_plate_is_dropped_by_the_recipe_and_named_by_normalize() 
     let dir = tempfile::tempdir().unwrap();
     let input = small_csv(dir.path());
     let out = dir.path().join("norm.parquet");
-    let base = [
-        "preprocess",
-        "-i",
-        input.as_str(),
-        "-o",
-        out.to_str().unwrap(),
-        "--plate",
-        "Metadata_Plate",
-        "--negcon",
-        NEGCON,
-    ];
-    let mut args = base.to_vec();
-    args.extend_from_slice(&["--normalize", "mad-robustize"]);
-    let o = balans(&args);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("feature 'a'") && stderr(&o).contains("plate 'P2'"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(!out.exists());
+    let normalize = [&PER_PLATE[..], &["--normalize", "mad-robustize"]].concat();
+    let o = preprocess_from(&input, &out, &normalize);
+    assert_fails_writing_nothing(&o, "feature 'a'", &out);
+    assert_stderr_has(&o, "plate 'P2'");
     // drop_na_columns (NaN fraction above 0.05) drops a and b, keeps c.
-    let mut args = base.to_vec();
-    args.extend_from_slice(&["--feature-select", "drop-na-columns"]);
-    let o = balans(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let drop_na = [&PER_PLATE[..], &["--feature-select", "drop-na-columns"]].concat();
+    assert_ok(&preprocess_from(&input, &out, &drop_na));
     let names: Vec<String> = features(&read(&out)).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["c".to_string()]);
 }
@@ -350,13 +301,7 @@ fn option_conflicts_are_reported() {
         (vec!["--feature-select", "blocklist"], "--blocklist"),
         (vec!["--rank-int", "--freq-cut", "2"], "--freq-cut"),
     ] {
-        let o = preprocess(&out, &extra);
-        assert!(
-            !o.status.success() && stderr(&o).contains(needle),
-            "{extra:?}: {}",
-            stderr(&o)
-        );
-        assert!(!out.exists());
+        assert_fails_writing_nothing(&preprocess(&out, &extra), needle, &out);
     }
 }
 
@@ -369,26 +314,14 @@ fn the_sql_relation_writes_the_same_table_as_the_command() {
         dir.path().join("job.parquet"),
         dir.path().join("sql.parquet"),
     );
-    let o = preprocess(
-        &job,
-        &[
-            "--recipe",
-            "mad-int-featselect",
-            "--plate",
-            "Metadata_Plate",
-            "--negcon",
-            NEGCON,
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&preprocess(&job, &recipe(NEGCON)));
     let script = format!(
         "CREATE EXTERNAL TABLE raw STORED AS PARQUET LOCATION '{}'; \
          SELECT * FROM preprocess((SELECT * FROM raw), recipe => 'mad_int_featselect', \
          plate => 'Metadata_Plate', negcon => 'Metadata_PertType = ''negcon''')",
         raw()
     );
-    let o = balans(&["sql", &script, "--output", sql.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&sql_to(&script, &sql));
     let (a, b) = (read(&job), read(&sql));
     assert_eq!(a.schema().fields().len(), b.schema().fields().len());
     assert_eq!(a.num_rows(), 632);

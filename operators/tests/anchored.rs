@@ -3,16 +3,17 @@
 //! the anchored one removes the batch shift and leaves that distance unchanged; anchor errors
 //! and the summary's label counts.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use balans_operators::config::{Anchor, BalansConfig};
 use balans_operators::exec::{BalansSpec, correction_plan};
 use balans_operators::{ProgressSink, RunSummary};
-use datafusion::arrow::array::{
-    ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray,
-};
+use common::{profile_table, str_col};
+use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::concat_batches;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema};
+use datafusion::arrow::datatypes::Float32Type;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::SessionContext;
@@ -38,26 +39,19 @@ fn toy() -> RecordBatch {
         [0.0, 2.5, -0.5, 1.0],
         [3.0, 3.0, 1.5, 2.0],
     ];
-    let shared: Vec<Vec<[f32; D]>> = (0..2)
-        .map(|c| {
-            (0..60)
-                .map(|_| {
-                    let mut v = centres[c];
-                    v.iter_mut()
-                        .for_each(|x| *x += rng.random::<f32>() * 0.6 - 0.3);
-                    v
-                })
-                .collect()
-        })
-        .collect();
-    let unique: Vec<[f32; D]> = (0..60)
-        .map(|_| {
-            let mut v = centres[2];
-            v.iter_mut()
-                .for_each(|x| *x += rng.random::<f32>() * 0.6 - 0.3);
-            v
-        })
-        .collect();
+    // 60 profiles scattered around a centre.
+    let mut around = |centre: [f32; D]| -> Vec<[f32; D]> {
+        (0..60)
+            .map(|_| {
+                let mut v = centre;
+                v.iter_mut()
+                    .for_each(|x| *x += rng.random::<f32>() * 0.6 - 0.3);
+                v
+            })
+            .collect()
+    };
+    let shared: Vec<Vec<[f32; D]>> = (0..2).map(|c| around(centres[c])).collect();
+    let unique: Vec<[f32; D]> = around(centres[2]);
     let (mut cols, mut batch, mut label, mut control) =
         (vec![Vec::new(); D], Vec::new(), Vec::new(), Vec::new());
     let mut push = |b: usize, v: [f32; D], l: &str, c: bool| {
@@ -83,22 +77,12 @@ fn toy() -> RecordBatch {
             }
         }
     }
-    let mut fields = vec![
-        Field::new("Metadata_Batch", DataType::Utf8, false),
-        Field::new("Metadata_Compound", DataType::Utf8, false),
-        Field::new("Metadata_Control", DataType::Boolean, false),
-    ];
-    fields.extend((0..D).map(|f| Field::new(format!("f{f}"), DataType::Float32, false)));
-    let mut arrays: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(batch)),
-        Arc::new(StringArray::from(label)),
-        Arc::new(BooleanArray::from(control)),
-    ];
-    arrays.extend(
-        cols.into_iter()
-            .map(|c| Arc::new(Float32Array::from(c)) as ArrayRef),
-    );
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap()
+    profile_table(
+        batch,
+        ("Metadata_Compound", label),
+        ("Metadata_Control", control),
+        cols,
+    )
 }
 
 /// Keeps the last summary a pass reported, and the warnings.
@@ -156,18 +140,25 @@ async fn correct(
     Ok(concat_batches(&out[0].schema(), &out)?)
 }
 
+/// The unanchored correction.
+async fn correct_plain(input: &RecordBatch) -> datafusion::error::Result<RecordBatch> {
+    correct(input, Anchor::None, None, None, Arc::default()).await
+}
+
+/// The correction anchored on the rows flagged in `Metadata_Control`.
+async fn correct_on_controls(input: &RecordBatch) -> datafusion::error::Result<RecordBatch> {
+    let mask = Some("Metadata_Control");
+    correct(input, Anchor::Negcon, mask, None, Arc::default()).await
+}
+
 /// Mean profile of the rows of batch `b` with compound `label`.
 fn centroid(t: &RecordBatch, b: usize, label: &str) -> [f64; D] {
-    let batch = t
-        .column_by_name("Metadata_Batch")
-        .unwrap()
-        .as_string::<i32>();
-    let comp = t
-        .column_by_name("Metadata_Compound")
-        .unwrap()
-        .as_string::<i32>();
+    let (batch, comp) = (
+        str_col(t, "Metadata_Batch"),
+        str_col(t, "Metadata_Compound"),
+    );
     let rows: Vec<usize> = (0..t.num_rows())
-        .filter(|&i| batch.value(i) == format!("b{b}") && comp.value(i) == label)
+        .filter(|&i| batch[i] == format!("b{b}") && comp[i] == label)
         .collect();
     assert!(!rows.is_empty());
     let mut c = [0.0f64; D];
@@ -187,30 +178,22 @@ fn dist(a: [f64; D], b: [f64; D]) -> f64 {
         .sqrt()
 }
 
+/// Distance in batch b0 from the unique compound's centroid to the controls' centroid.
+fn unique_to_controls(t: &RecordBatch) -> f64 {
+    dist(centroid(t, 0, "unique"), centroid(t, 0, "DMSO"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anchored_correction_removes_the_shift_and_keeps_a_batch_specific_cluster_in_place() {
     let input = toy();
-    let before = dist(centroid(&input, 0, "unique"), centroid(&input, 0, "DMSO"));
-    let plain = correct(&input, Anchor::None, None, None, Arc::default())
-        .await
-        .unwrap();
-    let anchored = correct(
-        &input,
-        Anchor::Negcon,
-        Some("Metadata_Control"),
-        None,
-        Arc::default(),
-    )
-    .await
-    .unwrap();
+    let before = unique_to_controls(&input);
+    let plain = correct_plain(&input).await.unwrap();
+    let anchored = correct_on_controls(&input).await.unwrap();
     // Unanchored: the unique cluster is pulled toward what other batches hold near it.
-    let moved = dist(centroid(&plain, 0, "unique"), centroid(&plain, 0, "DMSO"));
+    let moved = unique_to_controls(&plain);
     assert!((moved - before).abs() > 0.05, "{before} -> {moved}");
     // Anchored: its distance to its own controls is unchanged...
-    let kept = dist(
-        centroid(&anchored, 0, "unique"),
-        centroid(&anchored, 0, "DMSO"),
-    );
+    let kept = unique_to_controls(&anchored);
     assert!((kept - before).abs() < 1e-6, "{before} -> {kept}");
     // ... while the pure batch shift is gone: controls and shared compounds of every batch
     // land on each other.
@@ -254,12 +237,10 @@ async fn shared_labels_anchor_and_single_batch_labels_are_counted() {
     // The shared labels are spread clusters, so the offsets far from them are local
     // estimates, not the exact shift; the unique cluster still moves far less than without
     // anchors.
-    let plain = correct(&input, Anchor::None, None, None, Arc::default())
-        .await
-        .unwrap();
-    let before = dist(centroid(&input, 0, "unique"), centroid(&input, 0, "DMSO"));
-    let kept = dist(centroid(&out, 0, "unique"), centroid(&out, 0, "DMSO"));
-    let moved = dist(centroid(&plain, 0, "unique"), centroid(&plain, 0, "DMSO"));
+    let plain = correct_plain(&input).await.unwrap();
+    let before = unique_to_controls(&input);
+    let kept = unique_to_controls(&out);
+    let moved = unique_to_controls(&plain);
     assert!(
         (kept - before).abs() < 0.5 * (moved - before).abs(),
         "{before}: anchored {kept}, unanchored {moved}"
@@ -270,30 +251,18 @@ async fn shared_labels_anchor_and_single_batch_labels_are_counted() {
 async fn an_anchor_predicate_that_matches_nothing_in_a_batch_names_it() {
     let input = toy();
     // Drop the controls' flag in batch b2.
-    let batch = input
-        .column_by_name("Metadata_Batch")
-        .unwrap()
-        .as_string::<i32>();
+    let batch = str_col(&input, "Metadata_Batch");
     let control = input
         .column_by_name("Metadata_Control")
         .unwrap()
         .as_boolean();
     let flags: BooleanArray = (0..input.num_rows())
-        .map(|i| Some(control.value(i) && batch.value(i) != "b2"))
+        .map(|i| Some(control.value(i) && batch[i] != "b2"))
         .collect();
     let mut columns = input.columns().to_vec();
     columns[2] = Arc::new(flags);
     let input = RecordBatch::try_new(input.schema(), columns).unwrap();
-    let err = correct(
-        &input,
-        Anchor::Negcon,
-        Some("Metadata_Control"),
-        None,
-        Arc::default(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = correct_on_controls(&input).await.unwrap_err().to_string();
     assert!(err.contains("no anchor rows in batch 'b2'"), "{err}");
     assert!(!err.contains("'b0'") && !err.contains("'b1'"), "{err}");
 }

@@ -2,6 +2,8 @@
 //! partitions, every operator against its kernel, `EXPLAIN` of the chain, cancellation and
 //! working-file clean-up.
 
+mod common;
+
 use std::sync::Arc;
 
 use balans_operators::NoProgress;
@@ -11,11 +13,10 @@ use balans_operators::kernels::combat::{BatchMoments, fit_combat};
 use balans_operators::kernels::elbow::ElbowParams;
 use balans_operators::kernels::landmark::{RowBlocks, SamplingParams, sample_landmarks};
 use balans_operators::kernels::smooth::{SmoothAccumulator, SmoothOptions};
-use datafusion::arrow::array::{
-    ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray,
-};
+use common::{profile_table, str_col};
+use datafusion::arrow::array::{AsArray, Float32Array, RecordBatch};
 use datafusion::arrow::compute::concat_batches;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{Float32Type, SchemaRef};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::{ExecutionPlan, collect, displayable, execute_stream};
@@ -45,22 +46,15 @@ fn table(n: usize, batches: usize, seed: u64) -> RecordBatch {
         label.push(format!("c{c}"));
         negcon.push(c == 0);
     }
-    let mut fields: Vec<Field> = vec![
-        Field::new("Metadata_Batch", DataType::Utf8, false),
-        Field::new("Metadata_Label", DataType::Utf8, false),
-        Field::new("fit", DataType::Boolean, false),
-    ];
-    fields.extend((0..D).map(|f| Field::new(format!("f{f}"), DataType::Float32, false)));
-    let mut arrays: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(batch)),
-        Arc::new(StringArray::from(label)),
-        Arc::new(BooleanArray::from(negcon)),
-    ];
-    arrays.extend(
-        cols.into_iter()
-            .map(|c| Arc::new(Float32Array::from(c)) as ArrayRef),
-    );
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap()
+    profile_table(batch, ("Metadata_Label", label), ("fit", negcon), cols)
+}
+
+/// The batch codes of a table made by `table`: 0 for `b0`, 1 for `b1`, ...
+fn batch_codes(input: &RecordBatch) -> Vec<usize> {
+    str_col(input, "Metadata_Batch")
+        .iter()
+        .map(|v| v[1..].parse().unwrap())
+        .collect()
 }
 
 /// `batch` split into `parts` contiguous partitions of uneven sizes.
@@ -142,6 +136,14 @@ fn features(b: &RecordBatch) -> Vec<f32> {
     x
 }
 
+/// The default configuration with another correction method.
+fn with_method(method: Method) -> BalansConfig {
+    BalansConfig {
+        method,
+        ..BalansConfig::default()
+    }
+}
+
 fn configs() -> Vec<(&'static str, BalansConfig)> {
     let small = |c: BalansConfig| BalansConfig {
         k: 8,
@@ -183,27 +185,9 @@ fn configs() -> Vec<(&'static str, BalansConfig)> {
                 ..BalansConfig::default()
             }),
         ),
-        (
-            "combat",
-            small(BalansConfig {
-                method: Method::ComBat,
-                ..BalansConfig::default()
-            }),
-        ),
-        (
-            "sphering",
-            small(BalansConfig {
-                method: Method::Sphering,
-                ..BalansConfig::default()
-            }),
-        ),
-        (
-            "harmony",
-            small(BalansConfig {
-                method: Method::Harmony,
-                ..BalansConfig::default()
-            }),
-        ),
+        ("combat", small(with_method(Method::ComBat))),
+        ("sphering", small(with_method(Method::Sphering))),
+        ("harmony", small(with_method(Method::Harmony))),
     ]
 }
 
@@ -241,13 +225,7 @@ async fn balans_operators_match_the_kernels() {
     let x = features(&input);
     let n = input.num_rows();
     // Kernel path: batch-grouped order (stable by batch code), landmarks, smoothing.
-    let codes: Vec<usize> = input
-        .column_by_name("Metadata_Batch")
-        .unwrap()
-        .as_string::<i32>()
-        .iter()
-        .map(|v| v.unwrap()[1..].parse().unwrap())
-        .collect();
+    let codes = batch_codes(&input);
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (codes[i], i));
     let grouped: Vec<f32> = order
@@ -314,13 +292,7 @@ async fn combat_operators_match_the_kernel() {
     )
     .await;
     let x = features(&input);
-    let codes: Vec<usize> = input
-        .column_by_name("Metadata_Batch")
-        .unwrap()
-        .as_string::<i32>()
-        .iter()
-        .map(|v| v.unwrap()[1..].parse().unwrap())
-        .collect();
+    let codes = batch_codes(&input);
     let mut moments = BatchMoments::new(3, D);
     for (i, &b) in codes.iter().enumerate() {
         let row: Vec<f64> = x[i * D..(i + 1) * D].iter().map(|&v| v as f64).collect();

@@ -206,6 +206,16 @@ fn info() -> serde_json::Value {
     .unwrap()
 }
 
+/// The whole-number array `key` of the reference run's info file.
+fn usizes(info: &serde_json::Value, key: &str) -> Vec<usize> {
+    info[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
 fn sampling_params(seed: u64) -> SamplingParams {
     SamplingParams {
         k: 10,
@@ -221,24 +231,9 @@ fn sampling_params(seed: u64) -> SamplingParams {
 fn replayed_landmark_sequence_reproduces_the_full_run() {
     let s = synthetic();
     let info = info();
-    let seq: Vec<usize> = info["landmarks_input_order"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    let kept_want: Vec<usize> = info["kept_per_row"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    let delta_want: Vec<usize> = info["delta_per_row"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
+    let seq = usizes(&info, "landmarks_input_order");
+    let kept_want = usizes(&info, "kept_per_row");
+    let delta_want = usizes(&info, "delta_per_row");
     let z = RowBlocks::new(vec![&s.x], s.d);
     let r = sample_landmarks(
         &z,

@@ -1,12 +1,16 @@
-//! Helpers shared by the golden-file tests: the shared folder and Parquet column readers.
+//! Helpers shared by the operator tests: the shared folder, Parquet column readers and small
+//! in-memory profile tables.
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::compute::{cast, concat_batches};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The shared data folder (`BALANS_SHARED`, default `../shared` beside the repository).
@@ -79,4 +83,32 @@ pub fn row_major(b: &RecordBatch, features: &[String]) -> Vec<f64> {
         }
     }
     x
+}
+
+/// A profile table: `Metadata_Batch`, the string column `label`, the boolean column `flag`,
+/// then the Float32 features `f0`, `f1`, ...; no column is nullable.
+pub fn profile_table(
+    batch: Vec<String>,
+    label: (&str, Vec<String>),
+    flag: (&str, Vec<bool>),
+    features: Vec<Vec<f32>>,
+) -> RecordBatch {
+    let mut fields = vec![
+        Field::new("Metadata_Batch", DataType::Utf8, false),
+        Field::new(label.0, DataType::Utf8, false),
+        Field::new(flag.0, DataType::Boolean, false),
+    ];
+    fields
+        .extend((0..features.len()).map(|f| Field::new(format!("f{f}"), DataType::Float32, false)));
+    let mut arrays: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(batch)),
+        Arc::new(StringArray::from(label.1)),
+        Arc::new(BooleanArray::from(flag.1)),
+    ];
+    arrays.extend(
+        features
+            .into_iter()
+            .map(|c| Arc::new(Float32Array::from(c)) as ArrayRef),
+    );
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap()
 }
