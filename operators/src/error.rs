@@ -29,6 +29,29 @@ pub enum OperatorError {
     DataFusion(#[from] DataFusionError),
 }
 
+impl OperatorError {
+    /// The same error again, for reporting one failure from several tasks (the error types
+    /// it wraps cannot be cloned: their text is kept, and the kind where it can be).
+    pub fn replay(&self) -> OperatorError {
+        match self {
+            OperatorError::BadInput(m) => OperatorError::BadInput(m.clone()),
+            OperatorError::InvalidParameter(m) => OperatorError::InvalidParameter(m.clone()),
+            OperatorError::MemoryLimit(m) => OperatorError::MemoryLimit(m.clone()),
+            OperatorError::Cancelled => OperatorError::Cancelled,
+            OperatorError::Io(e) => OperatorError::Io(std::io::Error::new(e.kind(), e.to_string())),
+            OperatorError::Arrow(e) => {
+                OperatorError::Arrow(ArrowError::ComputeError(e.to_string()))
+            }
+            OperatorError::DataFusion(DataFusionError::ResourcesExhausted(m)) => {
+                OperatorError::DataFusion(DataFusionError::ResourcesExhausted(m.clone()))
+            }
+            OperatorError::DataFusion(e) => {
+                OperatorError::DataFusion(DataFusionError::Execution(e.to_string()))
+            }
+        }
+    }
+}
+
 /// Result type of the operators crate.
 pub type Result<T, E = OperatorError> = std::result::Result<T, E>;
 

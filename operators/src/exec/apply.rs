@@ -135,7 +135,7 @@ impl ExecutionPlan for BalansApplyExec {
             match out {
                 Ok(()) | Err(OperatorError::Cancelled) => Ok(()),
                 Err(e) => {
-                    ctx.abort.cancel();
+                    ctx.abort.fail(&e);
                     Err(e.into())
                 }
             }

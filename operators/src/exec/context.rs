@@ -243,19 +243,42 @@ struct StageClock {
     done: u64,
 }
 
-/// Cancels a blocking computation when the future awaiting it is dropped.
+/// Cancels a blocking computation when the future awaiting it is dropped, or when another
+/// task of the pass failed (then it keeps that first failure, so every task reports the
+/// cause instead of "cancelled", whichever error reaches the caller first).
 #[derive(Debug, Default, Clone)]
-pub struct CancelFlag(Arc<AtomicBool>);
+pub struct CancelFlag {
+    cancelled: Arc<AtomicBool>,
+    cause: Arc<OnceLock<OperatorError>>,
+}
 
 impl CancelFlag {
     /// Whether cancellation was asked for.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// Asks for cancellation.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed)
+        self.cancelled.store(true, Ordering::Release)
+    }
+
+    /// A task failed with `error`: keeps it as the cause (the first failure wins; a
+    /// cancellation is no cause) and cancels the other tasks.
+    pub fn fail(&self, error: &OperatorError) {
+        if !matches!(error, OperatorError::Cancelled) {
+            let _ = self.cause.set(error.replay());
+        }
+        self.cancel();
+    }
+
+    /// `error`, or the failure that cancelled the pass when `error` is only the cancellation
+    /// it caused.
+    pub fn explain(&self, error: OperatorError) -> OperatorError {
+        match (error, self.cause.get()) {
+            (OperatorError::Cancelled, Some(cause)) => cause.replay(),
+            (error, _) => error,
+        }
     }
 
     /// `Err(Cancelled)` once cancelled.
@@ -673,4 +696,39 @@ pub fn human_bytes(b: usize) -> String {
         u += 1;
     }
     format!("{v:.1} {}", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_task_reports_the_failure_that_cancelled_it() {
+        let flag = CancelFlag::default();
+        assert!(matches!(
+            flag.explain(OperatorError::Cancelled),
+            OperatorError::Cancelled
+        ));
+        flag.fail(&OperatorError::Cancelled);
+        assert!(flag.is_cancelled());
+        assert!(matches!(
+            flag.explain(OperatorError::Cancelled),
+            OperatorError::Cancelled
+        ));
+        let other = flag.clone();
+        other.fail(&OperatorError::MemoryLimit(
+            "the landmark sample needs 3 MB".into(),
+        ));
+        other.fail(&OperatorError::BadInput("a later failure".into()));
+        let reported = flag.explain(OperatorError::Cancelled);
+        assert!(
+            matches!(&reported, OperatorError::MemoryLimit(m) if m.contains("3 MB")),
+            "{reported}"
+        );
+        // A task's own failure is kept as it is.
+        assert!(matches!(
+            flag.explain(OperatorError::BadInput("own".into())),
+            OperatorError::BadInput(m) if m == "own"
+        ));
+    }
 }

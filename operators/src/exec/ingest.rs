@@ -132,8 +132,8 @@ impl ExecutionPlan for BalansIngestExec {
             let rows = run_blocking(flag, move || {
                 ctx.stage_begin(INGEST_STAGE, ctx.partitions + 1, None);
                 let out = spool_partition(&ctx, partition, input, &handle);
-                if out.is_err() {
-                    ctx.abort.cancel();
+                if let Err(e) = &out {
+                    ctx.abort.fail(e);
                 }
                 ctx.stage_end(INGEST_STAGE);
                 out

@@ -95,7 +95,7 @@ pub async fn run_blocking<T: Send + 'static>(
         .await
         .map_err(|e| OperatorError::InvalidParameter(format!("a correction worker failed: {e}")))?;
     guard.disarm();
-    out
+    out.map_err(|e| flag.explain(e))
 }
 
 /// A step that runs once per input partition.
@@ -256,8 +256,8 @@ impl<S: PartitionStep> ExecutionPlan for PartitionStepExec<S> {
                 ctx.stage_begin(step.stage(), participants, None);
                 let cancel = ctx.abort.clone();
                 let out = step.run(&ctx, partition, &cancel);
-                if out.is_err() {
-                    ctx.abort.cancel();
+                if let Err(e) = &out {
+                    ctx.abort.fail(e);
                 }
                 ctx.stage_end(step.stage());
                 out
@@ -388,8 +388,8 @@ impl<G: GlobalStep> ExecutionPlan for GlobalStepExec<G> {
                             ctx.stage_begin(step.stage(), 1, None);
                             let cancel = ctx.abort.clone();
                             let out = step.merge(&ctx, partials, &cancel);
-                            if out.is_err() {
-                                ctx.abort.cancel();
+                            if let Err(e) = &out {
+                                ctx.abort.fail(e);
                             }
                             ctx.stage_end(step.stage());
                             out
