@@ -2,10 +2,10 @@
 //!
 //! Import: `obj.__arrow_c_stream__()` gives a capsule named `arrow_array_stream` holding an
 //! `FFI_ArrowArrayStream`; its batches are read into Rust without copying buffers (they stay
-//! owned by the producer and are released through the C interface). View and large string
-//! types (polars) and dictionary-encoded columns (pandas categoricals) are cast to plain
-//! types, the other columns pass through untouched. Export: [`ArrowStream`] implements
-//! `__arrow_c_stream__`, so `pyarrow.table(obj)` takes the batches over without copying.
+//! owned by the producer and are released through the C interface). View types (polars) and
+//! dictionary-encoded columns (pandas categoricals) are cast to plain types, the other columns
+//! pass through untouched. Export: [`ArrowStream`] implements `__arrow_c_stream__`, so
+//! `pyarrow.table(obj)` takes the batches over without copying.
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -48,8 +48,8 @@ pub fn import_stream(obj: &Bound<'_, PyAny>) -> PyResult<(SchemaRef, Vec<RecordB
 /// The type a column is cast to on import, if any.
 fn plain_type(data_type: &DataType) -> Option<DataType> {
     match data_type {
-        DataType::Utf8View | DataType::LargeUtf8 => Some(DataType::Utf8),
-        DataType::BinaryView | DataType::LargeBinary => Some(DataType::Binary),
+        DataType::Utf8View => Some(DataType::Utf8),
+        DataType::BinaryView => Some(DataType::Binary),
         DataType::Dictionary(_, value) => Some(plain_type(value).unwrap_or((**value).clone())),
         _ => None,
     }

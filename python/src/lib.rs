@@ -32,7 +32,7 @@ use balans_operators::kernels::preprocess::Normalization;
 use balans_operators::{
     Anchor, BalansConfig, ElbowRule, Estimator, NanPolicy, OutputSpace, SpheringMethod, Variant,
 };
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{RecordBatch, RecordBatchReader};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::datasource::MemTable;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -76,6 +76,14 @@ impl Input {
             data.get_type().name()?
         ))
         .into())
+    }
+
+    /// How the input is named in metadata and reports: its location, or `<memory>`.
+    fn name(&self) -> String {
+        match self {
+            Input::Location(location) => location.clone(),
+            Input::Memory(..) => "<memory>".to_string(),
+        }
     }
 
     /// The location the engine can open: for in-memory batches an Arrow IPC file written
@@ -364,6 +372,7 @@ fn correct(
     let input = Input::from_py(data)?;
     let queue = Arc::new(EventQueue::default());
     let sink = queue.clone();
+    let events = queue.clone();
     let (schema, batches) = run_job(py, queue, callback, async move {
         let ctx = build_session(&settings)?;
         if auto {
@@ -377,10 +386,7 @@ fn correct(
             balans_engine::auto::run_correct_auto(&ctx, &request, true).await?;
             return read_parquet(&request.output);
         }
-        let label = match &input {
-            Input::Location(location) => location.clone(),
-            Input::Memory(..) => "<memory>".to_string(),
-        };
+        let label = input.name();
         let table = input.register(&ctx, MEMORY_TABLE, &request.source).await?;
         let request = CorrectRequest {
             input: label,
@@ -391,6 +397,18 @@ fn correct(
         let batches: Vec<RecordBatch> = corrected.stream.try_collect().await?;
         Ok((schema.clone(), rebind(batches, &schema)?))
     })?;
+    // The run summary the CLI prints (and writes with --summary-json), as JSON metadata.
+    let (schema, batches) = match events
+        .summary()
+        .and_then(|summary| serde_json::to_string(&summary).ok())
+    {
+        Some(json) => {
+            let schema = with_metadata(&schema, vec![("balans.summary".to_string(), json)]);
+            let batches = rebind(batches, &schema)?;
+            (schema, batches)
+        }
+        None => (schema, batches),
+    };
     Ok(ArrowStream::new(schema, batches))
 }
 
@@ -473,7 +491,8 @@ fn evaluate(
         };
         let ctx = build_session(&settings)?;
         let on_step = Arc::new(move |step: &str| steps.push(Event::Step(step.to_string())));
-        let (loaded, evaluation) = run_evaluate(&ctx, &request, "profiles", on_step).await?;
+        let (loaded, mut evaluation) = run_evaluate(&ctx, &request, "profiles", on_step).await?;
+        evaluation.input = input.name();
         if let Some(path) = &report {
             let html = render_report(
                 &[("value", &loaded, &evaluation)],

@@ -89,8 +89,10 @@ def test_model_for_other_features(cli: Path, tmp_path: Path, bbbc021: pa.Table) 
         cli, "correct", "-i", str(path), "-b", "Metadata_Batch", "-o",
         str(tmp_path / "o.parquet"), "--method", "embed", "--model", str(model),
     )
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError):
         balans.correct(renamed, "Metadata_Batch", "embed", model=model, progress=False)
+    with pytest.raises(ValueError) as err:
+        balans.correct(path, "Metadata_Batch", "embed", model=model, progress=False)
     assert str(err.value) == message
     assert features[0] in message or "feature" in message
     assert not (tmp_path / "o.parquet").exists()

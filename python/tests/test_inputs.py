@@ -10,6 +10,13 @@ import balans
 from conftest import BBBC021, NEGCON, same_values
 
 
+def plain_strings(table: pa.Table) -> pa.Table:
+    schema = pa.schema(
+        [f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema]
+    )
+    return table.cast(schema).replace_schema_metadata(None)
+
+
 @pytest.mark.parametrize("method", ["balans", "combat"])
 def test_every_input_kind_gives_the_same_table(bbbc021: pa.Table, method: str) -> None:
     import pandas as pd
@@ -27,8 +34,9 @@ def test_every_input_kind_gives_the_same_table(bbbc021: pa.Table, method: str) -
     for kind, data in inputs.items():
         got = balans.correct(data, ["Metadata_Batch"], method, progress=False)
         assert got.schema.metadata[b"balans.method"] == method.encode(), kind
-        got = got.replace_schema_metadata(None)
-        same_values(got, reference.replace_schema_metadata(None))
+        # String columns come back in the input's string type (pandas: string; a Parquet file
+        # written by pyarrow: large_string; polars' views: string); the values are the same.
+        same_values(plain_strings(got), plain_strings(reference))
 
 
 def test_pandas_index_is_not_a_feature(bbbc021: pa.Table) -> None:
