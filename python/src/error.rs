@@ -40,10 +40,16 @@ impl From<datafusion::error::DataFusionError> for Error {
 }
 
 impl From<Error> for PyErr {
-    /// Bad input and invalid arguments become `ValueError` with the CLI's message, I/O
+    /// Bad input, invalid arguments and planning errors become `ValueError` with the CLI's
+    /// message, I/O
     /// problems `OSError`, Ctrl-C `KeyboardInterrupt`, anything else `RuntimeError`.
     fn from(e: Error) -> PyErr {
         let message = e.to_string();
+        if let Error::Engine(BalansError::DataFusion(df)) = &e
+            && is_user_error(df.find_root())
+        {
+            return PyValueError::new_err(message);
+        }
         match e {
             Error::Engine(BalansError::BadInput(_) | BalansError::InvalidArgument(_))
             | Error::InvalidArgument(_) => PyValueError::new_err(message),
@@ -54,6 +60,13 @@ impl From<Error> for PyErr {
             _ => PyRuntimeError::new_err(message),
         }
     }
+}
+
+/// Planning, SQL and schema errors come from the user's request (an unknown column, a model
+/// for other features, a bad predicate), not from the engine.
+fn is_user_error(e: &datafusion::error::DataFusionError) -> bool {
+    use datafusion::error::DataFusionError as E;
+    matches!(e, E::Plan(_) | E::SQL(..) | E::SchemaError(..))
 }
 
 /// Result type of the bindings.

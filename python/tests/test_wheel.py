@@ -30,7 +30,8 @@ def test_wheel_imports_in_a_fresh_venv(tmp_path: Path) -> None:
         [
             str(python), "-c",
             "import balans, pyarrow as pa; "
-            "t = pa.table({'Metadata_Batch': ['a', 'b'] * 20, 'f': [float(i % 7) for i in range(40)]}); "
+            "t = pa.table({'Metadata_Batch': ['a', 'b'] * 20, 'f': [float(i % 7) for i in range(40)], "
+            "'g': [float(i % 5) for i in range(40)]}); "
             "out = balans.correct(t, 'Metadata_Batch', 'combat', progress=False); "
             "print(balans.__version__, out.num_rows)",
         ],
