@@ -122,8 +122,10 @@ impl ArrowStream {
             .map_err(|_| Error::invalid("the result stream is poisoned"))?
             .take()
             .ok_or_else(|| Error::invalid("the result stream was already consumed"))?;
-        let reader: Box<dyn RecordBatchReader + Send> =
-            Box::new(RecordBatchIterator::new(batches.into_iter().map(Ok), schema));
+        let reader: Box<dyn RecordBatchReader + Send> = Box::new(RecordBatchIterator::new(
+            batches.into_iter().map(Ok),
+            schema,
+        ));
         PyCapsule::new_with_value(py, FFI_ArrowArrayStream::new(reader), STREAM_CAPSULE)
     }
 }

@@ -116,9 +116,7 @@ impl Input {
         source: &SourceOptions,
     ) -> Result<ProfileTable> {
         match self {
-            Input::Location(location) => {
-                Ok(register_profiles(ctx, &location, name, source).await?)
-            }
+            Input::Location(location) => Ok(register_profiles(ctx, &location, name, source).await?),
             Input::Memory(schema, batches) => {
                 if batches.iter().all(|b| b.num_rows() == 0) {
                     return Err(balans_engine::BalansError::BadInput(
@@ -193,9 +191,7 @@ fn with_metadata(schema: &SchemaRef, metadata: Vec<(String, String)>) -> SchemaR
 fn rebind(batches: Vec<RecordBatch>, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
     batches
         .into_iter()
-        .map(|b| {
-            RecordBatch::try_new(schema.clone(), b.columns().to_vec()).map_err(Error::from)
-        })
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()).map_err(Error::from))
         .collect()
 }
 
@@ -329,9 +325,10 @@ fn correct(
         Some("auto")
     );
     if auto && options.peek_text("iterations")?.is_some() {
-        return Err(
-            Error::invalid("--strength auto chooses the passes too: leave out --iterations").into(),
-        );
+        return Err(Error::invalid(
+            "--strength auto chooses the passes too: leave out --iterations",
+        )
+        .into());
     }
     let config = correct_config(&options, method)?;
     let model: Option<PathBuf> = options.get("model")?;
@@ -494,10 +491,7 @@ fn evaluate(
         let (loaded, mut evaluation) = run_evaluate(&ctx, &request, "profiles", on_step).await?;
         evaluation.input = input.name();
         if let Some(path) = &report {
-            let html = render_report(
-                &[("value", &loaded, &evaluation)],
-                request.options.seed,
-            )?;
+            let html = render_report(&[("value", &loaded, &evaluation)], request.options.seed)?;
             write_bytes_atomic(path, html.as_bytes())?;
         }
         serde_json::to_string(&evaluation).map_err(|e| Error::invalid(e.to_string()))
@@ -613,8 +607,7 @@ fn preprocess(
         let log = move |line: &str| steps.push(Event::Step(line.to_string()));
         let outcome = run_preprocess(&ctx, &request, &log).await?;
         let (schema, batches) = read_parquet(&request.output)?;
-        let outcome =
-            serde_json::to_string(&outcome).map_err(|e| Error::invalid(e.to_string()))?;
+        let outcome = serde_json::to_string(&outcome).map_err(|e| Error::invalid(e.to_string()))?;
         Ok((schema, batches, outcome))
     })?;
     Ok((ArrowStream::new(schema, batches), outcome))
@@ -663,7 +656,9 @@ fn train(
         .text("device")?
         .unwrap_or_else(|| "cpu".into())
         .parse()
-        .map_err(|e: balans_learned::LearnedError| Error::from(balans_engine::BalansError::from(e)))?;
+        .map_err(|e: balans_learned::LearnedError| {
+            Error::from(balans_engine::BalansError::from(e))
+        })?;
     let source = source_options(&options)?;
     let request = TrainRequest {
         input: String::new(),

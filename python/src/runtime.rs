@@ -134,7 +134,13 @@ where
         let interrupted = callback
             .as_ref()
             .map_or(Ok(()), |cb| deliver(py, &queue, cb))
-            .and_then(|()| if polled.is_none() { py.check_signals() } else { Ok(()) });
+            .and_then(|()| {
+                if polled.is_none() {
+                    py.check_signals()
+                } else {
+                    Ok(())
+                }
+            });
         match (polled, interrupted) {
             (Some(done), Ok(())) => break Ok(done),
             (_, Err(e)) => {
@@ -151,9 +157,7 @@ where
     py.detach(|| runtime.shutdown_timeout(SHUTDOWN));
     match outcome? {
         Ok(result) => Ok(result?),
-        Err(join) if join.is_panic() => {
-            Err(Error::Panic(panic_message(join.into_panic())).into())
-        }
+        Err(join) if join.is_panic() => Err(Error::Panic(panic_message(join.into_panic())).into()),
         Err(_) => Err(Error::Interrupted.into()),
     }
 }
