@@ -91,7 +91,7 @@ impl ProgressSink for EventQueue {
 }
 
 /// Hands pending events to `callback(kind, text, number)`.
-fn deliver(py: Python<'_>, queue: &EventQueue, callback: &Bound<'_, PyAny>) -> PyResult<()> {
+fn deliver(queue: &EventQueue, callback: &Bound<'_, PyAny>) -> PyResult<()> {
     for event in queue.drain() {
         let (kind, text, number): (&str, Option<String>, Option<u64>) = match event {
             Event::Started(stage, total) => ("start", Some(stage), total),
@@ -102,7 +102,6 @@ fn deliver(py: Python<'_>, queue: &EventQueue, callback: &Bound<'_, PyAny>) -> P
         };
         callback.call1((kind, text, number))?;
     }
-    let _ = py;
     Ok(())
 }
 
@@ -133,7 +132,7 @@ where
         });
         let interrupted = callback
             .as_ref()
-            .map_or(Ok(()), |cb| deliver(py, &queue, cb))
+            .map_or(Ok(()), |cb| deliver(&queue, cb))
             .and_then(|()| {
                 if polled.is_none() {
                     py.check_signals()
