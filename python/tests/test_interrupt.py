@@ -60,3 +60,31 @@ def test_sigint_cancels_the_job_and_removes_its_files(tmp_path: Path) -> None:
     # The interpreter is usable afterwards and a new job runs normally.
     out = balans.correct(table.slice(0, 2000), "Metadata_Batch", "combat", progress=False)
     assert out.num_rows == 2000
+
+
+def test_the_gil_is_released_while_the_engine_runs() -> None:
+    table = synthetic(200_000, 20, 4)
+    ticks = 0
+    running = threading.Event()
+    done = threading.Event()
+
+    def count() -> None:
+        nonlocal ticks
+        running.set()
+        while not done.is_set():
+            ticks += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    running.wait()
+    started = time.monotonic()
+    before = ticks
+    balans.correct(table, "Metadata_Batch", "combat", progress=False)
+    during = ticks - before
+    elapsed = time.monotonic() - started
+    done.set()
+    counter.join()
+    # A Python thread kept running during the call: with the GIL held by the engine it would
+    # only run in the short windows between progress polls.
+    assert elapsed > 0.2, elapsed
+    assert during > 100_000 * elapsed, (during, elapsed)
