@@ -2,7 +2,7 @@
 
 from typing import Any, Callable, Optional
 
-from types import CapsuleType  # Python 3.13; a plain object before
+from typing_extensions import CapsuleType
 
 __version__: str
 
