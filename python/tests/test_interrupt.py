@@ -79,7 +79,7 @@ def test_the_gil_is_released_while_the_engine_runs() -> None:
     running.wait()
     started = time.monotonic()
     before = ticks
-    balans.correct(table, "Metadata_Batch", "combat", progress=False)
+    balans.correct(table, "Metadata_Batch", progress=False)
     during = ticks - before
     elapsed = time.monotonic() - started
     done.set()
