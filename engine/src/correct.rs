@@ -7,6 +7,7 @@ use std::sync::Arc;
 use balans_operators::exec::BalansSpec;
 use balans_operators::{BalansConfig, Method, ProgressSink};
 use balans_planner::{FIT_MASK_COLUMN, balans_plan};
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 
@@ -73,8 +74,44 @@ pub async fn run_correct(
     )?;
     let table = register_profiles(ctx, &request.input, "profiles", &request.source).await?;
     check_output(&request.output, request.overwrite, &table.files)?;
+    let corrected = correct_stream(ctx, &table, request, progress).await?;
+    let written = write_parquet_atomic(corrected.stream, &request.output, corrected.metadata)
+        .await
+        .map_err(unwrap_operator_error)?;
+    Ok(CorrectOutcome {
+        table,
+        roles: corrected.roles,
+        written,
+    })
+}
+
+/// A planned correction whose output has not been consumed yet (see [`correct_stream`]).
+pub struct CorrectStream {
+    /// The corrected rows, in input order; operator errors arrive wrapped by DataFusion
+    /// (pass them through [`unwrap_operator_error`]).
+    pub stream: SendableRecordBatchStream,
+    /// The column roles used.
+    pub roles: ColumnRoles,
+    /// The key-value metadata `run_correct` writes into the Parquet footer.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Plans the correction of `request` over `table`, a table already registered in `ctx`
+/// (by [`register_profiles`] or as an in-memory table), and returns the output as a stream.
+/// `request.output` and `request.overwrite` are not used; `request.input` only names the
+/// input in the metadata. Dropping the stream cancels the job.
+pub async fn correct_stream(
+    ctx: &SessionContext,
+    table: &ProfileTable,
+    request: &CorrectRequest,
+    progress: Arc<dyn ProgressSink>,
+) -> Result<CorrectStream> {
+    request
+        .config
+        .validate()
+        .map_err(|e| BalansError::InvalidArgument(e.to_string()))?;
     let roles = resolve_columns(&table.schema, &request.selection, &request.batch)?;
-    let mut df = ctx.table("profiles").await?;
+    let mut df = ctx.table(table.table_name.as_str()).await?;
     let mut spec = BalansSpec::new(
         roles.features.clone(),
         roles.batch.clone(),
@@ -122,7 +159,7 @@ pub async fn run_correct(
         .await
         .map_err(map_planning_error)?;
     let stream = execute_stream(physical, ctx.task_ctx())?;
-    let metadata = vec![
+    let metadata: Vec<(String, String)> = vec![
         (
             "balans.method".to_string(),
             match &request.model {
@@ -151,13 +188,10 @@ pub async fn run_correct(
             .map(|dir| ("balans.model".to_string(), dir.display().to_string())),
     )
     .collect();
-    let written = write_parquet_atomic(stream, &request.output, metadata)
-        .await
-        .map_err(unwrap_operator_error)?;
-    Ok(CorrectOutcome {
-        table,
+    Ok(CorrectStream {
+        stream,
         roles,
-        written,
+        metadata,
     })
 }
 
@@ -189,5 +223,86 @@ pub fn unwrap_operator_error(e: BalansError) -> BalansError {
     match &e {
         BalansError::DataFusion(df) => find(df).unwrap_or(e),
         _ => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use super::*;
+    use crate::session::{SessionSettings, build_session};
+    use crate::source::TableFormat;
+    use balans_operators::NoProgress;
+    use datafusion::datasource::MemTable;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use futures::TryStreamExt;
+
+    fn bbbc021() -> String {
+        format!(
+            "{}/../examples/data/bbbc021.parquet",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }
+
+    #[tokio::test]
+    async fn in_memory_table_corrects_like_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = CorrectRequest {
+            input: bbbc021(),
+            output: dir.path().join("out.parquet"),
+            batch: vec!["Metadata_Batch".into()],
+            selection: FeatureSelection::default(),
+            config: BalansConfig::default(),
+            overwrite: false,
+            source: SourceOptions::default(),
+            negcon: None,
+            anchor_label: None,
+            model: None,
+        };
+        let ctx = build_session(&SessionSettings::default()).unwrap();
+        run_correct(&ctx, &request, Arc::new(NoProgress))
+            .await
+            .unwrap();
+        let from_file: Vec<_> =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&request.output).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .collect::<std::result::Result<_, _>>()
+                .unwrap();
+
+        let input: Vec<_> =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(bbbc021()).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .collect::<std::result::Result<_, _>>()
+                .unwrap();
+        let schema = input[0].schema();
+        let ctx = build_session(&SessionSettings::default()).unwrap();
+        ctx.register_table(
+            "memory",
+            Arc::new(MemTable::try_new(schema.clone(), vec![input]).unwrap()),
+        )
+        .unwrap();
+        let table = ProfileTable {
+            table_name: "memory".into(),
+            location: "<memory>".into(),
+            format: TableFormat::ArrowIpc,
+            files: Vec::new(),
+            schema,
+        };
+        let corrected = correct_stream(&ctx, &table, &request, Arc::new(NoProgress))
+            .await
+            .unwrap();
+        assert!(corrected.metadata.iter().any(|(k, _)| k == "balans.seed"));
+        let batches: Vec<_> = corrected.stream.try_collect().await.unwrap();
+        let concat = |b: &[datafusion::arrow::array::RecordBatch]| {
+            datafusion::arrow::compute::concat_batches(&b[0].schema(), b).unwrap()
+        };
+        let (a, b) = (concat(&from_file), concat(&batches));
+        assert_eq!(a.num_rows(), b.num_rows());
+        assert_eq!(a.columns(), b.columns());
     }
 }
