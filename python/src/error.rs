@@ -39,6 +39,12 @@ impl From<datafusion::error::DataFusionError> for Error {
     }
 }
 
+impl From<balans_planner::PlannerError> for Error {
+    fn from(e: balans_planner::PlannerError) -> Self {
+        Error::Engine(BalansError::from(e))
+    }
+}
+
 impl From<Error> for PyErr {
     /// Bad input, invalid arguments and planning errors become `ValueError` with the CLI's
     /// message, I/O

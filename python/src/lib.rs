@@ -243,7 +243,7 @@ fn correct_config(options: &Options<'_>, method: usize) -> PyResult<BalansConfig
         tau: options.get("tau")?.unwrap_or(base.tau),
         block: options.get("block")?.unwrap_or(base.block),
         pca: match options.text("pca")? {
-            Some(text) => balans_engine::parameters::pca_setting(&text).map_err(Error::from)?,
+            Some(text) => balans_planner::parameters::pca_setting(&text).map_err(Error::from)?,
             None => base.pca,
         },
         elbow: match options.choice(
