@@ -44,8 +44,16 @@ def test_sigint_cancels_the_job_and_removes_its_files(tmp_path: Path) -> None:
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
+            # A slow sampling setting (as the CLI's interrupt test uses), so the job is
+            # still running when the signal comes, however fast the machine.
             balans.correct(
-                table, "Metadata_Batch", memory_limit="200MB", temp_dir=temp_dir, progress=False
+                table,
+                "Metadata_Batch",
+                memory_limit="200MB",
+                temp_dir=temp_dir,
+                progress=False,
+                tau=100000,
+                block=5,
             )
     finally:
         timer.cancel()
