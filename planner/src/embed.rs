@@ -13,13 +13,15 @@ use balans_learned::Embedder;
 use balans_operators::exec::embed::{EmbedExec, describe, layout, load_model, output_schema};
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef};
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
     Expr, Extension, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
+
+use crate::inputs::{physical_input, single_input};
 
 /// `Embed: model=<dir>, features=<d>, width=<k>` over its input.
 #[derive(Debug, Clone)]
@@ -88,17 +90,8 @@ impl UserDefinedLogicalNodeCore for EmbedNode {
         write!(f, "Embed: {}", describe(&self.model_dir, &self.model))
     }
 
-    fn with_exprs_and_inputs(
-        &self,
-        exprs: Vec<Expr>,
-        mut inputs: Vec<LogicalPlan>,
-    ) -> Result<Self> {
-        if !exprs.is_empty() || inputs.len() != 1 {
-            return Err(DataFusionError::Internal(
-                "Embed takes one input and no expressions".into(),
-            ));
-        }
-        Self::try_new(inputs.swap_remove(0), &self.model_dir)
+    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, inputs: Vec<LogicalPlan>) -> Result<Self> {
+        Self::try_new(single_input("Embed", exprs, inputs)?, &self.model_dir)
     }
 }
 
@@ -127,9 +120,7 @@ impl ExtensionPlanner for EmbedExtensionPlanner {
         let Some(node) = node.as_any().downcast_ref::<EmbedNode>() else {
             return Ok(None);
         };
-        let input = physical_inputs
-            .first()
-            .ok_or_else(|| DataFusionError::Internal("Embed without input".into()))?;
+        let input = physical_input("Embed", physical_inputs)?;
         Ok(Some(Arc::new(EmbedExec::try_new(
             input.clone(),
             node.model_dir.clone(),

@@ -13,7 +13,7 @@ use balans_operators::exec::evaluate::{EvaluateExec, EvaluateSpec, SCORE_SCHEMA,
 use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef};
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
@@ -22,6 +22,8 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use datafusion::prelude::{ident, lit};
+
+use crate::inputs::{physical_input, single_input};
 
 /// Default plate column, used when present and none is named.
 pub const DEFAULT_PLATE_COLUMN: &str = "Metadata_Plate";
@@ -135,17 +137,8 @@ impl UserDefinedLogicalNodeCore for EvaluateNode {
         write!(f, "Evaluate: {}", describe(&self.spec))
     }
 
-    fn with_exprs_and_inputs(
-        &self,
-        exprs: Vec<Expr>,
-        mut inputs: Vec<LogicalPlan>,
-    ) -> Result<Self> {
-        if !exprs.is_empty() || inputs.len() != 1 {
-            return Err(DataFusionError::Internal(
-                "Evaluate takes one input and no expressions".into(),
-            ));
-        }
-        Self::try_new(inputs.swap_remove(0), self.spec.clone())
+    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, inputs: Vec<LogicalPlan>) -> Result<Self> {
+        Self::try_new(single_input("Evaluate", exprs, inputs)?, self.spec.clone())
     }
 }
 
@@ -167,9 +160,7 @@ impl ExtensionPlanner for EvaluateExtensionPlanner {
         let Some(node) = node.as_any().downcast_ref::<EvaluateNode>() else {
             return Ok(None);
         };
-        let input = physical_inputs
-            .first()
-            .ok_or_else(|| DataFusionError::Internal("Evaluate without input".into()))?;
+        let input = physical_input("Evaluate", physical_inputs)?;
         Ok(Some(Arc::new(EvaluateExec::new(
             input.clone(),
             node.spec.clone(),

@@ -20,6 +20,7 @@ pub mod columns;
 pub mod embed;
 pub mod error;
 pub mod evaluate;
+pub mod inputs;
 pub mod node;
 pub mod parameters;
 pub mod physical;

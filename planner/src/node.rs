@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use balans_operators::{BalansSpec, exec::balans_output_schema};
 use datafusion::common::{DFSchema, DFSchemaRef};
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, Extension, LogicalPlan, UserDefinedLogicalNodeCore};
+
+use crate::inputs::single_input;
 
 /// Column a plan adds to carry a `negcon` predicate's value (true for the rows a sphering or
 /// negcon-anchored correction is fitted on) to the operator.
@@ -97,17 +99,8 @@ impl UserDefinedLogicalNodeCore for BalansNode {
         )
     }
 
-    fn with_exprs_and_inputs(
-        &self,
-        exprs: Vec<Expr>,
-        mut inputs: Vec<LogicalPlan>,
-    ) -> Result<Self> {
-        if !exprs.is_empty() || inputs.len() != 1 {
-            return Err(DataFusionError::Internal(
-                "Balans takes one input and no expressions".into(),
-            ));
-        }
-        Self::try_new(inputs.swap_remove(0), self.spec.clone())
+    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, inputs: Vec<LogicalPlan>) -> Result<Self> {
+        Self::try_new(single_input("Balans", exprs, inputs)?, self.spec.clone())
     }
 }
 

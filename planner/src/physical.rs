@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use balans_operators::exec::correction_node;
 use datafusion::catalog::Session;
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
@@ -16,6 +16,7 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, Phy
 
 use crate::embed::EmbedExtensionPlanner;
 use crate::evaluate::EvaluateExtensionPlanner;
+use crate::inputs::physical_input;
 use crate::node::BalansNode;
 use crate::preprocess::PreprocessExtensionPlanner;
 
@@ -37,9 +38,7 @@ impl ExtensionPlanner for BalansExtensionPlanner {
         let Some(balans) = node.as_any().downcast_ref::<BalansNode>() else {
             return Ok(None);
         };
-        let input = physical_inputs
-            .first()
-            .ok_or_else(|| DataFusionError::Internal("Balans without input".into()))?;
+        let input = physical_input("Balans", physical_inputs)?;
         Ok(Some(correction_node(input.clone(), balans.spec().clone())?))
     }
 }
