@@ -43,6 +43,9 @@ def test_sigint_cancels_the_job_and_removes_its_files(tmp_path: Path) -> None:
                 os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.02)
 
+    # Python's own Ctrl-C handler, even where the test runner inherited SIGINT as ignored (a
+    # shell starts background commands so, and Python then installs no handler).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -55,6 +58,7 @@ def test_sigint_cancels_the_job_and_removes_its_files(tmp_path: Path) -> None:
     finally:
         stop.set()
         watcher.join()
+        signal.signal(signal.SIGINT, previous)
     # Cancelled soon after the signal, not after the job would have finished.
     assert signalled, "the job never wrote a working file"
     elapsed = time.monotonic() - signalled[0]
