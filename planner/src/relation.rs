@@ -288,12 +288,10 @@ impl RelationPlanner for CorrectionRelationPlanner {
         };
         let negcon = take_named(&mut named, "negcon");
         if function == "preprocess" {
-            let Some(runner) = &self.preprocess else {
-                return plan_err!(
-                    "preprocess(...) needs a session from balans_engine::session::build_session"
-                );
-            };
-            let Some(state) = self.session.get().and_then(|state| state()) else {
+            let (Some(runner), Some(state)) = (
+                &self.preprocess,
+                self.session.get().and_then(|state| state()),
+            ) else {
                 return plan_err!(
                     "preprocess(...) needs a session from balans_engine::session::build_session"
                 );

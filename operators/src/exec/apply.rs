@@ -22,10 +22,11 @@ use datafusion::physical_plan::{
 
 use crate::config::{Method, OutputSpace};
 use crate::error::{OperatorError, Result};
+use crate::exec::common::{plan_properties, single_child};
 use crate::exec::context::PassContext;
 use crate::exec::smooth::output_rows;
 use crate::exec::spec::COVERED_COLUMN;
-use crate::exec::step::{collect_partition, plan_properties, single_child};
+use crate::exec::step::collect_partition;
 
 /// Stage name of the write step.
 pub const WRITE_STAGE: &str = "write";

@@ -15,7 +15,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::StreamExt;
 
-use crate::exec::step::{plan_properties, single_child};
+use crate::exec::common::{plan_properties, single_child};
 
 /// Concatenates its input's partitions in order (see the module docs).
 #[derive(Debug)]

@@ -24,10 +24,9 @@ use futures::StreamExt;
 
 use crate::config::NanPolicy;
 use crate::error::{OperatorError, Result};
+use crate::exec::common::{plan_properties, single_child};
 use crate::exec::context::{CancelFlag, PassContext, SpoolPartition};
-use crate::exec::step::{
-    partial_batch, partial_schema, plan_properties, run_blocking, single_child,
-};
+use crate::exec::step::{partial_batch, partial_schema, run_blocking};
 use crate::io::mmap_ipc::{BatchWriter, MatrixWriter};
 
 /// Stage name of the ingest (and of the profile step that closes it).

@@ -28,7 +28,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::OnceCell;
 
 use crate::error::{OperatorError, Result};
-pub use crate::exec::common::{plan_properties, single_child};
+use crate::exec::common::{plan_properties, single_child};
 use crate::exec::context::{CancelFlag, PassContext};
 
 /// Schema of the partial batches of per-partition steps: the partition, its rows and an
