@@ -8,6 +8,7 @@ use balans_operators::exec::BalansSpec;
 use balans_operators::{BalansConfig, Method, ProgressSink};
 use balans_planner::{FIT_MASK_COLUMN, balans_plan};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 
@@ -106,6 +107,57 @@ pub async fn correct_stream(
     request: &CorrectRequest,
     progress: Arc<dyn ProgressSink>,
 ) -> Result<CorrectStream> {
+    let (plan, roles) = correct_plan(ctx, table, request, progress).await?;
+    let physical = ctx
+        .state()
+        .create_physical_plan(&plan)
+        .await
+        .map_err(map_planning_error)?;
+    let stream = execute_stream(physical, ctx.task_ctx())?;
+    let metadata: Vec<(String, String)> = vec![
+        (
+            "balans.method".to_string(),
+            match &request.model {
+                Some(_) => "embed".to_string(),
+                None => request.config.method.to_string(),
+            },
+        ),
+        (
+            "balans.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("balans.parameters".to_string(), request.config.describe()),
+        ("balans.seed".to_string(), request.config.seed.to_string()),
+        ("balans.batch".to_string(), roles.batch.join(",")),
+        (
+            "balans.features".to_string(),
+            roles.features.len().to_string(),
+        ),
+        ("balans.input".to_string(), request.input.clone()),
+    ]
+    .into_iter()
+    .chain(
+        request
+            .model
+            .iter()
+            .map(|dir| ("balans.model".to_string(), dir.display().to_string())),
+    )
+    .collect();
+    Ok(CorrectStream {
+        stream,
+        roles,
+        metadata,
+    })
+}
+
+/// The logical plan of `request` over `table` (registered in `ctx`): a `BalansNode` per pass
+/// (or an `EmbedNode`) over the table's scan, and the column roles it uses.
+pub async fn correct_plan(
+    ctx: &SessionContext,
+    table: &ProfileTable,
+    request: &CorrectRequest,
+    progress: Arc<dyn ProgressSink>,
+) -> Result<(LogicalPlan, ColumnRoles)> {
     request
         .config
         .validate()
@@ -153,46 +205,7 @@ pub async fn correct_stream(
             .map_err(map_planning_error)?,
         None => balans_plan(df.logical_plan().clone(), spec).map_err(map_planning_error)?,
     };
-    let physical = ctx
-        .state()
-        .create_physical_plan(&plan)
-        .await
-        .map_err(map_planning_error)?;
-    let stream = execute_stream(physical, ctx.task_ctx())?;
-    let metadata: Vec<(String, String)> = vec![
-        (
-            "balans.method".to_string(),
-            match &request.model {
-                Some(_) => "embed".to_string(),
-                None => request.config.method.to_string(),
-            },
-        ),
-        (
-            "balans.version".to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        ),
-        ("balans.parameters".to_string(), request.config.describe()),
-        ("balans.seed".to_string(), request.config.seed.to_string()),
-        ("balans.batch".to_string(), roles.batch.join(",")),
-        (
-            "balans.features".to_string(),
-            roles.features.len().to_string(),
-        ),
-        ("balans.input".to_string(), request.input.clone()),
-    ]
-    .into_iter()
-    .chain(
-        request
-            .model
-            .iter()
-            .map(|dir| ("balans.model".to_string(), dir.display().to_string())),
-    )
-    .collect();
-    Ok(CorrectStream {
-        stream,
-        roles,
-        metadata,
-    })
+    Ok((plan, roles))
 }
 
 fn map_planning_error(e: datafusion::error::DataFusionError) -> BalansError {

@@ -41,6 +41,9 @@ pub enum BalansError {
     /// An operating-system I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The cluster (scheduler or executors) could not be reached or failed the job.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// Training or applying a learned model failed.
     #[error(transparent)]
     Learned(balans_learned::LearnedError),
@@ -65,6 +68,16 @@ impl From<balans_planner::PlannerError> for BalansError {
             P::InvalidArgument(m) => BalansError::InvalidArgument(m),
             P::DataFusion(e) => BalansError::DataFusion(e),
             P::Arrow(e) => BalansError::Arrow(e),
+        }
+    }
+}
+
+impl BalansError {
+    /// This error as a DataFusion error (for callbacks that must return one), with `context`.
+    pub fn into_datafusion(self, context: &str) -> DataFusionError {
+        match self {
+            BalansError::DataFusion(e) => e,
+            other => DataFusionError::External(format!("{context}: {other}").into()),
         }
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod auto;
 pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod correct;
 pub mod error;
 pub mod evaluate;

@@ -4,9 +4,10 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{BalansError, Result};
@@ -48,7 +49,44 @@ impl Default for SessionSettings {
 /// Scans run as one partition so row order is the input's (files sorted by path, rows in file
 /// order); parallelism comes from the operators' own kernels.
 pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
-    let config = SessionConfig::new()
+    let (state, relations) = balans_state(session_config(settings), runtime_env(settings)?);
+    Ok(finish_context(
+        SessionContext::new_with_state(state),
+        relations,
+    ))
+}
+
+/// [`build_session`], or with `scheduler` (`df://HOST:PORT`) a session whose queries run on
+/// that cluster (`crate::cluster::connect`; needs the `cluster` feature).
+pub async fn open_session(
+    settings: &SessionSettings,
+    scheduler: Option<&str>,
+) -> Result<SessionContext> {
+    match scheduler {
+        None => build_session(settings),
+        #[cfg(feature = "cluster")]
+        Some(url) => crate::cluster::connect(url, settings).await,
+        #[cfg(not(feature = "cluster"))]
+        Some(_) => Err(BalansError::InvalidArgument(
+            "--scheduler needs a balans built with the `cluster` feature \
+             (cargo install --path engine --features cluster)"
+                .into(),
+        )),
+    }
+}
+
+/// The session configuration every Balans session starts from (see [`build_session`]).
+pub(crate) fn session_config(settings: &SessionSettings) -> SessionConfig {
+    session_config_from(SessionConfig::new(), settings)
+}
+
+/// [`session_config`]'s settings applied to `config` (a cluster session starts from
+/// Ballista's configuration).
+pub(crate) fn session_config_from(
+    config: SessionConfig,
+    settings: &SessionSettings,
+) -> SessionConfig {
+    config
         .with_target_partitions(1)
         .with_repartition_file_scans(false)
         .with_batch_size(settings.batch_size)
@@ -65,7 +103,12 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         .set_bool(
             "datafusion.execution.listing_table_ignore_subdirectory",
             false,
-        );
+        )
+}
+
+/// The runtime of a Balans session: the object-store registry (`s3://` and `http(s)://`
+/// stores made on first use), the memory pool and the working-file directory.
+pub(crate) fn runtime_env(settings: &SessionSettings) -> Result<Arc<RuntimeEnv>> {
     let mut runtime = RuntimeEnvBuilder::new().with_object_store_registry(Arc::new(
         BalansObjectStoreRegistry::new(settings.source.clone()),
     ));
@@ -85,22 +128,38 @@ pub fn build_session(settings: &SessionSettings) -> Result<SessionContext> {
         })?;
         runtime = runtime.with_temp_file_path(dir);
     }
+    Ok(runtime.build_arc()?)
+}
+
+/// A session state with the Balans query and relation planners, and the relation planner
+/// (to be bound to its context by [`finish_context`]).
+pub(crate) fn balans_state(
+    config: SessionConfig,
+    runtime: Arc<RuntimeEnv>,
+) -> (SessionState, Arc<CorrectionRelationPlanner>) {
     let relations = Arc::new(CorrectionRelationPlanner::with_preprocess(Arc::new(
         PreprocessJob,
     )));
     let state = SessionStateBuilder::new()
         .with_config(config)
-        .with_runtime_env(runtime.build_arc()?)
+        .with_runtime_env(runtime)
         .with_default_features()
         .with_query_planner(Arc::new(BalansQueryPlanner))
         .with_relation_planners(vec![relations.clone()])
         .build();
-    let ctx = SessionContext::new_with_state(state);
+    (state, relations)
+}
+
+/// Binds `relations` to `ctx` and registers the SQL functions.
+pub(crate) fn finish_context(
+    ctx: SessionContext,
+    relations: Arc<CorrectionRelationPlanner>,
+) -> SessionContext {
     // A weak reference: the planner lives in the state and must not keep it alive.
     let weak = ctx.state_weak_ref();
     relations.bind_session(move || weak.upgrade().map(|state| state.read().clone()));
     balans_udfs::register_all(&ctx);
-    Ok(ctx)
+    ctx
 }
 
 /// Parses a byte size such as `2GB`, `512MiB`, `1.5G` or `1000000`.

@@ -2,11 +2,13 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{OperatorError, Result};
 pub use crate::kernels::sphering::SpheringMethod;
 
 /// How the sparsification threshold of one affinity row is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum ElbowRule {
     /// Kneedle on a fine histogram of scaled distances (the default; what the reference uses).
     Kneedle,
@@ -47,7 +49,7 @@ impl fmt::Display for ElbowRule {
 }
 
 /// Which estimator turns the landmark rows into corrected values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum Estimator {
     /// `X_hat = Q^T (P X)` with row-normalised `P` and column-normalised `Q` (default).
     Smooth,
@@ -65,7 +67,7 @@ impl fmt::Display for Estimator {
 }
 
 /// Which correction method an operator runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default, Serialize, Deserialize)]
 pub enum Method {
     /// BALANS (every other field of [`BalansConfig`] applies).
     #[default]
@@ -93,7 +95,7 @@ impl fmt::Display for Method {
 }
 
 /// How the landmark rows turn into corrected values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum Variant {
     /// The paper's reading: `X_hat = Q^T P X`, every output a convex combination of the
     /// landmarks' local averages (over-smooths real data; kept to reproduce the paper).
@@ -138,7 +140,7 @@ impl fmt::Display for Variant {
 }
 
 /// Which matrix is smoothed and written out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum OutputSpace {
     /// The input features, under their input names (default).
     Features,
@@ -156,7 +158,7 @@ impl fmt::Display for OutputSpace {
 }
 
 /// Which rows BALANS estimates the batch offsets from (every row is corrected).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Default, Serialize, Deserialize)]
 pub enum Anchor {
     /// Every row (the unanchored residual correction).
     #[default]
@@ -193,7 +195,7 @@ impl fmt::Display for Anchor {
 }
 
 /// Distance used for the affinities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum Metric {
     /// Squared Euclidean distance (default).
     Euclidean,
@@ -211,7 +213,7 @@ impl fmt::Display for Metric {
 }
 
 /// What to do with NaN or infinite feature values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum NanPolicy {
     /// Fail, naming the affected columns (default).
     Error,
@@ -232,7 +234,7 @@ impl fmt::Display for NanPolicy {
 }
 
 /// Whether and how far to reduce the features with PCA before computing distances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Serialize, Deserialize)]
 pub enum PcaSetting {
     /// 50 components when there are more than 50 features, none otherwise.
     Auto,
@@ -272,7 +274,7 @@ pub const MAX_ITERATIONS: usize = 16;
 pub const BATCH_KNN_FLOOR: f64 = 1.0 + 1e-9;
 
 /// Harmony's parameters (harmonypy's defaults; see [`crate::kernels::harmony`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HarmonyOptions {
     /// Number of clusters (`None`: `min(round(N / 30), 100)`).
     pub clusters: Option<usize>,
@@ -310,7 +312,7 @@ impl HarmonyOptions {
 }
 
 /// All parameters of one BALANS run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BalansConfig {
     /// Correction method (BALANS unless another is asked for).
     pub method: Method,

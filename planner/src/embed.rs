@@ -46,6 +46,11 @@ impl EmbedNode {
             schema: Arc::new(DFSchema::try_from(out.as_ref().clone())?),
         })
     }
+
+    /// The model directory.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
 }
 
 impl PartialEq for EmbedNode {

@@ -93,6 +93,11 @@ impl EvaluateNode {
             schema,
         })
     }
+
+    /// What the suite computes.
+    pub fn spec(&self) -> &EvaluateSpec {
+        &self.spec
+    }
 }
 
 impl PartialEq for EvaluateNode {

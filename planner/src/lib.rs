@@ -29,5 +29,5 @@ pub mod relation;
 
 pub use error::{PlannerError, Result};
 pub use node::{BalansNode, FIT_MASK_COLUMN, balans_plan};
-pub use physical::{BalansExtensionPlanner, BalansQueryPlanner};
+pub use physical::{BalansExtensionPlanner, BalansQueryPlanner, ClusterPlanning};
 pub use relation::CorrectionRelationPlanner;

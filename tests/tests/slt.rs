@@ -252,3 +252,123 @@ fn the_runner_parses_every_record_kind() {
     assert_eq!(format_float(2.0), "2");
     assert_eq!(format_float(-0.0000001), "0");
 }
+
+/// Every query of the `.slt` files, planned as a cluster plans it, survives the cluster's
+/// codecs: the logical plan (client → scheduler) and the physical plan the scheduler makes
+/// of it (scheduler → executors) decode to the same plans. `preprocess(...)` cannot travel
+/// and is refused with the way around it.
+#[tokio::test]
+async fn every_slt_plan_round_trips_through_the_cluster_codecs() {
+    use balans_engine::cluster::{BalansLogicalCodec, BalansPhysicalCodec, scheduler_session};
+    use balans_operators::NoProgress;
+    use datafusion::physical_plan::displayable;
+    use datafusion_proto::bytes::{
+        logical_plan_from_bytes_with_extension_codec, logical_plan_to_bytes_with_extension_codec,
+        physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
+    };
+    use std::sync::Arc;
+
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/data/bbbc021.parquet")
+        .canonicalize()
+        .unwrap();
+    let shared = std::env::var_os("BALANS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let logical_codec = BalansLogicalCodec::new(Arc::new(NoProgress));
+    let physical_codec = BalansPhysicalCodec::new(Arc::new(NoProgress));
+    let scheduler = scheduler_session().unwrap();
+    let task = scheduler.task_ctx();
+    let (mut plans, mut refused, mut corrections) = (0, 0, 0);
+    for file in slt_files() {
+        let ctx = build_session(&SessionSettings::default()).unwrap();
+        // `CREATE TABLE ... AS` makes in-memory tables of this session; a cluster has none
+        // (Ballista runs no CREATE TABLE), so queries over them are not sent.
+        let mut memory_tables: Vec<String> = Vec::new();
+        for record in parse(&std::fs::read_to_string(&file).unwrap()) {
+            let sql = record
+                .sql
+                .replace("${EXAMPLE}", &example.display().to_string())
+                .replace("${SHARED}", &shared.display().to_string());
+            let head = sql.trim_start().to_ascii_uppercase();
+            let query = head.starts_with("SELECT") || head.starts_with("WITH");
+            let at = format!(
+                "{}:{}",
+                file.file_name().unwrap().to_string_lossy(),
+                record.line
+            );
+            match (&record.expect, query) {
+                (Expect::Rows { .. } | Expect::Contains(_), true) => {}
+                (Expect::Ok, false) => {
+                    let words: Vec<&str> = sql.split_whitespace().collect();
+                    if words.len() > 2 && words[..2] == ["CREATE", "TABLE"] {
+                        memory_tables.push(words[2].to_string());
+                    }
+                    ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+                    continue;
+                }
+                _ => continue,
+            }
+            // The session's catalog lives in the client: its tables cannot travel.
+            if sql.contains("information_schema")
+                || sql
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .any(|w| memory_tables.iter().any(|t| t == w))
+            {
+                continue;
+            }
+            let plan = ctx.sql(&sql).await.unwrap().into_optimized_plan().unwrap();
+            let bytes = match logical_plan_to_bytes_with_extension_codec(&plan, &logical_codec) {
+                Ok(bytes) => bytes,
+                Err(e) if sql.contains("preprocess(") => {
+                    assert!(
+                        e.to_string().contains("balans preprocess --scheduler"),
+                        "{at}: {e}"
+                    );
+                    refused += 1;
+                    continue;
+                }
+                Err(e) => panic!("{at}: the logical plan does not encode: {e}\n{sql}"),
+            };
+            let decoded =
+                logical_plan_from_bytes_with_extension_codec(&bytes, &task, &logical_codec)
+                    .unwrap_or_else(|e| panic!("{at}: the logical plan does not decode: {e}"));
+            assert_eq!(
+                decoded.display_indent().to_string(),
+                plan.display_indent().to_string(),
+                "{at}: logical round trip"
+            );
+            let physical = scheduler
+                .state()
+                .create_physical_plan(&decoded)
+                .await
+                .unwrap_or_else(|e| panic!("{at}: the scheduler cannot plan it: {e}"));
+            let bytes =
+                physical_plan_to_bytes_with_extension_codec(physical.clone(), &physical_codec)
+                    .unwrap_or_else(|e| panic!("{at}: the physical plan does not encode: {e}"));
+            let back =
+                physical_plan_from_bytes_with_extension_codec(&bytes, &task, &physical_codec)
+                    .unwrap_or_else(|e| panic!("{at}: the physical plan does not decode: {e}"));
+            assert_eq!(
+                displayable(back.as_ref()).indent(true).to_string(),
+                displayable(physical.as_ref()).indent(true).to_string(),
+                "{at}: physical round trip"
+            );
+            plans += 1;
+            let text = displayable(physical.as_ref()).indent(true).to_string();
+            if text.contains("BalansPassExec") {
+                assert!(
+                    !text.contains("BalansIngestExec"),
+                    "{at}: a step left in:\n{text}"
+                );
+                corrections += 1;
+            }
+        }
+    }
+    assert!(plans >= 20, "only {plans} plans were round-tripped");
+    assert!(
+        corrections >= 5,
+        "only {corrections} corrections were planned for the cluster"
+    );
+    assert!(refused >= 1, "no preprocess(...) plan was refused");
+}

@@ -100,6 +100,20 @@ impl fmt::Display for TableFormat {
     }
 }
 
+impl TableFormat {
+    /// The format named by [`TableFormat::name`].
+    pub(super) fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Parquet,
+            Self::ArrowIpc,
+            Self::Csv { gzip: false },
+            Self::Csv { gzip: true },
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
+}
+
 impl Serialize for TableFormat {
     /// Serialised as its short name (`"parquet"`, `"arrow"`, `"csv"`, `"csv.gz"`).
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {

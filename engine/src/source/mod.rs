@@ -43,7 +43,7 @@ pub use balans_planner::columns::{ColumnRoles, FeatureSelection, resolve_columns
 pub use format::TableFormat;
 pub use inspect::{BatchSize, ColumnType, FeatureValueCounts, InspectReport, ValueCounts, inspect};
 pub use location::{http_store, s3_store};
-pub use table::ProfileTable;
+pub use table::{ProfileTable, decode_profile_table, encode_profile_table};
 
 use format::{check_parquet_footers, common_format, explain_schema_failure};
 use location::{display_path, list_files, resolve_location};
@@ -196,7 +196,7 @@ pub async fn register_profiles(
     let provider = FileListTable {
         schema: Arc::clone(&schema),
         file_schema,
-        format: file_format,
+        format,
         store_url: ObjectStoreUrl::parse(resolved.store_url.as_str())?,
         files: metas.clone(),
         partition_cols,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
-use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::table_schema::TableSchema;
@@ -50,7 +49,7 @@ pub struct ProfileTable {
 pub(super) struct FileListTable {
     pub(super) schema: SchemaRef,
     pub(super) file_schema: SchemaRef,
-    pub(super) format: Arc<dyn FileFormat>,
+    pub(super) format: TableFormat,
     pub(super) store_url: ObjectStoreUrl,
     pub(super) files: Vec<ObjectMeta>,
     /// Hive partition column names, and every file's values (same order as `files`).
@@ -173,7 +172,8 @@ impl TableProvider for FileListTable {
                 ))
             })
             .collect();
-        let source = self.format.file_source(
+        let format = self.format.file_format();
+        let source = format.file_source(
             TableSchema::builder(Arc::clone(&self.file_schema))
                 .with_table_partition_cols(partition_fields)
                 .build(),
@@ -217,13 +217,158 @@ impl TableProvider for FileListTable {
             .with_limit(limit)
             .with_output_partitioning(Some(PhysicalPartitioning::UnknownPartitioning(partitions)))
             .build();
-        self.format.create_physical_plan(state, config).await
+        format.create_physical_plan(state, config).await
     }
 }
 
 impl FileListTable {
     fn row_group_count(&self, file: usize) -> usize {
         self.row_group_totals.get(file).copied().unwrap_or(0)
+    }
+}
+
+/// A [`FileListTable`] as bytes (see [`encode_profile_table`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TablePayload {
+    schema: Vec<u8>,
+    file_schema: Vec<u8>,
+    format: String,
+    store_url: String,
+    files: Vec<FilePayload>,
+    partition_cols: Vec<String>,
+    partition_values: Vec<Vec<String>>,
+    groups: Vec<Vec<usize>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FilePayload {
+    location: String,
+    size: u64,
+    last_modified_ns: i64,
+    e_tag: Option<String>,
+    version: Option<String>,
+}
+
+/// Tag that starts an encoded profile table.
+const TABLE_TAG: &[u8] = b"balans-table/1\n";
+
+/// A schema as an Arrow IPC stream without batches.
+fn schema_bytes(schema: &SchemaRef) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut writer = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)?;
+    writer.finish()?;
+    drop(writer);
+    Ok(out)
+}
+
+fn schema_from_bytes(bytes: &[u8]) -> Result<SchemaRef> {
+    let reader =
+        datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    Ok(reader.schema())
+}
+
+/// Encodes a table registered by [`register_profiles`](super::register_profiles) for another
+/// process (the cluster's scheduler plans and its executors scan it); `None` for any other
+/// table provider. The file list travels as it is: the other process lists nothing. Scan
+/// partitions made of Parquet row groups become whole files (at most one partition per
+/// file), because DataFusion's plan serialisation drops a file's row-group selection; the
+/// row order is the same.
+pub fn encode_profile_table(provider: &dyn TableProvider) -> Option<Result<Vec<u8>>> {
+    let table = provider.downcast_ref::<FileListTable>()?;
+    Some(table.encode())
+}
+
+/// Decodes [`encode_profile_table`]'s bytes; `None` when `bytes` are not an encoded table.
+pub fn decode_profile_table(bytes: &[u8]) -> Option<Result<Arc<dyn TableProvider>>> {
+    let body = bytes.strip_prefix(TABLE_TAG)?;
+    Some(FileListTable::decode(body).map(|t| Arc::new(t) as Arc<dyn TableProvider>))
+}
+
+impl FileListTable {
+    fn encode(&self) -> Result<Vec<u8>> {
+        let by_row_group = self
+            .groups
+            .iter()
+            .any(|g| g.iter().any(|(_, rgs)| rgs.is_some()));
+        let groups: Vec<Vec<usize>> = if by_row_group {
+            let none: Vec<RowGroupRows> = vec![None; self.files.len()];
+            scan_groups(&self.files, &none, self.groups.len())
+                .into_iter()
+                .map(|g| g.into_iter().map(|(f, _)| f).collect())
+                .collect()
+        } else {
+            self.groups
+                .iter()
+                .map(|g| g.iter().map(|(f, _)| *f).collect())
+                .collect()
+        };
+        let payload = TablePayload {
+            schema: schema_bytes(&self.schema)?,
+            file_schema: schema_bytes(&self.file_schema)?,
+            format: self.format.name().to_string(),
+            store_url: self.store_url.as_str().to_string(),
+            files: self
+                .files
+                .iter()
+                .map(|m| FilePayload {
+                    location: m.location.to_string(),
+                    size: m.size,
+                    last_modified_ns: m.last_modified.timestamp_nanos_opt().unwrap_or(0),
+                    e_tag: m.e_tag.clone(),
+                    version: m.version.clone(),
+                })
+                .collect(),
+            partition_cols: self.partition_cols.clone(),
+            partition_values: self.partition_values.clone(),
+            groups,
+        };
+        let mut out = TABLE_TAG.to_vec();
+        serde_json::to_writer(&mut out, &payload)
+            .map_err(|e| BalansError::InvalidArgument(format!("cannot encode the table: {e}")))?;
+        Ok(out)
+    }
+
+    fn decode(body: &[u8]) -> Result<Self> {
+        let payload: TablePayload = serde_json::from_slice(body).map_err(|e| {
+            BalansError::InvalidArgument(format!("cannot decode a profile table: {e}"))
+        })?;
+        let files: Vec<ObjectMeta> = payload
+            .files
+            .into_iter()
+            .map(|f| ObjectMeta {
+                location: object_store::path::Path::from(f.location),
+                last_modified: chrono::DateTime::from_timestamp_nanos(f.last_modified_ns),
+                size: f.size,
+                e_tag: f.e_tag,
+                version: f.version,
+            })
+            .collect();
+        let n = files.len();
+        if payload.partition_values.len() != n || payload.groups.iter().flatten().any(|&f| f >= n) {
+            return Err(BalansError::InvalidArgument(
+                "cannot decode a profile table: file indices out of range".into(),
+            ));
+        }
+        Ok(Self {
+            schema: schema_from_bytes(&payload.schema)?,
+            file_schema: schema_from_bytes(&payload.file_schema)?,
+            format: TableFormat::from_name(&payload.format).ok_or_else(|| {
+                BalansError::InvalidArgument(format!(
+                    "cannot decode a profile table: unknown format '{}'",
+                    payload.format
+                ))
+            })?,
+            store_url: ObjectStoreUrl::parse(&payload.store_url)?,
+            row_group_totals: vec![0; n],
+            files,
+            partition_cols: payload.partition_cols,
+            partition_values: payload.partition_values,
+            groups: payload
+                .groups
+                .into_iter()
+                .map(|g| g.into_iter().map(|f| (f, None)).collect())
+                .collect(),
+        })
     }
 }
 

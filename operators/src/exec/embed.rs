@@ -167,6 +167,11 @@ impl EmbedExec {
             properties,
         })
     }
+
+    /// The model directory (every process that runs the operator reads the model there).
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
 }
 
 impl DisplayAs for EmbedExec {

@@ -25,7 +25,7 @@ use crate::exec::common::{plan_properties, single_child};
 
 /// What the suite computes: the embedding width, the optional columns and the options that
 /// `evaluate(...)` accepts.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, serde::Serialize, serde::Deserialize)]
 pub struct EvaluateSpec {
     /// Embedding columns `f0..f{d-1}`.
     pub d: usize,
@@ -168,6 +168,11 @@ impl EvaluateExec {
             spec,
             properties,
         }
+    }
+
+    /// What the suite computes.
+    pub fn spec(&self) -> &EvaluateSpec {
+        &self.spec
     }
 }
 

@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod harmony;
 pub mod ingest;
 pub mod landmarks;
+pub mod pass;
 pub mod pca;
 pub mod plan;
 pub mod preprocess;

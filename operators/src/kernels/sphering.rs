@@ -18,7 +18,9 @@ use faer::{Mat, Side};
 use crate::error::{OperatorError, Result};
 
 /// Which whitening.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, serde::Serialize, serde::Deserialize,
+)]
 pub enum SpheringMethod {
     /// ZCA on the centred features.
     Zca,

@@ -8,6 +8,7 @@ use balans_engine::source::{FeatureSelection, SourceOptions};
 use balans_engine::{BalansError, EvaluateRequest, Result};
 use balans_metrics::suite::{EvalOptions, MetricSelection};
 use clap::{Args, ValueEnum};
+use datafusion::prelude::SessionContext;
 
 #[derive(Args, Debug, Clone)]
 pub struct InputArgs {
@@ -184,5 +185,22 @@ impl EvalArgs {
             options: self.options(),
             source: input.select.source(),
         })
+    }
+}
+
+/// Where a command runs: here, or on a cluster.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClusterArgs {
+    /// Run the plan on a Balans cluster (`balans cluster scheduler`), e.g.
+    /// df://127.0.0.1:50050. The output is written here, atomically, as without it; an
+    /// unreachable scheduler is an error, never a silent local run.
+    #[arg(long, value_name = "df://HOST:PORT")]
+    pub scheduler: Option<String>,
+}
+
+impl ClusterArgs {
+    /// The session of a command: local, or connected to the cluster.
+    pub async fn session(&self, settings: &SessionSettings) -> Result<SessionContext> {
+        balans_engine::session::open_session(settings, self.scheduler.as_deref()).await
     }
 }

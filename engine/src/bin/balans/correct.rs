@@ -8,7 +8,6 @@ use std::time::Instant;
 use balans_engine::auto::run_correct_auto;
 use balans_engine::correct::CorrectOutcome;
 use balans_engine::progress::{TerminalProgress, format_summary, peak_rss_bytes};
-use balans_engine::session::build_session;
 use balans_engine::source::SourceOptions;
 use balans_engine::{BalansError, CorrectRequest, Result, run_correct, run_evaluate};
 use balans_operators::config::{Metric, PcaSetting};
@@ -18,7 +17,7 @@ use balans_operators::{
 use clap::{Args, ValueEnum};
 use datafusion::prelude::SessionContext;
 
-use crate::args::{EvalArgs, InputArgs, SessionArgs};
+use crate::args::{ClusterArgs, EvalArgs, InputArgs, SessionArgs};
 use crate::output::{check_eval_outputs, evaluate_output, present_evaluations, step_printer};
 
 #[derive(Args, Debug)]
@@ -126,6 +125,8 @@ pub struct CorrectArgs {
     nan: NanArg,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
@@ -232,7 +233,7 @@ pub async fn run(a: CorrectArgs, quiet: bool) -> Result<()> {
             "--json and --report of `correct` need --evaluate".into(),
         ));
     }
-    let ctx = build_session(&a.session.settings()?)?;
+    let ctx = a.cluster.session(&a.session.settings()?).await?;
     let progress = Arc::new(TerminalProgress::new(quiet));
     let request = CorrectRequest {
         input: a.input.input.clone(),
@@ -267,6 +268,13 @@ pub async fn run(a: CorrectArgs, quiet: bool) -> Result<()> {
         },
     };
     let auto = a.strength.as_deref().map(str::trim) == Some("auto");
+    if a.cluster.scheduler.is_some() && (auto || a.evaluate) {
+        return Err(BalansError::InvalidArgument(
+            "--strength auto and --evaluate run on this machine: leave them out with \
+             --scheduler (evaluate the output with `balans evaluate --scheduler ...`)"
+                .into(),
+        ));
+    }
     if auto && a.iterations.is_some() {
         return Err(BalansError::InvalidArgument(
             "--strength auto chooses the passes too: leave out --iterations".into(),
@@ -303,6 +311,15 @@ pub async fn run(a: CorrectArgs, quiet: bool) -> Result<()> {
                 p as f64 / (1024.0 * 1024.0)
             ))
             .unwrap_or_default()
+        );
+    } else if let Some(url) = &a.cluster.scheduler {
+        // The stages ran on an executor: their timings are in its log, not here.
+        eprintln!(
+            "balans: wrote {} rows x {} features to {} (corrected on the cluster at {url}, \
+             {total:.2} s)",
+            outcome.written.rows,
+            outcome.roles.features.len(),
+            a.output.display()
         );
     } else {
         eprintln!(

@@ -2,11 +2,11 @@
 //! options are documented in `balans evaluate --help` (the metric options in `args::EvalArgs`).
 
 use balans_engine::evaluate::{Evaluation, LoadedEmbedding};
-use balans_engine::session::{SessionSettings, build_session};
+use balans_engine::session::SessionSettings;
 use balans_engine::{EvaluateRequest, Result, run_evaluate};
 use clap::Args;
 
-use crate::args::{EvalArgs, InputArgs};
+use crate::args::{ClusterArgs, EvalArgs, InputArgs};
 use crate::output::{check_eval_outputs, present_evaluations, step_printer};
 
 #[derive(Args, Debug)]
@@ -25,6 +25,8 @@ pub struct EvaluateArgs {
     overwrite: bool,
     #[command(flatten)]
     eval: EvalArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 pub async fn run(a: EvaluateArgs, quiet: bool) -> Result<()> {
@@ -32,7 +34,7 @@ pub async fn run(a: EvaluateArgs, quiet: bool) -> Result<()> {
     inputs.extend(a.compare.clone());
     check_eval_outputs(&a.eval, a.overwrite, &inputs)?;
     let request = a.eval.request(&a.input, &a.batch)?;
-    let ctx = build_session(&SessionSettings::default())?;
+    let ctx = a.cluster.session(&SessionSettings::default()).await?;
     let before = match &a.compare {
         Some(baseline) => {
             let baseline_request = EvaluateRequest {

@@ -6,6 +6,8 @@
 
 mod args;
 mod bench;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod correct;
 mod evaluate;
 mod inspect;
@@ -60,6 +62,10 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Run the synthetic scalability benchmark and print a Markdown table.
     Bench(bench::BenchArgs),
+    /// Start a scheduler or an executor of a Balans cluster (Apache DataFusion Ballista);
+    /// commands given --scheduler df://HOST:PORT run there.
+    #[cfg(feature = "cluster")]
+    Cluster(cluster::ClusterArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +93,17 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.quiet;
+    // The cluster's processes run until stopped and handle Ctrl-C and SIGTERM themselves.
+    #[cfg(feature = "cluster")]
+    if let Command::Cluster(a) = cli.command {
+        return match runtime.block_on(cluster::run(a)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("balans: error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let result = runtime.block_on(async move {
         let job = async move {
             match cli.command {
@@ -99,6 +116,8 @@ fn main() -> ExitCode {
                 Command::Tune(a) => tune::run(a, quiet).await,
                 Command::Synth(a) => synth::run(a),
                 Command::Bench(a) => bench::run(a, threads),
+                #[cfg(feature = "cluster")]
+                Command::Cluster(_) => unreachable!("handled above"),
             }
         };
         let terminate = async {

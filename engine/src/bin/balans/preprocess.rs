@@ -9,13 +9,12 @@ use balans_engine::preprocess::{
     run_preprocess,
 };
 use balans_engine::progress::peak_rss_bytes;
-use balans_engine::session::build_session;
 use balans_engine::writer::write_bytes_atomic;
 use balans_engine::{BalansError, Result};
 use balans_operators::kernels::preprocess::Normalization;
 use clap::{Args, ValueEnum};
 
-use crate::args::{InputArgs, SessionArgs};
+use crate::args::{ClusterArgs, InputArgs, SessionArgs};
 
 #[derive(Args, Debug)]
 pub struct PreprocessArgs {
@@ -77,6 +76,8 @@ pub struct PreprocessArgs {
     blocklist: Option<PathBuf>,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Replace an existing output file.
     #[arg(long)]
     overwrite: bool,
@@ -131,7 +132,7 @@ enum SelectArg {
 pub async fn run(a: PreprocessArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let steps = preprocess_steps(&a)?;
-    let ctx = build_session(&a.session.settings()?)?;
+    let ctx = a.cluster.session(&a.session.settings()?).await?;
     let request = PreprocessRequest {
         input: a.input.input.clone(),
         output: a.output.clone(),

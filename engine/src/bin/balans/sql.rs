@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use balans_engine::session::{SessionSettings, build_session};
+use balans_engine::session::SessionSettings;
 use balans_engine::source::SourceOptions;
 use balans_engine::{BalansError, Result};
 use clap::Args;
 use datafusion::prelude::SessionContext;
 
-use crate::args::SessionArgs;
+use crate::args::{ClusterArgs, SessionArgs};
 
 #[derive(Args, Debug)]
 pub struct SqlArgs {
@@ -34,6 +34,8 @@ pub struct SqlArgs {
     s3_endpoint: Option<String>,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 pub async fn run(a: SqlArgs) -> Result<()> {
@@ -56,7 +58,7 @@ pub async fn run(a: SqlArgs) -> Result<()> {
             return run_sql_shell(&a).await;
         }
     };
-    let ctx = sql_session(&a)?;
+    let ctx = sql_session(&a).await?;
     match &a.output {
         Some(path) => {
             let written =
@@ -71,15 +73,16 @@ pub async fn run(a: SqlArgs) -> Result<()> {
     Ok(())
 }
 
-/// The session of `balans sql`: the memory options and the S3 endpoint.
-fn sql_session(a: &SqlArgs) -> Result<SessionContext> {
-    build_session(&SessionSettings {
+/// The session of `balans sql`: the memory options, the S3 endpoint and the cluster.
+async fn sql_session(a: &SqlArgs) -> Result<SessionContext> {
+    let settings = SessionSettings {
         source: SourceOptions {
             s3_endpoint: a.s3_endpoint.clone(),
             ..SourceOptions::default()
         },
         ..a.session.settings()?
-    })
+    };
+    a.cluster.session(&settings).await
 }
 
 /// The file the shell appends its statements to.
@@ -97,7 +100,7 @@ fn history_path() -> Option<PathBuf> {
 async fn run_sql_shell(a: &SqlArgs) -> Result<()> {
     use balans_engine::line_editor::{Outcome, read_line};
     use std::io::{BufRead, IsTerminal, Write};
-    let ctx = sql_session(a)?;
+    let ctx = sql_session(a).await?;
     let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
     let history_file = history_path();
     // Earlier statements, oldest first, for recall with the arrow keys.

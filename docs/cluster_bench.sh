@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Single process against a local Balans cluster (Ballista) of 1 and 2 executors, on the
+# synthetic workload; prints a Markdown table (BENCHMARKS.md, "Cluster").
+#
+#   docs/cluster_bench.sh BALANS_BINARY ROWS FEATURES [FILES] [METHOD]
+#
+# BALANS_BINARY must be built with the `cluster` feature
+# (cargo build --release -p balans-engine --features cluster). The table is written as FILES
+# Parquet files of consecutive rows (the scan's partitions; default 4). Every run is checked
+# to give the single process's values (the Parquet files are compared with `balans sql`).
+set -euo pipefail
+bin="$(realpath "$1")"; n="$2"; d="$3"; files="${4:-4}"; method="${5:-balans}"
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+"$bin" --quiet synth --n "$n" --d "$d" --k 1000 --batches 10 --seed 7 --output "$work/all.parquet" >/dev/null
+mkdir -p "$work/in"
+for ((i = 0; i < files; i++)); do
+    lo=$(( n * i / files )); hi=$(( n * (i + 1) / files ))
+    "$bin" --quiet sql "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '$work/all.parquet';
+        COPY (SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER () AS rn FROM t)
+              WHERE rn > $lo AND rn <= $hi) TO '$work/in/part-$i.parquet' STORED AS PARQUET" >/dev/null
+done
+
+seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>"$work/last.err" || { cat "$work/last.err" >&2; exit 1; }; e=$(date +%s.%N); echo "$e - $s" | bc; }
+correct() { "$bin" --quiet correct --input "$work/in" --batch Metadata_Batch --method "$method" \
+    --partitions "$files" --seed 1 --output "$1" --overwrite "${@:2}"; }
+same() {
+    "$bin" --quiet sql "CREATE EXTERNAL TABLE a STORED AS PARQUET LOCATION '$1';
+        CREATE EXTERNAL TABLE b STORED AS PARQUET LOCATION '$2';
+        SELECT count(*) AS differ FROM (SELECT * FROM a EXCEPT ALL SELECT * FROM b)" | grep -q '| 0 '
+}
+
+single=$(seconds correct "$work/single.parquet")
+rows=("| single process | $single | 1.00 |")
+for executors in 1 2; do
+    port=$(( 40000 + RANDOM % 10000 ))
+    "$bin" cluster scheduler --bind "127.0.0.1:$port" >/dev/null 2>"$work/scheduler.log" &
+    pids+=($!)
+    sleep 1
+    for ((e = 0; e < executors; e++)); do
+        p=$(( port + 10 + 10 * e ))
+        "$bin" cluster executor --scheduler "127.0.0.1:$port" --bind "127.0.0.1:$p" \
+            --work-dir "$work/ex$executors-$e" >/dev/null 2>"$work/executor$e.log" &
+        pids+=($!)
+    done
+    sleep 3
+    t=$(seconds correct "$work/cluster$executors.parquet" --scheduler "df://127.0.0.1:$port")
+    same "$work/single.parquet" "$work/cluster$executors.parquet" \
+        || { echo "cluster of $executors: values differ" >&2; exit 1; }
+    rows+=("| cluster, $executors executor(s) | $t | $(echo "scale=2; $t / $single" | bc) |")
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+done
+echo "$method, $n x $d, $files files, $(nproc) cores, $(date -u +%F)"
+echo
+echo "| run | seconds | vs single |"
+echo "|---|---|---|"
+printf '%s\n' "${rows[@]}"

@@ -1,0 +1,573 @@
+//! Distributed execution (cargo feature `cluster`): a scheduler and two executors started by
+//! our binary as child processes on loopback, a multi-file table in the SeaweedFS test server
+//! (`common/seaweed.rs`), and the same jobs run in one process and on the cluster.
+//!
+//! - `jobs_on_the_cluster_give_the_single_process_results`: BALANS and ComBat through `balans
+//!   correct --scheduler`, `balans((SELECT ...))` and `evaluate((SELECT ...))` in `balans sql
+//!   --scheduler`, `balans evaluate` and `balans preprocess --scheduler` equal their
+//!   single-process results; the scan stage's tasks ran on both executors (each executor's
+//!   work directory holds shuffle files of that stage); a killed executor either lets the job
+//!   finish with the same values or fails it with a clear error, never leaving a partial file.
+//! - `an_unreachable_scheduler_or_store_is_a_clear_error`: a dead scheduler is reported within
+//!   seconds without running anything locally; an executor that cannot reach the object store
+//!   fails the job with the store's error and no output.
+
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::seaweed::{BUCKET, Server};
+use common::{arg, balans, example_path, read, stderr, stdout};
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str, log: &Path) {
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what} did not listen on {port} within 60 s: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An executor process and its work directory.
+struct Executor {
+    child: Child,
+    work_dir: PathBuf,
+}
+
+/// A scheduler and its executors, killed on drop.
+struct Cluster {
+    scheduler: Child,
+    executors: Vec<Executor>,
+    /// `df://127.0.0.1:PORT`.
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A scheduler and `executors` executors (one task at a time each) reading S3 at
+    /// `s3_endpoint`.
+    fn start(executors: usize, s3_endpoint: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("scheduler.log");
+        let mut scheduler = Command::new(env!("CARGO_BIN_EXE_balans"))
+            .args([
+                "cluster",
+                "scheduler",
+                "--bind",
+                "127.0.0.1:0",
+                "--executor-timeout",
+                "6",
+                "--s3-endpoint",
+                s3_endpoint,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start the scheduler");
+        let mut line = String::new();
+        BufReader::new(scheduler.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("balans: scheduler listening on ")
+            .unwrap_or_else(|| panic!("unexpected scheduler output '{line}'"))
+            .to_string();
+        let mut cluster = Cluster {
+            scheduler,
+            executors: Vec::new(),
+            url,
+            dir,
+        };
+        for i in 0..executors {
+            cluster.add_executor(i, s3_endpoint);
+        }
+        // Registration goes before the services start; give the heartbeat a moment too.
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster
+    }
+
+    fn scheduler_address(&self) -> &str {
+        self.url.strip_prefix("df://").unwrap()
+    }
+
+    fn add_executor(&mut self, i: usize, s3_endpoint: &str) {
+        let (port, grpc) = (free_port(), free_port());
+        let work_dir = self.dir.path().join(format!("executor{i}"));
+        let log = self.dir.path().join(format!("executor{i}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_balans"))
+            .args([
+                "cluster",
+                "executor",
+                "--scheduler",
+                self.scheduler_address(),
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--grpc-port",
+                &grpc.to_string(),
+                "--concurrent-tasks",
+                "1",
+                "--heartbeat",
+                "1",
+                "--work-dir",
+                arg(&work_dir),
+                "--s3-endpoint",
+                s3_endpoint,
+            ])
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start an executor");
+        wait_for_port(port, "an executor", &log);
+        wait_for_port(grpc, "an executor", &log);
+        self.executors.push(Executor { child, work_dir });
+    }
+
+    /// The executors' logs, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                out += &format!(
+                    "--- {}\n{}\n",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    /// Stage directories (`JOB/STAGE`) holding shuffle files in executor `i`'s work directory.
+    fn stages_with_output(&self, i: usize) -> Vec<String> {
+        let mut stages = Vec::new();
+        let Ok(jobs) = std::fs::read_dir(&self.executors[i].work_dir) else {
+            return stages;
+        };
+        for job in jobs.flatten().filter(|j| j.path().is_dir()) {
+            for stage in std::fs::read_dir(job.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if has_file(&stage.path()) {
+                    stages.push(format!(
+                        "{}/{}",
+                        job.file_name().to_string_lossy(),
+                        stage.file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        stages.sort();
+        stages
+    }
+}
+
+fn has_file(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            if p.is_dir() { has_file(&p) } else { true }
+        })
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for e in &mut self.executors {
+            let _ = e.child.kill();
+            let _ = e.child.wait();
+        }
+        let _ = self.scheduler.kill();
+        let _ = self.scheduler.wait();
+    }
+}
+
+/// Writes three plates of the example table as one file each under `s3://BUCKET/PREFIX/`;
+/// returns the prefix's URL.
+fn upload_plates(endpoint: &str, prefix: &str) -> String {
+    let example = example_path();
+    let local = format!("CREATE EXTERNAL TABLE local STORED AS PARQUET LOCATION '{example}'");
+    for (i, batch) in ["Week1", "Week2", "Week3"].iter().enumerate() {
+        let o = balans(&[
+            "sql",
+            "--s3-endpoint",
+            endpoint,
+            &format!(
+                "{local}; COPY (SELECT * FROM local WHERE Metadata_Batch IN ('{batch}', 'Week{}')) \
+                 TO 's3://{BUCKET}/{prefix}/{i}.parquet' STORED AS PARQUET",
+                i + 4
+            ),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    format!("s3://{BUCKET}/{prefix}/")
+}
+
+#[track_caller]
+fn assert_success(o: &Output, cluster: &Cluster) {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        stderr(o),
+        if o.status.success() {
+            String::new()
+        } else {
+            cluster.logs()
+        }
+    );
+}
+
+/// The files in `dir` (no temporary or partial files beside an output).
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn jobs_on_the_cluster_give_the_single_process_results() {
+    let server = Server::start();
+    let endpoint = server.endpoint();
+    let input = upload_plates(&endpoint, "plates");
+    let cluster = Cluster::start(2, &endpoint);
+    let out = tempfile::tempdir().unwrap();
+    let path = |name: &str| out.path().join(name);
+
+    // `balans correct`: BALANS and ComBat, here and on the cluster, same values.
+    for (method, extra) in [
+        ("balans", vec!["--seed", "3", "--k", "10"]),
+        ("combat", vec![]),
+    ] {
+        let correct = |output: &Path, scheduler: Option<&str>| {
+            let mut args = vec![
+                "correct",
+                "--input",
+                &input,
+                "--s3-endpoint",
+                &endpoint,
+                "--batch",
+                "Metadata_Batch",
+                "--method",
+                method,
+                "--partitions",
+                "3",
+                "--output",
+                arg(output),
+            ];
+            args.extend(extra.iter().copied());
+            if let Some(url) = scheduler {
+                args.extend(["--scheduler", url]);
+            }
+            balans(&args)
+        };
+        let single = path(&format!("{method}-single.parquet"));
+        let distributed = path(&format!("{method}-cluster.parquet"));
+        let o = correct(&single, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = correct(&distributed, Some(&cluster.url));
+        assert_success(&o, &cluster);
+        assert!(
+            stderr(&o).contains("corrected on the cluster"),
+            "{}",
+            stderr(&o)
+        );
+        let (a, b) = (read(&single), read(&distributed));
+        assert!(a.num_rows() > 300, "{}", a.num_rows());
+        assert_eq!(a, b, "{method}: the cluster's output differs");
+    }
+    // The scan stage ran as tasks on both executors: each holds shuffle files of it.
+    let (first, second) = (cluster.stages_with_output(0), cluster.stages_with_output(1));
+    let shared: Vec<&String> = first.iter().filter(|s| second.contains(s)).collect();
+    assert!(
+        !shared.is_empty(),
+        "no stage ran on both executors: {first:?} vs {second:?}"
+    );
+
+    // SQL: a correction and an evaluation as relations.
+    let table = format!("CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{input}'");
+    let script = format!(
+        "{table}; SELECT * FROM balans((SELECT * FROM p), batch => 'Metadata_Batch', k => 10, \
+         seed => 5)"
+    );
+    let sql_to = |output: &Path, scheduler: Option<&str>| {
+        let mut args = vec![
+            "sql",
+            "--s3-endpoint",
+            &endpoint,
+            "--output",
+            arg(output),
+            &script,
+        ];
+        if let Some(url) = scheduler {
+            args.extend(["--scheduler", url]);
+        }
+        balans(&args)
+    };
+    let (single, distributed) = (path("sql-single.parquet"), path("sql-cluster.parquet"));
+    assert!(sql_to(&single, None).status.success());
+    let o = sql_to(&distributed, Some(&cluster.url));
+    assert_success(&o, &cluster);
+    assert_eq!(read(&single), read(&distributed), "balans((SELECT ...))");
+
+    let evaluate = format!(
+        "{table}; SELECT metric, kind, value FROM evaluate((SELECT * FROM p), \
+         batch => 'Metadata_Batch', label => 'Metadata_MoA', skip => 'kbet,classifier') \
+         ORDER BY metric"
+    );
+    let single = balans(&["sql", "--s3-endpoint", &endpoint, &evaluate]);
+    assert!(single.status.success(), "{}", stderr(&single));
+    let o = balans(&[
+        "sql",
+        "--s3-endpoint",
+        &endpoint,
+        "--scheduler",
+        &cluster.url,
+        &evaluate,
+    ]);
+    assert_success(&o, &cluster);
+    assert!(stdout(&single).contains("bio_score"), "{}", stdout(&single));
+    assert_eq!(stdout(&single), stdout(&o), "evaluate((SELECT ...))");
+
+    // `balans evaluate` and `balans preprocess` read through the cluster.
+    let eval_args = [
+        "evaluate",
+        "--input",
+        &input,
+        "--s3-endpoint",
+        &endpoint,
+        "--batch",
+        "Metadata_Batch",
+        "--label",
+        "Metadata_MoA",
+        "--skip",
+        "kbet,classifier",
+    ];
+    let single = balans(&eval_args);
+    assert!(single.status.success(), "{}", stderr(&single));
+    let mut args = eval_args.to_vec();
+    args.extend(["--scheduler", &cluster.url]);
+    let o = balans(&args);
+    assert_success(&o, &cluster);
+    assert_eq!(stdout(&single), stdout(&o), "balans evaluate");
+
+    let preprocess = |output: &Path, scheduler: Option<&str>| {
+        let mut args = vec![
+            "preprocess",
+            "--input",
+            &input,
+            "--s3-endpoint",
+            &endpoint,
+            "--aggregate",
+            "median",
+            "--plate",
+            "Metadata_Plate",
+            "--well",
+            "Metadata_Well",
+            "--normalize",
+            "mad-robustize",
+            "--output",
+            arg(output),
+        ];
+        if let Some(url) = scheduler {
+            args.extend(["--scheduler", url]);
+        }
+        balans(&args)
+    };
+    let (single, distributed) = (path("pp-single.parquet"), path("pp-cluster.parquet"));
+    let o = preprocess(&single, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = preprocess(&distributed, Some(&cluster.url));
+    assert_success(&o, &cluster);
+    assert_eq!(read(&single), read(&distributed), "balans preprocess");
+
+    // preprocess(...) in SQL cannot run on a cluster: a clear error.
+    let o = balans(&[
+        "sql",
+        "--s3-endpoint",
+        &endpoint,
+        "--scheduler",
+        &cluster.url,
+        &format!(
+            "{table}; SELECT count(*) FROM preprocess((SELECT * FROM p), normalize => 'standardize')"
+        ),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("balans preprocess --scheduler"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A killed executor: the job completes on the other one (Ballista re-runs the lost
+    // tasks) with the same values, or fails with an error; never a partial output.
+    drop(cluster);
+    let mut cluster = Cluster::start(2, &endpoint);
+    let reference = path("balans-single.parquet");
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = target_dir.path().join("killed.parquet");
+    let job = Command::new(env!("CARGO_BIN_EXE_balans"))
+        .args([
+            "--quiet",
+            "correct",
+            "--input",
+            &input,
+            "--s3-endpoint",
+            &endpoint,
+            "--batch",
+            "Metadata_Batch",
+            "--partitions",
+            "3",
+            "--seed",
+            "3",
+            "--k",
+            "10",
+            "--scheduler",
+            &cluster.url,
+            "--output",
+            arg(&target),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let victim = loop {
+        if let Some(i) = (0..2).find(|&i| !cluster.stages_with_output(i).is_empty()) {
+            break Some(i);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let victim = victim.expect("no executor wrote shuffle files within 60 s");
+    cluster.executors[victim].child.kill().unwrap();
+    let o = job.wait_with_output().unwrap();
+    if o.status.success() {
+        assert_eq!(read(&reference), read(&target), "after a killed executor");
+        assert_eq!(files_in(target_dir.path()), vec!["killed.parquet"]);
+    } else {
+        let message = stderr(&o);
+        assert!(message.contains("balans: error:"), "{message}");
+        assert!(
+            files_in(target_dir.path()).is_empty(),
+            "a failed job left {:?}",
+            files_in(target_dir.path())
+        );
+    }
+    eprintln!(
+        "killed executor {victim}: the job {} in {:.1} s",
+        if o.status.success() {
+            "completed"
+        } else {
+            "failed cleanly"
+        },
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn an_unreachable_scheduler_or_store_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.parquet");
+    // Nobody listens at the scheduler's address: an error within seconds, nothing written.
+    let dead = format!("df://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let o = balans(&[
+        "correct",
+        "--input",
+        &example_path(),
+        "--batch",
+        "Metadata_Batch",
+        "--scheduler",
+        &dead,
+        "--output",
+        arg(&output),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("cannot reach the scheduler at {dead}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(files_in(dir.path()).is_empty());
+    let o = balans(&["sql", "--scheduler", &dead, "SELECT 1"]);
+    assert!(
+        stderr(&o).contains("cannot reach the scheduler"),
+        "{}",
+        stderr(&o)
+    );
+    let o = balans(&["sql", "--scheduler", "127.0.0.1:1", "SELECT 1"]);
+    assert!(
+        stderr(&o).contains("--scheduler takes df://HOST:PORT"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The executors cannot reach the object store the client lists: the job fails with the
+    // store's error, and no output is left.
+    let server = Server::start();
+    let endpoint = server.endpoint();
+    let input = upload_plates(&endpoint, "unreachable");
+    let cluster = Cluster::start(1, &format!("http://127.0.0.1:{}", free_port()));
+    let started = Instant::now();
+    let o = balans(&[
+        "correct",
+        "--input",
+        &input,
+        "--s3-endpoint",
+        &endpoint,
+        "--batch",
+        "Metadata_Batch",
+        "--method",
+        "combat",
+        "--scheduler",
+        &cluster.url,
+        "--output",
+        arg(&output),
+    ]);
+    assert!(!o.status.success(), "{}", cluster.logs());
+    let message = stderr(&o);
+    assert!(message.contains("balans: error:"), "{message}");
+    assert!(
+        message.contains("127.0.0.1") || message.to_lowercase().contains("connect"),
+        "the error does not name the store: {message}"
+    );
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+    eprintln!(
+        "unreachable store seen from the executor: failed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
