@@ -82,7 +82,7 @@ impl PassPayload {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum NodePayload {
     /// `BalansNode`: one pass.
-    Correction(PassPayload),
+    Correction(Box<PassPayload>),
     /// `BalansPassExec`: consecutive passes.
     Passes(Vec<PassPayload>),
     /// `EvaluateNode` / `EvaluateExec`.
@@ -178,7 +178,7 @@ impl LogicalExtensionCodec for BalansLogicalCodec {
         let any = node.node.as_any();
         if let Some(balans) = any.downcast_ref::<BalansNode>() {
             encode_payload(
-                &NodePayload::Correction(PassPayload::of(balans.spec())),
+                &NodePayload::Correction(Box::new(PassPayload::of(balans.spec()))),
                 buf,
             )
         } else if let Some(evaluate) = any.downcast_ref::<EvaluateNode>() {

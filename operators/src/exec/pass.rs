@@ -50,8 +50,7 @@ impl BalansPassExec {
             ));
         };
         let mut schema = input.schema();
-        let mut pass = first.pass;
-        for spec in &specs {
+        for (pass, spec) in (first.pass..).zip(&specs) {
             if spec.pass != pass {
                 return Err(OperatorError::InvalidParameter(format!(
                     "the passes of a correction must be consecutive: expected pass {pass}, got {}",
@@ -59,7 +58,6 @@ impl BalansPassExec {
                 )));
             }
             schema = balans_output_schema(&schema, spec)?;
-            pass += 1;
         }
         Ok(Self {
             cache: plan_properties(schema, 1),
