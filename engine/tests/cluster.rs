@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 use common::seaweed::{BUCKET, Server};
 use common::{arg, balans, example_path, read, stderr, stdout};
 
+/// The tests of this file take turns: each starts a SeaweedFS server, whose port choice is
+/// not safe against a second server starting at the same moment.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A loopback port nobody listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -253,6 +257,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn jobs_on_the_cluster_give_the_single_process_results() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server = Server::start();
     let endpoint = server.endpoint();
     let input = upload_plates(&endpoint, "plates");
@@ -495,6 +500,7 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
 
 #[test]
 fn an_unreachable_scheduler_or_store_is_a_clear_error() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("out.parquet");
     // Nobody listens at the scheduler's address: an error within seconds, nothing written.
