@@ -24,7 +24,7 @@ for ((i = 0; i < files; i++)); do
               WHERE rn > $lo AND rn <= $hi) TO '$work/in/part-$i.parquet' STORED AS PARQUET" >/dev/null
 done
 
-seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>"$work/last.err" || { cat "$work/last.err" >&2; exit 1; }; e=$(date +%s.%N); echo "$e - $s" | bc; }
+seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>"$work/last.err" || { cat "$work/last.err" >&2; exit 1; }; e=$(date +%s.%N); printf '%.2f' "$(echo "$e - $s" | bc)"; }
 correct() { "$bin" --quiet correct --input "$work/in" --batch Metadata_Batch --method "$method" \
     --partitions "$files" --seed 1 --output "$1" --overwrite "${@:2}"; }
 same() {
@@ -33,7 +33,7 @@ same() {
         SELECT count(*) AS differ FROM (SELECT * FROM a EXCEPT ALL SELECT * FROM b)" | grep -q '| 0 '
 }
 
-single=$(seconds correct "$work/single.parquet")
+single=$(seconds correct "$work/single.parquet" --summary-json "$work/summary.json")
 rows=("| single process | $single | 1.00 |")
 for executors in 1 2; do
     port=$(( 40000 + RANDOM % 10000 ))
@@ -60,3 +60,5 @@ echo
 echo "| run | seconds | vs single |"
 echo "|---|---|---|"
 printf '%s\n' "${rows[@]}"
+echo
+echo "single-process stages (s): $(python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(', '.join(f\"{t['stage']} {t['seconds']:.2f}\" for t in s['stages']))" "$work/summary.json")"

@@ -430,6 +430,61 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
         stderr(&o)
     );
 
+    // The model-embedding step (EmbedNode / EmbedExec): the executors read the model
+    // directory where the client names it (one machine here).
+    let model = path("model");
+    let o = balans(&[
+        "train",
+        "--model",
+        "abra",
+        "-i",
+        &input,
+        "--s3-endpoint",
+        &endpoint,
+        "-b",
+        "Metadata_Batch",
+        "--label",
+        "Metadata_Compound",
+        "-o",
+        arg(&model),
+        "--hidden",
+        "16",
+        "--embedding",
+        "4",
+        "--epochs",
+        "2",
+        "--seed",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let embed = |output: &Path, scheduler: Option<&str>| {
+        let mut args = vec![
+            "correct",
+            "--input",
+            &input,
+            "--s3-endpoint",
+            &endpoint,
+            "--batch",
+            "Metadata_Batch",
+            "--method",
+            "embed",
+            "--model",
+            arg(&model),
+            "--output",
+            arg(output),
+        ];
+        if let Some(url) = scheduler {
+            args.extend(["--scheduler", url]);
+        }
+        balans(&args)
+    };
+    let (single, distributed) = (path("embed-single.parquet"), path("embed-cluster.parquet"));
+    let o = embed(&single, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = embed(&distributed, Some(&cluster.url));
+    assert_success(&o, &cluster);
+    assert_eq!(read(&single), read(&distributed), "embed");
+
     // A killed executor: the job completes on the other one (Ballista re-runs the lost
     // tasks) with the same values, or fails with an error; never a partial output.
     drop(cluster);

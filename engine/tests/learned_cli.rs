@@ -103,6 +103,26 @@ fn train_then_embed_from_the_command_line_and_sql() {
             .collect::<Vec<_>>()
     );
 
+    // Over several scan partitions the rows keep the input's order (files in path order).
+    let parts = dir.path().join("parts");
+    let local = create_p(&example_path());
+    for (i, range) in ["< 200", "BETWEEN 200 AND 399", ">= 400"].iter().enumerate() {
+        let o = balans(&[
+            "sql",
+            &format!(
+                "{local}; COPY (SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER () - 1 \
+                 AS rn FROM p) WHERE rn {range}) TO '{}/part-{i}.parquet' STORED AS PARQUET",
+                parts.display()
+            ),
+        ]);
+        assert_ok(&o);
+    }
+    let split = dir.path().join("split.parquet");
+    assert_ok(&correct(&parts, &split, &[&embed[..], &["--partitions", "3"]].concat()));
+    let (whole, split) = (read(&out), read(&split));
+    assert_eq!(whole.column(2), split.column(2), "Metadata_Well order");
+    assert_eq!(whole, split);
+
     // SQL: the same relation, and EXPLAIN names the operator.
     let script = format!(
         "{}; SELECT count(*) AS n, count(DISTINCT E1) AS distinct_e1 FROM \

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use balans_learned::Embedder;
+use balans_operators::exec::concat::OrderedConcatExec;
 use balans_operators::exec::embed::{EmbedExec, describe, layout, load_model, output_schema};
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef};
@@ -18,10 +19,11 @@ use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext
 use datafusion::logical_expr::{
     Expr, Extension, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
 use crate::inputs::{physical_input, single_input};
+use crate::physical::plans_for_cluster;
 
 /// `Embed: model=<dir>, features=<d>, width=<k>` over its input.
 #[derive(Debug, Clone)]
@@ -119,17 +121,23 @@ impl ExtensionPlanner for EmbedExtensionPlanner {
         node: &dyn UserDefinedLogicalNode,
         _logical_inputs: &[&LogicalPlan],
         physical_inputs: &[Arc<dyn ExecutionPlan>],
-        _session: &dyn Session,
+        session: &dyn Session,
         _planning_ctx: &PhysicalPlanningContext,
     ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         let Some(node) = node.as_any().downcast_ref::<EmbedNode>() else {
             return Ok(None);
         };
         let input = physical_input("Embed", physical_inputs)?;
-        Ok(Some(Arc::new(EmbedExec::try_new(
+        let embed: Arc<dyn ExecutionPlan> = Arc::new(EmbedExec::try_new(
             input.clone(),
             node.model_dir.clone(),
             node.model.clone(),
-        )?)))
+        )?);
+        // The output keeps the input's row order: partition 0's rows, then partition 1's, ...
+        // (a cluster's client reads the final stage's partitions in that order itself).
+        if embed.output_partitioning().partition_count() > 1 && !plans_for_cluster(session) {
+            return Ok(Some(Arc::new(OrderedConcatExec::new(embed))));
+        }
+        Ok(Some(embed))
     }
 }
