@@ -106,7 +106,10 @@ fn train_then_embed_from_the_command_line_and_sql() {
     // Over several scan partitions the rows keep the input's order (files in path order).
     let parts = dir.path().join("parts");
     let local = create_p(&example_path());
-    for (i, range) in ["< 200", "BETWEEN 200 AND 399", ">= 400"].iter().enumerate() {
+    for (i, range) in ["< 200", "BETWEEN 200 AND 399", ">= 400"]
+        .iter()
+        .enumerate()
+    {
         let o = balans(&[
             "sql",
             &format!(
@@ -118,7 +121,11 @@ fn train_then_embed_from_the_command_line_and_sql() {
         assert_ok(&o);
     }
     let split = dir.path().join("split.parquet");
-    assert_ok(&correct(&parts, &split, &[&embed[..], &["--partitions", "3"]].concat()));
+    assert_ok(&correct(
+        &parts,
+        &split,
+        &[&embed[..], &["--partitions", "3"]].concat(),
+    ));
     let (whole, split) = (read(&out), read(&split));
     assert_eq!(whole.column(2), split.column(2), "Metadata_Well order");
     assert_eq!(whole, split);
