@@ -2,14 +2,14 @@
 # Single process against a local Balans cluster (Ballista) of 1 and 2 executors, on the
 # synthetic workload; prints a Markdown table (BENCHMARKS.md, "Cluster").
 #
-#   docs/cluster_bench.sh BALANS_BINARY ROWS FEATURES [FILES] [METHOD]
+#   docs/cluster_bench.sh BALANS_BINARY ROWS FEATURES [FILES] [METHOD] [SHUFFLE_COMPRESSION]
 #
 # BALANS_BINARY must be built with the `cluster` feature
 # (cargo build --release -p balans-engine --features cluster). The table is written as FILES
 # Parquet files of consecutive rows (the scan's partitions; default 4). Every run is checked
 # to give the single process's values (the Parquet files are compared with `balans sql`).
 set -euo pipefail
-bin="$(realpath "$1")"; n="$2"; d="$3"; files="${4:-4}"; method="${5:-balans}"
+bin="$(realpath "$1")"; n="$2"; d="$3"; files="${4:-4}"; method="${5:-balans}"; codec="${6:-lz4}"
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -47,7 +47,8 @@ for executors in 1 2; do
         pids+=($!)
     done
     sleep 3
-    t=$(seconds correct "$work/cluster$executors.parquet" --scheduler "df://127.0.0.1:$port")
+    t=$(seconds correct "$work/cluster$executors.parquet" --scheduler "df://127.0.0.1:$port" \
+        --shuffle-compression "$codec")
     same "$work/single.parquet" "$work/cluster$executors.parquet" \
         || { echo "cluster of $executors: values differ" >&2; exit 1; }
     rows+=("| cluster, $executors executor(s) | $t | $(echo "scale=2; $t / $single" | bc) |")
@@ -55,7 +56,7 @@ for executors in 1 2; do
     wait 2>/dev/null || true
     pids=()
 done
-echo "$method, $n x $d, $files files, $(nproc) cores, $(date -u +%F)"
+echo "$method, $n x $d, $files files, shuffle $codec, $(nproc) cores, $(date -u +%F)"
 echo
 echo "| run | seconds | vs single |"
 echo "|---|---|---|"

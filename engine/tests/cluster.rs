@@ -289,6 +289,9 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
             args.extend(extra.iter().copied());
             if let Some(url) = scheduler {
                 args.extend(["--scheduler", url]);
+                if method == "combat" {
+                    args.extend(["--shuffle-compression", "none"]);
+                }
             }
             balans(&args)
         };

@@ -196,11 +196,31 @@ pub struct ClusterArgs {
     /// unreachable scheduler is an error, never a silent local run.
     #[arg(long, value_name = "df://HOST:PORT")]
     pub scheduler: Option<String>,
+    /// Compression of the cluster's shuffle files (Ballista's default: lz4). `none` saves
+    /// CPU when executors share a machine or a fast network.
+    #[arg(long, value_enum, requires = "scheduler")]
+    pub shuffle_compression: Option<ShuffleCompression>,
+}
+
+/// Codecs of Ballista's shuffle files.
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum ShuffleCompression {
+    Lz4,
+    Zstd,
+    None,
 }
 
 impl ClusterArgs {
     /// The session of a command: local, or connected to the cluster.
     pub async fn session(&self, settings: &SessionSettings) -> Result<SessionContext> {
-        balans_engine::session::open_session(settings, self.scheduler.as_deref()).await
+        let ctx = balans_engine::session::open_session(settings, self.scheduler.as_deref()).await?;
+        if let Some(codec) = self.shuffle_compression {
+            let name = format!("{codec:?}").to_lowercase();
+            ctx.sql(&format!(
+                "SET ballista.shuffle.compression.codec = '{name}'"
+            ))
+            .await?;
+        }
+        Ok(ctx)
     }
 }
