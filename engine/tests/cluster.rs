@@ -595,6 +595,21 @@ fn an_unreachable_scheduler_or_store_is_a_clear_error() {
         "{}",
         stderr(&o)
     );
+    // An executor on every interface must say how the others reach it.
+    let o = balans(&[
+        "cluster",
+        "executor",
+        "--scheduler",
+        "127.0.0.1:1",
+        "--bind",
+        "0.0.0.0:0",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--external-host NAME"),
+        "{}",
+        stderr(&o)
+    );
 
     // The executors cannot reach the object store the client lists: the job fails with the
     // store's error, and no output is left.

@@ -171,6 +171,13 @@ pub async fn start_scheduler(options: &SchedulerOptions) -> Result<RunningSchedu
 pub async fn run_executor(options: &ExecutorOptions) -> Result<()> {
     let (scheduler_host, scheduler_port) = parse_host_port(&options.scheduler, "--scheduler")?;
     let (bind_host, port) = parse_host_port(&options.bind, "--bind")?;
+    let wildcard = matches!(bind_host.as_str(), "0.0.0.0" | "::");
+    if wildcard && options.external_host.is_none() {
+        return Err(BalansError::InvalidArgument(format!(
+            "an executor bound to {bind_host} needs --external-host NAME: the host name the \
+             scheduler, the other executors and the clients reach it by"
+        )));
+    }
     let grpc_port = options.grpc_port.unwrap_or(port.wrapping_add(1));
     let work_dir = match &options.work_dir {
         Some(dir) => {
