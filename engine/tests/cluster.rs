@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::seaweed::{BUCKET, Server};
 use common::{arg, balans, example_path, read, stderr, stdout};
+use datafusion::arrow::array::RecordBatch;
 
 /// The tests of this file take turns: each starts a SeaweedFS server, whose port choice is
 /// not safe against a second server starting at the same moment.
@@ -244,6 +245,43 @@ fn assert_success(o: &Output, cluster: &Cluster) {
     );
 }
 
+/// Runs `balans ARGS --output DIR/NAME-single.parquet` here and `balans ARGS
+/// --output DIR/NAME-cluster.parquet --scheduler URL CLUSTER_ARGS`; returns both outputs and
+/// the cluster run's process output.
+#[track_caller]
+fn here_and_on(
+    cluster: &Cluster,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    cluster_args: &[&str],
+) -> (RecordBatch, RecordBatch, Output) {
+    let single = dir.join(format!("{name}-single.parquet"));
+    let distributed = dir.join(format!("{name}-cluster.parquet"));
+    let o = balans(&[args, &["--output", arg(&single)]].concat());
+    assert!(o.status.success(), "{name}: {}", stderr(&o));
+    let o = balans(
+        &[
+            args,
+            &["--output", arg(&distributed), "--scheduler", &cluster.url],
+            cluster_args,
+        ]
+        .concat(),
+    );
+    assert_success(&o, cluster);
+    (read(&single), read(&distributed), o)
+}
+
+/// What `balans ARGS` prints here and with `--scheduler URL`.
+#[track_caller]
+fn printed_here_and_on(cluster: &Cluster, args: &[&str]) -> (String, String) {
+    let single = balans(args);
+    assert!(single.status.success(), "{}", stderr(&single));
+    let o = balans(&[args, &["--scheduler", &cluster.url]].concat());
+    assert_success(&o, cluster);
+    (stdout(&single), stdout(&o))
+}
+
 /// The files in `dir` (no temporary or partial files beside an output).
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -270,43 +308,31 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
         ("balans", vec!["--seed", "3", "--k", "10"]),
         ("combat", vec![]),
     ] {
-        let correct = |output: &Path, scheduler: Option<&str>| {
-            let mut args = vec![
-                "correct",
-                "--input",
-                &input,
-                "--s3-endpoint",
-                &endpoint,
-                "--batch",
-                "Metadata_Batch",
-                "--method",
-                method,
-                "--partitions",
-                "3",
-                "--output",
-                arg(output),
-            ];
-            args.extend(extra.iter().copied());
-            if let Some(url) = scheduler {
-                args.extend(["--scheduler", url]);
-                if method == "combat" {
-                    args.extend(["--shuffle-compression", "none"]);
-                }
-            }
-            balans(&args)
+        let mut args = vec![
+            "correct",
+            "--input",
+            &input,
+            "--s3-endpoint",
+            &endpoint,
+            "--batch",
+            "Metadata_Batch",
+            "--method",
+            method,
+            "--partitions",
+            "3",
+        ];
+        args.extend(extra);
+        let cluster_args: &[&str] = if method == "combat" {
+            &["--shuffle-compression", "none"]
+        } else {
+            &[]
         };
-        let single = path(&format!("{method}-single.parquet"));
-        let distributed = path(&format!("{method}-cluster.parquet"));
-        let o = correct(&single, None);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let o = correct(&distributed, Some(&cluster.url));
-        assert_success(&o, &cluster);
+        let (a, b, o) = here_and_on(&cluster, out.path(), method, &args, cluster_args);
         assert!(
             stderr(&o).contains("corrected on the cluster"),
             "{}",
             stderr(&o)
         );
-        let (a, b) = (read(&single), read(&distributed));
         assert!(a.num_rows() > 300, "{}", a.num_rows());
         assert_eq!(a, b, "{method}: the cluster's output differs");
     }
@@ -324,69 +350,49 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
         "{table}; SELECT * FROM balans((SELECT * FROM p), batch => 'Metadata_Batch', k => 10, \
          seed => 5)"
     );
-    let sql_to = |output: &Path, scheduler: Option<&str>| {
-        let mut args = vec![
-            "sql",
-            "--s3-endpoint",
-            &endpoint,
-            "--output",
-            arg(output),
-            &script,
-        ];
-        if let Some(url) = scheduler {
-            args.extend(["--scheduler", url]);
-        }
-        balans(&args)
-    };
-    let (single, distributed) = (path("sql-single.parquet"), path("sql-cluster.parquet"));
-    assert!(sql_to(&single, None).status.success());
-    let o = sql_to(&distributed, Some(&cluster.url));
-    assert_success(&o, &cluster);
-    assert_eq!(read(&single), read(&distributed), "balans((SELECT ...))");
+    let (a, b, _) = here_and_on(
+        &cluster,
+        out.path(),
+        "sql",
+        &["sql", "--s3-endpoint", &endpoint, &script],
+        &[],
+    );
+    assert_eq!(a, b, "balans((SELECT ...))");
 
     let evaluate = format!(
         "{table}; SELECT metric, kind, value FROM evaluate((SELECT * FROM p), \
          batch => 'Metadata_Batch', label => 'Metadata_MoA', skip => 'kbet,classifier') \
          ORDER BY metric"
     );
-    let single = balans(&["sql", "--s3-endpoint", &endpoint, &evaluate]);
-    assert!(single.status.success(), "{}", stderr(&single));
-    let o = balans(&[
-        "sql",
-        "--s3-endpoint",
-        &endpoint,
-        "--scheduler",
-        &cluster.url,
-        &evaluate,
-    ]);
-    assert_success(&o, &cluster);
-    assert!(stdout(&single).contains("bio_score"), "{}", stdout(&single));
-    assert_eq!(stdout(&single), stdout(&o), "evaluate((SELECT ...))");
+    let (single, o) =
+        printed_here_and_on(&cluster, &["sql", "--s3-endpoint", &endpoint, &evaluate]);
+    assert!(single.contains("bio_score"), "{single}");
+    assert_eq!(single, o, "evaluate((SELECT ...))");
 
     // `balans evaluate` and `balans preprocess` read through the cluster.
-    let eval_args = [
-        "evaluate",
-        "--input",
-        &input,
-        "--s3-endpoint",
-        &endpoint,
-        "--batch",
-        "Metadata_Batch",
-        "--label",
-        "Metadata_MoA",
-        "--skip",
-        "kbet,classifier",
-    ];
-    let single = balans(&eval_args);
-    assert!(single.status.success(), "{}", stderr(&single));
-    let mut args = eval_args.to_vec();
-    args.extend(["--scheduler", &cluster.url]);
-    let o = balans(&args);
-    assert_success(&o, &cluster);
-    assert_eq!(stdout(&single), stdout(&o), "balans evaluate");
+    let (single, o) = printed_here_and_on(
+        &cluster,
+        &[
+            "evaluate",
+            "--input",
+            &input,
+            "--s3-endpoint",
+            &endpoint,
+            "--batch",
+            "Metadata_Batch",
+            "--label",
+            "Metadata_MoA",
+            "--skip",
+            "kbet,classifier",
+        ],
+    );
+    assert_eq!(single, o, "balans evaluate");
 
-    let preprocess = |output: &Path, scheduler: Option<&str>| {
-        let mut args = vec![
+    let (a, b, _) = here_and_on(
+        &cluster,
+        out.path(),
+        "pp",
+        &[
             "preprocess",
             "--input",
             &input,
@@ -400,20 +406,10 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
             "Metadata_Well",
             "--normalize",
             "mad-robustize",
-            "--output",
-            arg(output),
-        ];
-        if let Some(url) = scheduler {
-            args.extend(["--scheduler", url]);
-        }
-        balans(&args)
-    };
-    let (single, distributed) = (path("pp-single.parquet"), path("pp-cluster.parquet"));
-    let o = preprocess(&single, None);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = preprocess(&distributed, Some(&cluster.url));
-    assert_success(&o, &cluster);
-    assert_eq!(read(&single), read(&distributed), "balans preprocess");
+        ],
+        &[],
+    );
+    assert_eq!(a, b, "balans preprocess");
 
     // preprocess(...) in SQL cannot run on a cluster: a clear error.
     let o = balans(&[
@@ -460,8 +456,11 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
         "4",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let embed = |output: &Path, scheduler: Option<&str>| {
-        let mut args = vec![
+    let (a, b, _) = here_and_on(
+        &cluster,
+        out.path(),
+        "embed",
+        &[
             "correct",
             "--input",
             &input,
@@ -473,20 +472,10 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
             "embed",
             "--model",
             arg(&model),
-            "--output",
-            arg(output),
-        ];
-        if let Some(url) = scheduler {
-            args.extend(["--scheduler", url]);
-        }
-        balans(&args)
-    };
-    let (single, distributed) = (path("embed-single.parquet"), path("embed-cluster.parquet"));
-    let o = embed(&single, None);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = embed(&distributed, Some(&cluster.url));
-    assert_success(&o, &cluster);
-    assert_eq!(read(&single), read(&distributed), "embed");
+        ],
+        &[],
+    );
+    assert_eq!(a, b, "embed");
 
     // A killed executor: the job completes on the other one (Ballista re-runs the lost
     // tasks) with the same values, or fails with an error; never a partial output.
