@@ -194,8 +194,8 @@ fn slt_files() -> Vec<PathBuf> {
     files
 }
 
-#[tokio::test]
-async fn sqllogictest_files_pass() {
+/// `sql` with `${EXAMPLE}` and `${SHARED}` replaced by their paths.
+fn expand(sql: &str) -> String {
     let example = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/data/bbbc021.parquet")
         .canonicalize()
@@ -203,6 +203,12 @@ async fn sqllogictest_files_pass() {
     let shared = std::env::var_os("BALANS_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    sql.replace("${EXAMPLE}", &example.display().to_string())
+        .replace("${SHARED}", &shared.display().to_string())
+}
+
+#[tokio::test]
+async fn sqllogictest_files_pass() {
     let files = slt_files();
     assert!(!files.is_empty(), "no .slt files in tests/slt");
     let mut failures = Vec::new();
@@ -212,10 +218,7 @@ async fn sqllogictest_files_pass() {
         let ctx = build_session(&SessionSettings::default()).unwrap();
         let text = std::fs::read_to_string(file).unwrap();
         for mut record in parse(&text) {
-            record.sql = record
-                .sql
-                .replace("${EXAMPLE}", &example.display().to_string())
-                .replace("${SHARED}", &shared.display().to_string());
+            record.sql = expand(&record.sql);
             count += 1;
             if let Err(message) = run_record(&ctx, &record).await {
                 failures.push(format!(
@@ -268,13 +271,6 @@ async fn every_slt_plan_round_trips_through_the_cluster_codecs() {
     };
     use std::sync::Arc;
 
-    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/data/bbbc021.parquet")
-        .canonicalize()
-        .unwrap();
-    let shared = std::env::var_os("BALANS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     let logical_codec = BalansLogicalCodec::new(Arc::new(NoProgress));
     let physical_codec = BalansPhysicalCodec::new(Arc::new(NoProgress));
     let scheduler = scheduler_session().unwrap();
@@ -286,10 +282,7 @@ async fn every_slt_plan_round_trips_through_the_cluster_codecs() {
         // (Ballista runs no CREATE TABLE), so queries over them are not sent.
         let mut memory_tables: Vec<String> = Vec::new();
         for record in parse(&std::fs::read_to_string(&file).unwrap()) {
-            let sql = record
-                .sql
-                .replace("${EXAMPLE}", &example.display().to_string())
-                .replace("${SHARED}", &shared.display().to_string());
+            let sql = expand(&record.sql);
             let head = sql.trim_start().to_ascii_uppercase();
             let query = head.starts_with("SELECT") || head.starts_with("WITH");
             let at = format!(

@@ -86,17 +86,24 @@ impl Default for ExecutorOptions {
     }
 }
 
-/// A Balans session state for the scheduler's planning: the client's configuration (it
-/// arrives with every job), the Balans planner in cluster mode ([`ClusterPlanning`]), the SQL
-/// functions and the object stores of `settings`.
+/// A Balans session state (planners, relations, SQL functions) over `config`, with the
+/// object stores of `settings`.
+fn session_state(
+    config: SessionConfig,
+    settings: &SessionSettings,
+) -> datafusion::error::Result<SessionState> {
+    let runtime = runtime_env(settings).map_err(|e| e.into_datafusion("runtime"))?;
+    let (state, relations) = balans_state(config, runtime);
+    Ok(finish_context(SessionContext::new_with_state(state), relations).state())
+}
+
+/// The scheduler's planning state: the client's configuration (it arrives with every job)
+/// and the Balans planner in cluster mode ([`ClusterPlanning`]).
 fn scheduler_state(
     config: SessionConfig,
     settings: &SessionSettings,
 ) -> datafusion::error::Result<SessionState> {
-    let config = config.with_extension(Arc::new(ClusterPlanning));
-    let runtime = runtime_env(settings).map_err(|e| e.into_datafusion("runtime"))?;
-    let (state, relations) = balans_state(config, runtime);
-    Ok(finish_context(SessionContext::new_with_state(state), relations).state())
+    session_state(config.with_extension(Arc::new(ClusterPlanning)), settings)
 }
 
 /// A session that plans as the cluster's scheduler does (cluster mode, our codecs): for
@@ -138,7 +145,7 @@ pub async fn start_scheduler(options: &SchedulerOptions) -> Result<RunningSchedu
         .map_err(|e| BalansError::InvalidArgument(format!("cannot listen: {e}")))?;
     let settings = options.settings.clone();
     let planning = options.settings.clone();
-    let progress = Arc::new(LogProgress);
+    let base = cluster_config(&settings);
     let config = SchedulerConfig {
         bind_host: host.clone(),
         external_host: host,
@@ -147,9 +154,9 @@ pub async fn start_scheduler(options: &SchedulerOptions) -> Result<RunningSchedu
         expire_dead_executor_interval_seconds: (options.executor_timeout.as_secs() / 3).max(1),
         no_executors_grace_period_seconds: options.executor_timeout.as_secs().max(1),
         override_session_builder: Some(Arc::new(move |config| scheduler_state(config, &planning))),
+        override_logical_codec: Some(base.ballista_logical_extension_codec()),
+        override_physical_codec: Some(base.ballista_physical_extension_codec()),
         override_config_producer: Some(Arc::new(move || cluster_config(&settings))),
-        override_logical_codec: Some(Arc::new(BalansLogicalCodec::new(progress.clone()))),
-        override_physical_codec: Some(Arc::new(BalansPhysicalCodec::new(progress))),
         ..SchedulerConfig::default()
     };
     let config = Arc::new(config);
@@ -192,21 +199,15 @@ pub async fn run_executor(options: &ExecutorOptions) -> Result<()> {
         None => None,
     };
     let settings = options.settings.clone();
-    let state_settings = settings.clone();
     let runtime_settings = SessionSettings {
         // The executor sizes a memory pool per task from `memory_pool_size`.
         memory_limit: None,
         temp_dir: options.work_dir.clone(),
         ..settings.clone()
     };
+    let base = cluster_config(&settings);
     // Our functions, for the tasks' plans (they are resolved by name).
-    let registry = {
-        let runtime = runtime_env(&state_settings)?;
-        let (state, relations) = balans_state(cluster_config(&state_settings), runtime);
-        let ctx = finish_context(SessionContext::new_with_state(state), relations);
-        Arc::new(BallistaFunctionRegistry::from(&ctx.state()))
-    };
-    let progress = Arc::new(LogProgress);
+    let registry = BallistaFunctionRegistry::from(&session_state(base.clone(), &settings)?);
     let config = ExecutorProcessConfig {
         bind_host: bind_host.clone(),
         external_host: Some(options.external_host.clone().unwrap_or(bind_host)),
@@ -219,13 +220,13 @@ pub async fn run_executor(options: &ExecutorOptions) -> Result<()> {
         work_dir,
         executor_heartbeat_interval_seconds: options.heartbeat.as_secs().max(1),
         memory_pool_size: settings.memory_limit.map(|m| m as u64),
-        override_function_registry: Some(registry),
+        override_function_registry: Some(Arc::new(registry)),
         override_config_producer: Some(Arc::new(move || cluster_config(&settings))),
         override_runtime_producer: Some(Arc::new(move |_config: &SessionConfig| {
             runtime_env(&runtime_settings).map_err(|e| e.into_datafusion("runtime"))
         })),
-        override_logical_codec: Some(Arc::new(BalansLogicalCodec::new(progress.clone()))),
-        override_physical_codec: Some(Arc::new(BalansPhysicalCodec::new(progress))),
+        override_logical_codec: Some(base.ballista_logical_extension_codec()),
+        override_physical_codec: Some(base.ballista_physical_extension_codec()),
         print_thread_info: false,
         ..ExecutorProcessConfig::default()
     };

@@ -233,6 +233,14 @@ pub async fn run(a: CorrectArgs, quiet: bool) -> Result<()> {
             "--json and --report of `correct` need --evaluate".into(),
         ));
     }
+    let auto = a.strength.as_deref().map(str::trim) == Some("auto");
+    if a.cluster.scheduler.is_some() && (auto || a.evaluate) {
+        return Err(BalansError::InvalidArgument(
+            "--strength auto and --evaluate run on this machine: leave them out with \
+             --scheduler (evaluate the output with `balans evaluate --scheduler ...`)"
+                .into(),
+        ));
+    }
     let ctx = a.cluster.session(&a.session.settings()?).await?;
     let progress = Arc::new(TerminalProgress::new(quiet));
     let request = CorrectRequest {
@@ -267,14 +275,6 @@ pub async fn run(a: CorrectArgs, quiet: bool) -> Result<()> {
             (_, None) => None,
         },
     };
-    let auto = a.strength.as_deref().map(str::trim) == Some("auto");
-    if a.cluster.scheduler.is_some() && (auto || a.evaluate) {
-        return Err(BalansError::InvalidArgument(
-            "--strength auto and --evaluate run on this machine: leave them out with \
-             --scheduler (evaluate the output with `balans evaluate --scheduler ...`)"
-                .into(),
-        ));
-    }
     if auto && a.iterations.is_some() {
         return Err(BalansError::InvalidArgument(
             "--strength auto chooses the passes too: leave out --iterations".into(),
