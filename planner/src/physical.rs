@@ -5,6 +5,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use balans_operators::exec::cluster::{
+    cluster_next_pass, cluster_pass, distributes, finish_cluster_plan,
+};
 use balans_operators::exec::correction_node;
 use balans_operators::exec::pass::BalansPassExec;
 use datafusion::catalog::Session;
@@ -23,9 +26,11 @@ use crate::node::BalansNode;
 use crate::preprocess::PreprocessExtensionPlanner;
 
 /// Marks a session that plans for a cluster (a [`SessionConfig`] extension, set by the
-/// cluster scheduler's sessions): a correction is then planned as one [`BalansPassExec`] over
-/// `CoalescePartitionsExec(input)` instead of the operator chain, because the chain's steps
-/// share the pass's working files on one machine (see `balans_operators::exec::pass`).
+/// cluster scheduler's sessions): the chain's steps share the pass's working files on one
+/// machine, so a correction is planned instead as stages of tasks that each rebuild their
+/// partition's spool (`balans_operators::exec::cluster`), or, for Harmony and chained passes
+/// (and inputs other than file scans), as one [`BalansPassExec`] over
+/// `CoalescePartitionsExec(input)` (see `balans_operators::exec::pass`).
 ///
 /// [`SessionConfig`]: datafusion::prelude::SessionConfig
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,6 +68,16 @@ impl ExtensionPlanner for BalansExtensionPlanner {
         if !plans_for_cluster(session) {
             return Ok(Some(correction_node(input.clone(), spec)?));
         }
+        // BALANS, ComBat, sphering: every per-partition step a stage of tasks; a later pass
+        // continues the stages of the passes before it.
+        if distributes(&spec) {
+            if let Some(plan) = cluster_next_pass(input, spec.clone())? {
+                return Ok(Some(plan));
+            }
+            if spec.pass == 1 {
+                return Ok(Some(cluster_pass(input.clone(), vec![spec], None)?));
+            }
+        }
         // The next pass of a correction joins the operator of the passes below it.
         if let Some(below) = input.downcast_ref::<BalansPassExec>()
             && below.specs().last().map(|s| s.pass + 1) == Some(spec.pass)
@@ -89,13 +104,18 @@ impl QueryPlanner for BalansQueryPlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        DefaultPhysicalPlanner::with_extension_planners(vec![
+        let plan = DefaultPhysicalPlanner::with_extension_planners(vec![
             Arc::new(BalansExtensionPlanner),
             Arc::new(EvaluateExtensionPlanner),
             Arc::new(PreprocessExtensionPlanner),
             Arc::new(EmbedExtensionPlanner),
         ])
         .create_physical_plan(logical_plan, session)
-        .await
+        .await?;
+        if plans_for_cluster(session) {
+            // After the optimizer, which would remove the stage boundaries above global steps.
+            return Ok(finish_cluster_plan(plan)?);
+        }
+        Ok(plan)
     }
 }

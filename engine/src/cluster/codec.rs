@@ -4,7 +4,7 @@
 //!
 //! | travels as | logical (client → scheduler) | physical (scheduler → executors) |
 //! |---|---|---|
-//! | a correction | `BalansNode` (one per pass) | `BalansPassExec` (the passes) |
+//! | a correction | `BalansNode` (one per pass) | `BalansTaskExec` / `BalansMergeExec` / `BalansGatherExec` (stages), or `BalansPassExec` (the passes as one task) |
 //! | `evaluate(...)` | `EvaluateNode` | `EvaluateExec` |
 //! | a model embedding | `EmbedNode` | `EmbedExec` (the model directory is read where it runs) |
 //! | a profile table | `FileListTable` (file list, schema, format) | Ballista's `DataSourceExec` |
@@ -19,6 +19,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use balans_operators::exec::cluster::{
+    BalansGatherExec, BalansMergeExec, BalansTaskExec, MergeStep, TaskStep,
+};
 use balans_operators::exec::concat::OrderedConcatExec;
 use balans_operators::exec::embed::{EmbedExec, load_model};
 use balans_operators::exec::evaluate::{EvaluateExec, EvaluateSpec};
@@ -91,6 +94,26 @@ enum NodePayload {
     Embed(PathBuf),
     /// `OrderedConcatExec`.
     OrderedConcat,
+    /// `BalansTaskExec`: a per-partition step of a pass planned as stages.
+    Task {
+        /// The passes (the step belongs to the last).
+        passes: Vec<PassPayload>,
+        /// The step.
+        step: TaskStep,
+        /// The pass's partitions.
+        partitions: usize,
+        /// Whether it has a next input.
+        has_next: bool,
+    },
+    /// `BalansMergeExec`: a global step of a pass planned as stages.
+    Merge {
+        /// The pass.
+        pass: Box<PassPayload>,
+        /// The step.
+        step: MergeStep,
+    },
+    /// `BalansGatherExec`.
+    Gather,
 }
 
 fn encode_payload(payload: &NodePayload, buf: &mut Vec<u8>) -> Result<()> {
@@ -297,6 +320,30 @@ impl PhysicalExtensionCodec for BalansPhysicalCodec {
                 inputs,
                 "OrderedConcatExec",
             )?)),
+            NodePayload::Task {
+                passes,
+                step,
+                partitions,
+                has_next,
+            } => Arc::new(BalansTaskExec::from_children(
+                step,
+                passes
+                    .into_iter()
+                    .map(|p| p.into_spec(self.progress.clone()))
+                    .collect(),
+                partitions,
+                has_next,
+                inputs.to_vec(),
+            )?),
+            NodePayload::Merge { pass, step } => Arc::new(BalansMergeExec::new(
+                step,
+                pass.into_spec(self.progress.clone()),
+                one_input(inputs, "BalansMergeExec")?,
+            )),
+            NodePayload::Gather => Arc::new(BalansGatherExec::new(one_input(
+                inputs,
+                "BalansGatherExec",
+            )?)),
             NodePayload::Correction(_) => {
                 return Err(DataFusionError::Internal(
                     "a logical correction node reached the physical codec".into(),
@@ -320,12 +367,29 @@ impl PhysicalExtensionCodec for BalansPhysicalCodec {
             encode_payload(&NodePayload::Embed(embed.model_dir().to_path_buf()), buf)
         } else if node.is::<OrderedConcatExec>() {
             encode_payload(&NodePayload::OrderedConcat, buf)
+        } else if let Some(task) = node.downcast_ref::<BalansTaskExec>() {
+            let payload = NodePayload::Task {
+                passes: task.specs().iter().map(PassPayload::of).collect(),
+                step: task.step(),
+                partitions: task.partitions(),
+                has_next: task.has_next(),
+            };
+            encode_payload(&payload, buf)
+        } else if let Some(merge) = node.downcast_ref::<BalansMergeExec>() {
+            let payload = NodePayload::Merge {
+                pass: Box::new(PassPayload::of(merge.spec())),
+                step: merge.step(),
+            };
+            encode_payload(&payload, buf)
+        } else if node.is::<BalansGatherExec>() {
+            encode_payload(&NodePayload::Gather, buf)
         } else if node.is::<PreprocessExec>() {
             Err(preprocess_error())
         } else if node.name().starts_with("Balans") {
             Err(DataFusionError::Plan(format!(
                 "{} is a step of a correction planned for one machine; a cluster's scheduler \
-                 plans a correction as BalansPassExec (its sessions carry ClusterPlanning)",
+                 plans a correction as stages or BalansPassExec (its sessions carry \
+                 ClusterPlanning)",
                 node.name()
             )))
         } else {
@@ -342,6 +406,7 @@ mod tests {
     use crate::session::{SessionSettings, build_session};
     use crate::source::{FeatureSelection, SourceOptions, register_profiles};
     use balans_operators::{Method, NoProgress};
+    use datafusion::common::tree_node::TreeNode;
     use datafusion::physical_plan::{ExecutionPlanProperties, displayable};
     use datafusion_proto::bytes::{
         logical_plan_from_bytes_with_extension_codec, logical_plan_to_bytes_with_extension_codec,
@@ -355,8 +420,9 @@ mod tests {
         )
     }
 
-    /// Every plan `balans correct` makes (each method, anchors, two passes) survives both
-    /// codecs, and the scheduler plans it as one `BalansPassExec` over a coalesced scan.
+    /// Every plan `balans correct` makes (each method, anchors) survives both codecs; the
+    /// scheduler plans BALANS, ComBat and sphering as stages of tasks, Harmony as one
+    /// `BalansPassExec` over a coalesced scan.
     #[tokio::test]
     async fn the_plans_of_balans_correct_round_trip() {
         let ctx = build_session(&SessionSettings::default()).unwrap();
@@ -421,11 +487,42 @@ mod tests {
                 .create_physical_plan(&decoded)
                 .await
                 .unwrap();
-            let pass = planned.downcast_ref::<BalansPassExec>().unwrap_or_else(|| {
-                panic!("{method}: {}", displayable(planned.as_ref()).indent(true))
-            });
-            assert_eq!(pass.specs().len(), request.config.passes(), "{method}");
-            assert_eq!(pass.specs()[0].config, request.config);
+            let shown = displayable(planned.as_ref()).indent(true).to_string();
+            if method == Method::Harmony {
+                // Harmony's global step needs every row: the pass is one task.
+                let pass = planned
+                    .downcast_ref::<BalansPassExec>()
+                    .unwrap_or_else(|| panic!("{method}: {shown}"));
+                assert_eq!(pass.specs().len(), request.config.passes(), "{method}");
+                assert_eq!(pass.specs()[0].config, request.config);
+            } else {
+                // Stages: every task step over the scan, a boundary above every global step,
+                // the leaf-summing steps with the scan shifted by a partition.
+                assert!(planned.is::<BalansGatherExec>(), "{method}: {shown}");
+                let mut steps = Vec::new();
+                planned
+                    .apply(|node| {
+                        if let Some(task) = node.downcast_ref::<BalansTaskExec>() {
+                            assert_eq!(task.spec().config, request.config);
+                            assert_eq!(task.has_next(), task.step().reads_next(), "{shown}");
+                            if task.has_state() {
+                                assert!(task.children()[task.children().len() - 1]
+                                    .is::<datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec>());
+                            }
+                            steps.push(task.step().name());
+                        }
+                        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                    })
+                    .unwrap();
+                let middle = match method {
+                    Method::ComBat => "moments",
+                    Method::Sphering => "sphering-partial",
+                    _ => "smooth-partial",
+                };
+                assert_eq!(steps.first(), Some(&"apply"), "{shown}");
+                assert_eq!(steps.last(), Some(&"ingest"), "{shown}");
+                assert!(steps.contains(&middle), "{method}: {shown}");
+            }
             let bytes =
                 physical_plan_to_bytes_with_extension_codec(planned.clone(), &physical).unwrap();
             let back =

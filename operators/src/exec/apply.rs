@@ -210,7 +210,7 @@ fn assemble(
 }
 
 /// Computes and sends the corrected rows of partition `i`.
-fn write_partition(
+pub(crate) fn write_partition(
     ctx: &PassContext,
     i: usize,
     tx: &tokio::sync::mpsc::Sender<DFResult<RecordBatch>>,

@@ -131,7 +131,7 @@ impl ReducedPartition {
 }
 
 /// What the profile step learnt about the whole input.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Profile {
     /// Rows in all partitions.
     pub rows: usize,
@@ -208,7 +208,7 @@ impl Profile {
 }
 
 /// The landmarks of a pass and where they came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LandmarkSet {
     /// Landmark rows in sampling order (`index` is into the batch-grouped sample).
     pub landmarks: Vec<Landmark>,
@@ -343,6 +343,9 @@ pub struct PassContext {
     written: AtomicUsize,
     uncovered: AtomicUsize,
     nnz: AtomicUsize,
+    /// A cluster task's context: it spools only the partitions its task reads (its own and
+    /// the head of the next ones), so row views are windows of the global row order.
+    task_window: bool,
     /// Set when a step fails or is cancelled: the other steps stop at their next check.
     pub abort: CancelFlag,
 }
@@ -382,7 +385,23 @@ impl PassContext {
             written: AtomicUsize::new(0),
             uncovered: AtomicUsize::new(0),
             nnz: AtomicUsize::new(0),
+            task_window: false,
             abort: CancelFlag::default(),
+        }
+    }
+
+    /// A context for one cluster task of a pass over `partitions` partitions: it holds the
+    /// partitions the task spools and the global products it is given (see
+    /// [`PassContext::import_products`]); row views start at its first spooled partition.
+    pub fn for_task(
+        spec: BalansSpec,
+        input_schema: SchemaRef,
+        schema: SchemaRef,
+        partitions: usize,
+    ) -> Self {
+        Self {
+            task_window: true,
+            ..Self::new(spec, input_schema, schema, partitions)
         }
     }
 
@@ -541,30 +560,66 @@ impl PassContext {
         let _ = self.reduced[i].set(Arc::new(part));
     }
 
-    /// The features of every row, global row order.
+    /// The partitions row views cover: every partition, or in a task context the spooled run
+    /// starting at its first spooled partition.
+    fn row_partitions(&self) -> Result<std::ops::Range<usize>> {
+        if !self.task_window {
+            return Ok(0..self.partitions);
+        }
+        let first = (0..self.partitions)
+            .find(|&i| self.spool[i].get().is_some())
+            .ok_or_else(|| missing("the spooled input"))?;
+        let end = (first..self.partitions)
+            .find(|&i| self.spool[i].get().is_none())
+            .unwrap_or(self.partitions);
+        Ok(first..end)
+    }
+
+    /// Wraps `blocks` (rows of `parts`) as a view indexed by global row.
+    fn row_view<'a>(
+        &self,
+        parts: std::ops::Range<usize>,
+        blocks: Vec<&'a [f32]>,
+        p: usize,
+    ) -> Result<RowBlocks<'a>> {
+        if !self.task_window {
+            return Ok(RowBlocks::new(blocks, p));
+        }
+        let profile = self.profile()?;
+        Ok(RowBlocks::window(
+            profile.partition_start[parts.start],
+            blocks,
+            p,
+            profile.rows,
+        ))
+    }
+
+    /// The features of every row, global row order (in a task context: of its spooled rows).
     pub fn feature_rows(&self) -> Result<RowBlocks<'_>> {
         let d = self.spec.features.len();
+        let parts = self.row_partitions()?;
         let mut blocks = Vec::new();
-        for i in 0..self.partitions {
+        for i in parts.clone() {
             let (_, b) = self.spool(i)?.features.matrix_blocks()?;
             blocks.extend(b);
         }
-        Ok(RowBlocks::new(blocks, d))
+        self.row_view(parts, blocks, d)
     }
 
     /// The coordinates distances are computed on, global row order: the reduced files when the
     /// reduce step wrote them, else the features.
     pub fn distance_rows(&self) -> Result<RowBlocks<'_>> {
-        if self.reduced.first().is_some_and(|r| r.get().is_some()) {
+        let parts = self.row_partitions()?;
+        if self.has_reduced() {
             let mut blocks = Vec::new();
             let mut p = 0;
-            for r in &self.reduced {
+            for r in &self.reduced[parts.clone()] {
                 let part = r.get().ok_or_else(|| missing("the reduced coordinates"))?;
                 let (width, b) = part.z.matrix_blocks()?;
                 p = width;
                 blocks.extend(b);
             }
-            Ok(RowBlocks::new(blocks, p))
+            self.row_view(parts, blocks, p)
         } else {
             self.feature_rows()
         }
@@ -572,7 +627,12 @@ impl PassContext {
 
     /// Whether the reduce step wrote coordinates of its own.
     pub fn has_reduced(&self) -> bool {
-        self.reduced.first().is_some_and(|r| r.get().is_some())
+        self.reduced.iter().any(|r| r.get().is_some())
+    }
+
+    /// Whether partition `i` is spooled.
+    pub fn is_spooled(&self, i: usize) -> bool {
+        self.spool[i].get().is_some()
     }
 }
 
@@ -639,6 +699,76 @@ product!(
     Arc<Vec<f32>>,
     "the Harmony coordinates"
 );
+
+/// The global products of a pass, borrowed for [`PassContext::export_products`] (same field
+/// order as [`OwnedProducts`]: bincode is positional).
+#[derive(serde::Serialize)]
+struct ProductsRef<'a> {
+    profile: Option<&'a Profile>,
+    pca: Option<Option<&'a PcaModel>>,
+    landmarks: Option<&'a LandmarkSet>,
+    smoother: Option<crate::kernels::smooth::SmootherParts>,
+    combat: Option<&'a ComBatModel>,
+    sphering: Option<&'a SpheringModel>,
+}
+
+/// See [`ProductsRef`].
+#[derive(serde::Deserialize)]
+struct OwnedProducts {
+    profile: Option<Profile>,
+    pca: Option<Option<PcaModel>>,
+    landmarks: Option<LandmarkSet>,
+    smoother: Option<crate::kernels::smooth::SmootherParts>,
+    combat: Option<ComBatModel>,
+    sphering: Option<SpheringModel>,
+}
+
+impl PassContext {
+    /// The global products made so far (profile, PCA model, landmarks, fitted smoother,
+    /// ComBat and sphering models) in an exact binary form: what one cluster stage hands the
+    /// next. Harmony's coordinates are not among them (Harmony runs as one task).
+    pub fn export_products(&self) -> Result<Vec<u8>> {
+        let products = ProductsRef {
+            profile: self.profile.get().map(|p| p.as_ref()),
+            pca: self.pca.get().map(|p| p.as_deref()),
+            landmarks: self.landmarks.get().map(|l| l.as_ref()),
+            smoother: self.smoother.get().map(|s| s.to_parts()),
+            combat: self.combat.get().map(|c| c.as_ref()),
+            sphering: self.sphering.get().map(|s| s.as_ref()),
+        };
+        bincode::serialize(&products).map_err(|e| {
+            OperatorError::InvalidParameter(format!("cannot encode the pass's products: {e}"))
+        })
+    }
+
+    /// Records the products [`PassContext::export_products`] encoded.
+    pub fn import_products(&self, bytes: &[u8]) -> Result<()> {
+        let products: OwnedProducts = bincode::deserialize(bytes).map_err(|e| {
+            OperatorError::InvalidParameter(format!("malformed products of a correction pass: {e}"))
+        })?;
+        if let Some(profile) = products.profile {
+            self.set_profile(Arc::new(profile));
+        }
+        if let Some(pca) = products.pca {
+            self.set_pca(pca.map(Arc::new));
+        }
+        if let Some(set) = products.landmarks {
+            let set = Arc::new(set);
+            if let Some(parts) = products.smoother {
+                let search = crate::kernels::search::LandmarkSearch::new(&set.landmarks);
+                self.set_smoother(Arc::new(FittedSmoother::from_parts(parts, search)));
+            }
+            self.set_landmarks(set);
+        }
+        if let Some(model) = products.combat {
+            self.set_combat(Arc::new(model));
+        }
+        if let Some(model) = products.sphering {
+            self.set_sphering(Arc::new(model));
+        }
+        Ok(())
+    }
+}
 
 impl PassContext {
     /// Counts a written partition's rows, uncovered rows and entries; the last partition

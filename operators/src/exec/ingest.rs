@@ -130,7 +130,7 @@ impl ExecutionPlan for BalansIngestExec {
             let flag = ctx.abort.clone();
             let rows = run_blocking(flag, move || {
                 ctx.stage_begin(INGEST_STAGE, ctx.partitions + 1, None);
-                let out = spool_partition(&ctx, partition, input, &handle);
+                let out = spool_partition(&ctx, partition, input, &handle, None);
                 if let Err(e) = &out {
                     ctx.abort.fail(e);
                 }
@@ -165,12 +165,14 @@ fn next_batch(
     })
 }
 
-/// Streams input partition `i` into its working files and records it in `ctx`.
-fn spool_partition(
+/// Streams input partition `i` into its working files and records it in `ctx`; with `limit`,
+/// only its first `limit` kept rows (a cluster task reads the head of the next partitions so).
+pub fn spool_partition(
     ctx: &PassContext,
     i: usize,
     mut input: SendableRecordBatchStream,
     handle: &tokio::runtime::Handle,
+    limit: Option<usize>,
 ) -> Result<usize> {
     let spec = &ctx.spec;
     let in_schema = input.schema();
@@ -205,7 +207,10 @@ fn spool_partition(
     let mut dropped = 0usize;
     let cancel = ctx.abort.clone();
     let mut key = String::new();
-    while let Some(batch) = next_batch(&mut input, &cancel, handle)? {
+    while limit.is_none_or(|l| codes.len() < l) {
+        let Some(batch) = next_batch(&mut input, &cancel, handle)? else {
+            break;
+        };
         cancel.check()?;
         let r = batch.num_rows();
         if r == 0 {
@@ -244,6 +249,13 @@ fn spool_partition(
                     .filter(|v| !v.is_finite())
                     .for_each(|v| *v = 0.0);
                 (batch, rows)
+            }
+            _ => (batch, rows),
+        };
+        let (batch, rows) = match limit {
+            Some(l) if codes.len() + batch.num_rows() > l => {
+                let left = l - codes.len();
+                (batch.slice(0, left), rows[..left * d].to_vec())
             }
             _ => (batch, rows),
         };

@@ -3,6 +3,7 @@
 //! of [`context`].
 
 pub mod apply;
+pub mod cluster;
 pub mod combat;
 pub mod common;
 pub mod concat;

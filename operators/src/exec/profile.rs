@@ -14,7 +14,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::config::{Method, NanPolicy};
 use crate::error::{OperatorError, Result};
-use crate::exec::context::{CancelFlag, PassContext, Profile};
+use crate::exec::context::{CancelFlag, PassContext, Profile, SpoolPartition};
 use crate::exec::ingest::INGEST_STAGE;
 use crate::exec::step::{GlobalStep, GlobalStepExec};
 
@@ -75,19 +75,120 @@ impl GlobalStep for ProfileStep {
     }
 }
 
+/// What the profile step needs of one spooled partition; a cluster's ingest tasks send it as
+/// their partial (see [`PartitionRecordRef::to_bytes`]).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PartitionRecordRef<'a> {
+    /// Rows kept.
+    pub rows: usize,
+    /// Rows dropped for non-finite features.
+    pub dropped: usize,
+    /// Batch key of each row (index into `keys`).
+    pub local_codes: &'a [u32],
+    /// The partition's batch keys in order of first appearance.
+    pub keys: &'a [String],
+    /// Per feature: non-finite values seen.
+    pub non_finite: &'a [usize],
+    /// Per feature: smallest finite value.
+    pub min: &'a [f32],
+    /// Per feature: largest finite value.
+    pub max: &'a [f32],
+    /// Fit-row flags.
+    pub fit_mask: Option<&'a [bool]>,
+    /// Anchor labels of the rows and the partition's labels.
+    pub labels: Option<(&'a [u32], &'a [String])>,
+}
+
+impl<'a> PartitionRecordRef<'a> {
+    /// The record of a spooled partition.
+    pub fn of_spool(p: &'a SpoolPartition) -> Self {
+        Self {
+            rows: p.rows,
+            dropped: p.dropped,
+            local_codes: &p.local_codes,
+            keys: &p.keys,
+            non_finite: &p.non_finite,
+            min: &p.min,
+            max: &p.max,
+            fit_mask: p.fit_mask.as_deref(),
+            labels: p.labels.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        }
+    }
+
+    /// The record in an exact binary form ([`PartitionRecord::from_bytes`] reads it).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        bincode::serialize(self).map_err(|e| {
+            OperatorError::InvalidParameter(format!("cannot encode a partition record: {e}"))
+        })
+    }
+}
+
+/// An owned [`PartitionRecordRef`] (same fields, same binary form).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PartitionRecord {
+    rows: usize,
+    dropped: usize,
+    local_codes: Vec<u32>,
+    keys: Vec<String>,
+    non_finite: Vec<usize>,
+    min: Vec<f32>,
+    max: Vec<f32>,
+    fit_mask: Option<Vec<bool>>,
+    labels: Option<(Vec<u32>, Vec<String>)>,
+}
+
+impl PartitionRecord {
+    /// Reads what [`PartitionRecordRef::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        bincode::deserialize(bytes).map_err(|e| {
+            OperatorError::InvalidParameter(format!("malformed partition record: {e}"))
+        })
+    }
+
+    /// The borrowed view.
+    pub fn view(&self) -> PartitionRecordRef<'_> {
+        PartitionRecordRef {
+            rows: self.rows,
+            dropped: self.dropped,
+            local_codes: &self.local_codes,
+            keys: &self.keys,
+            non_finite: &self.non_finite,
+            min: &self.min,
+            max: &self.max,
+            fit_mask: self.fit_mask.as_deref(),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice())),
+        }
+    }
+}
+
 /// Merges the spooled partitions' records into the pass's [`Profile`].
 fn build_profile(ctx: &PassContext) -> Result<Profile> {
-    let spec = &ctx.spec;
-    let d = spec.features.len();
-    let parts: Vec<_> = (0..ctx.partitions)
+    let spools: Vec<_> = (0..ctx.partitions)
         .map(|i| ctx.spool(i).cloned())
         .collect::<Result<_>>()?;
+    let parts: Vec<PartitionRecordRef<'_>> = spools
+        .iter()
+        .map(|p| PartitionRecordRef::of_spool(p))
+        .collect();
+    profile_from_records(ctx, &parts)
+}
+
+/// Merges partition records (in partition order) into the pass's [`Profile`].
+pub fn profile_from_records(
+    ctx: &PassContext,
+    parts: &[PartitionRecordRef<'_>],
+) -> Result<Profile> {
+    let spec = &ctx.spec;
+    let d = spec.features.len();
     let mut non_finite = vec![0usize; d];
     let mut min = vec![f32::INFINITY; d];
     let mut max = vec![f32::NEG_INFINITY; d];
     let mut dropped = 0;
     let mut all_keys: Vec<String> = Vec::new();
-    for p in &parts {
+    for p in parts {
         for f in 0..d {
             non_finite[f] += p.non_finite[f];
             min[f] = min[f].min(p.min[f]);
@@ -165,19 +266,19 @@ fn build_profile(ctx: &PassContext) -> Result<Profile> {
     let mut batch_sizes = vec![0usize; all_keys.len()];
     let with_mask = spec.fit_mask.is_some();
     let mut fit_mask = with_mask.then(|| Vec::with_capacity(rows));
-    for p in &parts {
+    for p in parts {
         partition_start.push(codes.len());
         let remap: Vec<u32> = p.keys.iter().map(|k| code_of[k.as_str()]).collect();
-        for &c in &p.local_codes {
+        for &c in p.local_codes {
             let g = remap[c as usize];
             batch_sizes[g as usize] += 1;
             codes.push(g);
         }
-        if let (Some(all), Some(mask)) = (fit_mask.as_mut(), p.fit_mask.as_ref()) {
+        if let (Some(all), Some(mask)) = (fit_mask.as_mut(), p.fit_mask) {
             all.extend_from_slice(mask);
         }
     }
-    let anchors = anchor_flags(ctx, &parts, &codes, &all_keys, fit_mask.as_deref())?;
+    let anchors = anchor_flags(ctx, parts, &codes, &all_keys, fit_mask.as_deref())?;
     ctx.with_summary(|s| {
         s.rows = rows;
         s.dropped_rows = dropped;
@@ -213,7 +314,7 @@ struct Anchors {
 /// least two batches. Every batch must hold anchors (its offset is estimated from them).
 fn anchor_flags(
     ctx: &PassContext,
-    parts: &[Arc<crate::exec::context::SpoolPartition>],
+    parts: &[PartitionRecordRef<'_>],
     codes: &[u32],
     batch_keys: &[String],
     fit_mask: Option<&[bool]>,
@@ -237,7 +338,7 @@ fn anchor_flags(
         let mut global_ids: Vec<Vec<usize>> = Vec::with_capacity(parts.len());
         let mut start = 0usize;
         for p in parts {
-            let (local, keys) = p.labels.as_ref().ok_or_else(|| {
+            let (local, keys) = p.labels.ok_or_else(|| {
                 OperatorError::InvalidParameter("anchor labels were not recorded".into())
             })?;
             let ids: Vec<usize> = keys
@@ -268,7 +369,7 @@ fn anchor_flags(
         single = multi.len() - shared;
         let mut g = 0usize;
         for (p, ids) in parts.iter().zip(&global_ids) {
-            let (local, _) = p.labels.as_ref().expect("checked above");
+            let (local, _) = p.labels.expect("checked above");
             for &c in local {
                 if c != u32::MAX && multi[ids[c as usize]] {
                     flags[g] = true;

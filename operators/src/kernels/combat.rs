@@ -134,7 +134,7 @@ impl BatchMoments {
 }
 
 /// What ComBat estimated for one batch (one value per feature).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ComBatBatch {
     /// Rows in the batch.
     pub n: u64,
@@ -159,7 +159,7 @@ pub struct ComBatBatch {
 }
 
 /// A fitted ComBat model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ComBatModel {
     /// Overall feature means.
     pub grand_mean: Vec<f64>,

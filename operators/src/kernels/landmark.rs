@@ -41,6 +41,18 @@ impl<'a> RowBlocks<'a> {
         }
     }
 
+    /// A window of a larger matrix: the blocks hold rows `first_row..` of a matrix of `n` rows
+    /// in all (rows outside the blocks must not be asked for).
+    pub fn window(first_row: usize, blocks: Vec<&'a [f32]>, p: usize, n: usize) -> Self {
+        let mut view = Self::new(blocks, p);
+        for block in &mut view.blocks {
+            block.0 += first_row;
+        }
+        assert!(first_row + view.n <= n, "window past the matrix's end");
+        view.n = n;
+        view
+    }
+
     /// Number of rows.
     pub fn n(&self) -> usize {
         self.n
@@ -68,7 +80,7 @@ impl<'a> RowBlocks<'a> {
 }
 
 /// One landmark row of `A_S`, described compactly.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Landmark {
     /// Index of the landmark in the batch-grouped order.
     pub index: usize,

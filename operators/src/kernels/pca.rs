@@ -210,7 +210,7 @@ impl GramAccumulator {
 }
 
 /// A fitted PCA: mean and the top `p` axes (row-major `p x d`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PcaModel {
     /// Number of input features.
     pub d: usize,

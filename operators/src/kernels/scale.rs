@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 /// The local scale of one landmark inside one batch.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchScale {
     /// The neighbour rank actually used (`k` clipped to the batch size, self excluded).
     pub k_used: usize,

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 pub type PointRef<'a> = (&'a [f32], usize);
 
 /// How the fitted landmark values become corrected rows.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SmoothOptions {
     /// Estimator (Nyström applies to the paper variant only).
     pub estimator: Estimator,
@@ -398,6 +398,42 @@ pub struct ApplyStats {
     pub uncovered: usize,
     /// Nonzero entries used.
     pub nnz: usize,
+}
+
+/// The fitted values of a [`FittedSmoother`] without its landmark search (which is rebuilt
+/// from the landmarks): what travels between the machines of a cluster.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SmootherParts {
+    options: SmoothOptions,
+    d: usize,
+    groups: usize,
+    values: Vec<f64>,
+    row_sum: Vec<f64>,
+}
+
+impl FittedSmoother {
+    /// The fitted values, without the search.
+    pub fn to_parts(&self) -> SmootherParts {
+        SmootherParts {
+            options: self.options,
+            d: self.d,
+            groups: self.groups,
+            values: self.values.clone(),
+            row_sum: self.row_sum.clone(),
+        }
+    }
+
+    /// The smoother `parts` came from, over `search` (built from the same landmarks).
+    pub fn from_parts(parts: SmootherParts, search: LandmarkSearch) -> Self {
+        Self {
+            options: parts.options,
+            d: parts.d,
+            groups: parts.groups,
+            values: parts.values,
+            row_sum: parts.row_sum,
+            search,
+        }
+    }
 }
 
 impl FittedSmoother {

@@ -48,7 +48,7 @@ pub struct SpheringAccumulator {
 }
 
 /// A fitted whitening: `y = ((x - mean) / scale) W`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SpheringModel {
     /// Mean of the fit rows.
     pub mean: Vec<f64>,
