@@ -882,6 +882,9 @@ pub struct BalansMergeExec {
     step: MergeStep,
     spec: BalansSpec,
     input: Arc<dyn ExecutionPlan>,
+    /// The products, merged once however many consumers execute the operator (in a cluster
+    /// the consumer is one stage; in one process every task of the next step is one).
+    products: Arc<tokio::sync::OnceCell<Vec<u8>>>,
     cache: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -894,6 +897,7 @@ impl BalansMergeExec {
             step,
             spec,
             input,
+            products: Arc::new(tokio::sync::OnceCell::new()),
             cache: plan_properties(partial_schema(), 1),
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -967,72 +971,12 @@ impl ExecutionPlan for BalansMergeExec {
         let mut builder = RecordBatchReceiverStream::builder(partial_schema(), 1);
         let tx = builder.tx();
         let (step, spec, input) = (self.step, self.spec.clone(), self.input.clone());
+        let products = self.products.clone();
         builder.spawn(async move {
-            let batches: Vec<RecordBatch> =
-                input.execute(0, context.clone())?.try_collect().await?;
-            let mut products = None;
-            let mut partials = Vec::new();
-            for (p, bytes) in partial_rows(&batches)? {
-                if p == PRODUCTS_ROW {
-                    products = Some(bytes);
-                } else {
-                    partials.push((p, bytes));
-                }
-            }
-            drop(batches);
-            partials.sort_by_key(|(p, _)| *p);
-            let partitions = partials.len();
-            if partials
-                .iter()
-                .enumerate()
-                .any(|(k, (p, _))| *p as usize != k)
-            {
-                return Err(DataFusionError::Execution(format!(
-                    "the {} step of a cluster pass got partials of partitions {:?}",
-                    step.name(),
-                    partials.iter().map(|(p, _)| *p).collect::<Vec<_>>()
-                )));
-            }
-            // One products blob per pass so far; this step completes the last pass's.
-            let mut states = match &products {
-                Some(products) => decode_states(products)?,
-                None => Vec::new(),
-            };
-            let pass = spec.pass;
-            let expected = if step == MergeStep::Profile {
-                pass - 1
-            } else {
-                pass
-            };
-            if states.len() != expected {
-                return Err(DataFusionError::Execution(format!(
-                    "the {} step of pass {pass} of a cluster pass got the products of {} pass(es)",
-                    step.name(),
-                    states.len()
-                )));
-            }
-            let ctx = Arc::new(PassContext::for_task(
-                spec,
-                Arc::new(Schema::empty()),
-                partial_schema(),
-                partitions,
-            ));
-            ctx.bind(&context);
-            if step != MergeStep::Profile {
-                ctx.import_products(&states[pass - 1])?;
-            }
-            let worker = ctx.clone();
-            let bytes = run_blocking(ctx.abort.clone(), move || {
-                merge(&worker, step, partials)?;
-                let own = worker.export_products()?;
-                if step == MergeStep::Profile {
-                    states.push(own);
-                } else {
-                    states[pass - 1] = own;
-                }
-                encode_states(&states)
-            })
-            .await?;
+            let bytes = products
+                .get_or_try_init(|| merge_products(step, spec, input, context))
+                .await?
+                .clone();
             tx.send(Ok(partial_batch(PRODUCTS_ROW as usize, 0, bytes)?))
                 .await
                 .map_err(|_| DataFusionError::Execution("the cluster pass was cancelled".into()))?;
@@ -1162,4 +1106,78 @@ impl ExecutionPlan for BalansGatherExec {
         }
         OrderedConcatExec::new(skip_coalesce(&self.input).clone()).execute(0, context)
     }
+}
+
+/// Runs a merge step: the partials and products of `input`, merged (see the module docs).
+async fn merge_products(
+    step: MergeStep,
+    spec: BalansSpec,
+    input: Arc<dyn ExecutionPlan>,
+    context: Arc<TaskContext>,
+) -> DFResult<Vec<u8>> {
+    let batches: Vec<RecordBatch> = input.execute(0, context.clone())?.try_collect().await?;
+    let mut products = None;
+    let mut partials = Vec::new();
+    for (p, bytes) in partial_rows(&batches)? {
+        if p == PRODUCTS_ROW {
+            products = Some(bytes);
+        } else {
+            partials.push((p, bytes));
+        }
+    }
+    drop(batches);
+    partials.sort_by_key(|(p, _)| *p);
+    let partitions = partials.len();
+    if partials
+        .iter()
+        .enumerate()
+        .any(|(k, (p, _))| *p as usize != k)
+    {
+        return Err(DataFusionError::Execution(format!(
+            "the {} step of a cluster pass got partials of partitions {:?}",
+            step.name(),
+            partials.iter().map(|(p, _)| *p).collect::<Vec<_>>()
+        )));
+    }
+    // One products blob per pass so far; this step completes the last pass's.
+    let mut states = match &products {
+        Some(products) => decode_states(products)?,
+        None => Vec::new(),
+    };
+    let pass = spec.pass;
+    let expected = if step == MergeStep::Profile {
+        pass - 1
+    } else {
+        pass
+    };
+    if states.len() != expected {
+        return Err(DataFusionError::Execution(format!(
+            "the {} step of pass {pass} of a cluster pass got the products of {} pass(es)",
+            step.name(),
+            states.len()
+        )));
+    }
+    let ctx = Arc::new(PassContext::for_task(
+        spec,
+        Arc::new(Schema::empty()),
+        partial_schema(),
+        partitions,
+    ));
+    ctx.bind(&context);
+    if step != MergeStep::Profile {
+        ctx.import_products(&states[pass - 1])?;
+    }
+    let worker = ctx.clone();
+    let bytes = run_blocking(ctx.abort.clone(), move || {
+        merge(&worker, step, partials)?;
+        let own = worker.export_products()?;
+        if step == MergeStep::Profile {
+            states.push(own);
+        } else {
+            states[pass - 1] = own;
+        }
+        encode_states(&states)
+    })
+    .await?;
+    Ok(bytes)
 }

@@ -46,6 +46,18 @@ pub fn output_rows(ctx: &PassContext) -> Result<RowBlocks<'_>> {
     }
 }
 
+/// Columns of [`output_rows`], known without the rows (a cluster's merge task has none).
+fn output_width(ctx: &PassContext) -> usize {
+    let d = ctx.spec.features.len();
+    match ctx.spec.output_space() {
+        OutputSpace::Features => d,
+        OutputSpace::Pca => match ctx.pca() {
+            Ok(Some(model)) => model.p,
+            _ => d,
+        },
+    }
+}
+
 /// Per output column: a bound on `sum_j |x_jc|` over every row.
 fn column_bounds(ctx: &PassContext, dx: usize) -> Result<Vec<f64>> {
     let profile = ctx.profile()?;
@@ -184,7 +196,7 @@ impl GlobalStep for SmoothMergeStep {
         cancel: &CancelFlag,
     ) -> Result<RecordBatch> {
         let set = ctx.landmarks()?.clone();
-        let dx = output_rows(ctx)?.p();
+        let dx = output_width(ctx);
         let mut sums = empty_sums(ctx, dx)?;
         for (_, state) in partial_states(&partials)? {
             cancel.check()?;
