@@ -42,8 +42,9 @@ for executors in 1 2; do
     sleep 1
     for ((e = 0; e < executors; e++)); do
         p=$(( port + 10 + 10 * e ))
-        "$bin" cluster executor --scheduler "127.0.0.1:$port" --bind "127.0.0.1:$p" \
-            --work-dir "$work/ex$executors-$e" >/dev/null 2>"$work/executor$e.log" &
+        RUST_LOG=balans_operators=info "$bin" cluster executor --scheduler "127.0.0.1:$port" \
+            --bind "127.0.0.1:$p" --work-dir "$work/ex$executors-$e" >/dev/null \
+            2>"$work/executors$executors-$e.log" &
         pids+=($!)
     done
     sleep 3
@@ -61,5 +62,18 @@ echo
 echo "| run | seconds | vs single |"
 echo "|---|---|---|"
 printf '%s\n' "${rows[@]}"
+echo
+# Task and merge times of the cluster's steps (the executors' logs), per cluster size:
+# step, tasks, sum of task seconds, longest task.
+for executors in 1 2; do
+    echo
+    echo "cluster of $executors: step, tasks, task seconds (sum), longest task"
+    cat "$work"/executors$executors-*.log | grep -oE 'cluster (task|merge): .*: [0-9.]+ s' \
+        | sed -E 's/ of (partition [0-9]+\/[0-9]+|[0-9]+ partitions)//' \
+        | awk -F': ' '{ t = $3; sub(/ s$/, "", t); k = $1 ": " $2; n[k]++; sum[k] += t;
+                        if (t > mx[k]) mx[k] = t; if (!(k in seen)) { seen[k] = 1; order[++m] = k } }
+                      END { for (i = 1; i <= m; i++) { k = order[i];
+                            printf "  %s: %d, %.2f s, %.2f s\n", k, n[k], sum[k], mx[k] } }'
+done
 echo
 echo "single-process stages (s): $(python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(', '.join(f\"{t['stage']} {t['seconds']:.2f}\" for t in s['stages']))" "$work/summary.json")"

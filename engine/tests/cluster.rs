@@ -5,8 +5,8 @@
 //! - `jobs_on_the_cluster_give_the_single_process_results`: BALANS and ComBat through `balans
 //!   correct --scheduler`, `balans((SELECT ...))` and `evaluate((SELECT ...))` in `balans sql
 //!   --scheduler`, `balans evaluate` and `balans preprocess --scheduler` equal their
-//!   single-process results; the scan stage's tasks ran on both executors (each executor's
-//!   work directory holds shuffle files of that stage); a killed executor either lets the job
+//!   single-process results; the corrections' per-partition stages ran on both executors
+//!   (each executor's work directory holds shuffle files of them); a killed executor either lets the job
 //!   finish with the same values or fails it with a clear error, never leaving a partial file.
 //! - `an_unreachable_scheduler_or_store_is_a_clear_error`: a dead scheduler is reported within
 //!   seconds without running anything locally; an executor that cannot reach the object store
@@ -138,6 +138,8 @@ impl Cluster {
                 "--s3-endpoint",
                 s3_endpoint,
             ])
+            // Task and merge times of the corrections, counted below.
+            .env("RUST_LOG", "balans_operators=info")
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
@@ -345,6 +347,19 @@ fn jobs_on_the_cluster_give_the_single_process_results() {
         shared.len() >= 8,
         "too few stages ran on both executors: {first:?} vs {second:?}"
     );
+    // Every global step ran as one task (not once per task of the stage after it), every
+    // per-partition step as one task per partition.
+    let logs = cluster.logs();
+    for (line, times) in [
+        ("cluster merge: pass 1/2 profile of 3 partitions", 1),
+        ("cluster merge: pass 1/2 landmarks of 3 partitions", 1),
+        ("cluster merge: pass 2/2 smooth of 3 partitions", 1),
+        ("cluster merge: combat of 3 partitions", 1),
+        ("cluster task: pass 2/2 smooth-partial of partition 2/3", 1),
+        ("cluster task: moments of partition 0/3", 1),
+    ] {
+        assert_eq!(logs.matches(line).count(), times, "{line}\n{logs}");
+    }
 
     // SQL: a correction and an evaluation as relations.
     let table = format!("CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{input}'");

@@ -7,11 +7,12 @@
 //!   own codecs.
 //!
 //! How a correction is cut: the scheduler plans it (in cluster mode, see
-//! `balans_planner::ClusterPlanning`) as one `BalansPassExec` over a `CoalescePartitionsExec`
-//! of its input. Ballista cuts a stage at the coalesce: the input's partitions (the scan,
-//! filters, projections) run as tasks on every executor and are shuffled; the correction then
-//! runs as one task, on one executor, over those partitions, with the machine's cores. Plain
-//! SQL is distributed by Ballista as usual; `evaluate(...)` runs as one task.
+//! `balans_planner::ClusterPlanning`) as stages (`balans_operators::exec::cluster`): each
+//! per-partition step a stage of tasks that read their slice of the input themselves, each
+//! global step one task, products passed on in an exact binary form, so the output is the
+//! single-process bytes. Harmony and inputs that are not a file scan under projections and
+//! filters run as one `BalansPassExec` task over the shuffled input. Plain SQL is distributed
+//! by Ballista as usual; `evaluate(...)` runs as one task.
 
 pub mod client;
 pub mod codec;

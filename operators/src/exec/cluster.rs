@@ -32,7 +32,7 @@
 //!
 //! The kernels, their inputs and the merge order are the single-process ones, so the output is
 //! the same bytes. [`finish_cluster_plan`] completes the plan after DataFusion's optimizer (the
-//! shifted inputs; the boundaries above global steps, which the optimizer would remove), and
+//! shifted inputs; the boundaries above global steps, kept from the optimizer by a fetch), and
 //! falls back to [`BalansPassExec`] (the pass as one task) when the input is not a file scan
 //! under per-partition operators.
 
@@ -263,6 +263,20 @@ fn coalesce(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     }
 }
 
+/// The stage boundary above a global step: a `CoalescePartitionsExec` over its one partition.
+/// DataFusion's `EnforceDistribution` removes a coalesce that changes nothing, unless it has a
+/// fetch, and Ballista's adaptive planner re-runs that rule after our planner; a fetch no
+/// table reaches (`usize::MAX` rows) keeps the boundary.
+fn stage_boundary(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    match plan.downcast_ref::<CoalescePartitionsExec>() {
+        Some(c) if c.fetch().is_some() => plan,
+        Some(c) => {
+            Arc::new(CoalescePartitionsExec::new(c.input().clone()).with_fetch(Some(usize::MAX)))
+        }
+        None => Arc::new(CoalescePartitionsExec::new(plan).with_fetch(Some(usize::MAX))),
+    }
+}
+
 /// A table of `partitions` partitions, partition `i` holding the one value `i`: how a task
 /// learns which partition of the pass it runs (the scheduler restricts it like the input).
 pub fn partition_ids(partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
@@ -330,8 +344,8 @@ pub fn shifted_input(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionP
 }
 
 /// Completes a cluster plan after DataFusion's optimizer: each task that sums leaves gets its
-/// shifted input, each global step a stage boundary above it (a `CoalescePartitionsExec`,
-/// which the optimizer removes over one partition), and a pass whose input is not a file scan
+/// shifted input, each global step a stage boundary above it ([`stage_boundary`]: the
+/// optimizer removes a plain coalesce over one partition), and a pass whose input is not a file scan
 /// under per-partition operators becomes a [`BalansPassExec`] (one task).
 pub fn finish_cluster_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     let finished = plan.transform_up(|node| {
@@ -347,7 +361,7 @@ pub fn finish_cluster_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Execu
                 task.input.clone(),
                 task.ids.clone(),
                 next,
-                task.state.clone().map(coalesce),
+                task.state.clone().map(stage_boundary),
             )?;
             return Ok(Transformed::yes(Arc::new(rebuilt) as Arc<dyn ExecutionPlan>));
         }
@@ -695,16 +709,20 @@ impl ExecutionPlan for BalansTaskExec {
                 Some(state) => decode_states(&read_products(state, context.clone()).await?)?,
                 None => Vec::new(),
             };
+            // One abort flag for every pass of the task: a failure or a dropped output stops
+            // all of them.
+            let abort = crate::exec::context::CancelFlag::default();
             let contexts = specs
                 .into_iter()
                 .enumerate()
                 .map(|(p, spec)| {
-                    let ctx = PassContext::for_task(
+                    let mut ctx = PassContext::for_task(
                         spec,
                         schemas[p].clone(),
                         schemas[p + 1].clone(),
                         partitions,
                     );
+                    ctx.abort = abort.clone();
                     ctx.bind(&context);
                     if let Some(products) = states.get(p) {
                         ctx.import_products(products)?;
@@ -721,12 +739,18 @@ impl ExecutionPlan for BalansTaskExec {
                 _ => None,
             };
             let handle = tokio::runtime::Handle::current();
-            let abort = contexts.last().expect("one pass").abort.clone();
+            let label = contexts.last().expect("one pass").spec.pass_label();
+            let started = std::time::Instant::now();
             let out = run_blocking(abort, move || {
                 let _runtime = handle.enter();
                 run_task(&contexts, step, i, own, next, &handle, &tx, forward)
             })
             .await;
+            log::info!(
+                "cluster task: {label}{} of partition {i}/{partitions}: {:.3} s",
+                step.name(),
+                started.elapsed().as_secs_f64()
+            );
             match out {
                 Ok(()) | Err(OperatorError::Cancelled) => Ok(()),
                 Err(e) => Err(e.into()),
@@ -1168,6 +1192,7 @@ async fn merge_products(
         ctx.import_products(&states[pass - 1])?;
     }
     let worker = ctx.clone();
+    let (label, started) = (ctx.spec.pass_label(), std::time::Instant::now());
     let bytes = run_blocking(ctx.abort.clone(), move || {
         merge(&worker, step, partials)?;
         let own = worker.export_products()?;
@@ -1179,5 +1204,110 @@ async fn merge_products(
         encode_states(&states)
     })
     .await?;
+    log::info!(
+        "cluster merge: {label}{} of {partitions} partitions: {:.3} s",
+        step.name(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::Field;
+    use datafusion::datasource::listing::PartitionedFile;
+    use datafusion::datasource::physical_plan::ParquetSource;
+    use datafusion::execution::object_store::ObjectStoreUrl;
+    use datafusion::physical_plan::expressions::col;
+    use datafusion::prelude::SessionContext;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("a", DataType::Float64, false)]))
+    }
+
+    fn scan(groups: &[&[&str]], limit: Option<usize>) -> Arc<dyn ExecutionPlan> {
+        let groups = groups
+            .iter()
+            .map(|g| FileGroup::new(g.iter().map(|f| PartitionedFile::new(*f, 10)).collect()))
+            .collect();
+        let config = FileScanConfigBuilder::new(
+            ObjectStoreUrl::local_filesystem(),
+            Arc::new(ParquetSource::new(schema())),
+        )
+        .with_file_groups(groups)
+        .with_limit(limit)
+        .build();
+        DataSourceExec::from_data_source(config)
+    }
+
+    fn groups_of(plan: &Arc<dyn ExecutionPlan>) -> Vec<Vec<String>> {
+        let mut leaf = plan.clone();
+        while let Some(child) = leaf.children().first().map(|c| (*c).clone()) {
+            leaf = child;
+        }
+        let scan = leaf.downcast_ref::<DataSourceExec>().unwrap();
+        let source: &dyn std::any::Any = scan.data_source().as_ref();
+        let config = source.downcast_ref::<FileScanConfig>().unwrap();
+        config
+            .file_groups
+            .iter()
+            .map(|g| {
+                g.files()
+                    .iter()
+                    .map(|f| f.object_meta.location.to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_next_input_reads_the_partitions_after_each_one() {
+        let input = scan(&[&["a"], &["b", "c"], &["d"]], None);
+        let next = shifted_input(&input).unwrap();
+        assert_eq!(next.output_partitioning().partition_count(), 3);
+        assert_eq!(
+            groups_of(&next),
+            vec![vec!["b", "c", "d"], vec!["d"], Vec::<&str>::new()]
+        );
+        // Through per-partition operators.
+        let projected: Arc<dyn ExecutionPlan> = Arc::new(
+            ProjectionExec::try_new(vec![(col("a", &schema()).unwrap(), "a".into())], input)
+                .unwrap(),
+        );
+        let next = shifted_input(&projected).unwrap();
+        assert!(next.is::<ProjectionExec>());
+        assert_eq!(groups_of(&next)[0], vec!["b", "c", "d"]);
+        // Not a file scan, or a scan with a limit: no next input (the pass runs as one task).
+        assert!(shifted_input(&scan(&[&["a"], &["b"]], Some(5))).is_none());
+        assert!(shifted_input(&partition_ids(2).unwrap()).is_none());
+        assert!(shifted_input(&coalesce(scan(&[&["a"], &["b"]], None))).is_none());
+    }
+
+    #[tokio::test]
+    async fn each_partition_of_the_id_table_holds_its_index() {
+        let ids = partition_ids(3).unwrap();
+        let task = SessionContext::new().task_ctx();
+        for i in 0..3 {
+            assert_eq!(
+                read_partition_id(&ids, i, task.clone()).await.unwrap(),
+                Some(i)
+            );
+        }
+    }
+
+    #[test]
+    fn products_of_every_pass_travel_exactly() {
+        let states = vec![vec![1u8, 2, 3], Vec::new(), vec![255; 40]];
+        assert_eq!(
+            decode_states(&encode_states(&states).unwrap()).unwrap(),
+            states
+        );
+        assert!(decode_states(&[7, 7]).is_err());
+        let batch = partial_batch(4, 2, vec![9, 8]).unwrap();
+        assert_eq!(
+            batch_from_ipc(&batch_to_ipc(&batch).unwrap()).unwrap(),
+            batch
+        );
+    }
 }

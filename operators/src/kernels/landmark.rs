@@ -326,6 +326,25 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    #[test]
+    fn a_window_is_indexed_by_global_row() {
+        let (a, b) = ([1.0f32, 2.0, 3.0, 4.0], [5.0f32, 6.0]);
+        let view = RowBlocks::window(10, vec![&a, &b], 2, 20);
+        assert_eq!(view.n(), 20);
+        assert_eq!(view.row(10), &[1.0, 2.0]);
+        assert_eq!(view.row(11), &[3.0, 4.0]);
+        assert_eq!(view.row(12), &[5.0, 6.0]);
+        let whole = RowBlocks::new(vec![&a, &b], 2);
+        assert_eq!((whole.n(), whole.row(2)), (3, &[5.0f32, 6.0][..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "window past the matrix's end")]
+    fn a_window_must_fit_the_matrix() {
+        let a = [1.0f32, 2.0];
+        RowBlocks::window(5, vec![&a], 1, 6);
+    }
+
     fn data(n_per: usize, batches: usize, p: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut x = Vec::new();
