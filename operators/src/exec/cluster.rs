@@ -265,15 +265,18 @@ fn coalesce(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
 
 /// The stage boundary above a global step: a `CoalescePartitionsExec` over its one partition.
 /// DataFusion's `EnforceDistribution` removes a coalesce that changes nothing, unless it has a
-/// fetch, and Ballista's adaptive planner re-runs that rule after our planner; a fetch no
-/// table reaches (`usize::MAX` rows) keeps the boundary.
+/// fetch, and Ballista's adaptive planner re-runs that rule after our planner; a fetch the
+/// one-row products table never reaches (`u32::MAX` rows: DataFusion's plan serialisation
+/// keeps 32 bits of it) keeps the boundary.
+const BOUNDARY_FETCH: usize = u32::MAX as usize;
+
 fn stage_boundary(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     match plan.downcast_ref::<CoalescePartitionsExec>() {
         Some(c) if c.fetch().is_some() => plan,
-        Some(c) => {
-            Arc::new(CoalescePartitionsExec::new(c.input().clone()).with_fetch(Some(usize::MAX)))
-        }
-        None => Arc::new(CoalescePartitionsExec::new(plan).with_fetch(Some(usize::MAX))),
+        Some(c) => Arc::new(
+            CoalescePartitionsExec::new(c.input().clone()).with_fetch(Some(BOUNDARY_FETCH)),
+        ),
+        None => Arc::new(CoalescePartitionsExec::new(plan).with_fetch(Some(BOUNDARY_FETCH))),
     }
 }
 
