@@ -349,7 +349,8 @@ async fn every_slt_plan_round_trips_through_the_cluster_codecs() {
             );
             plans += 1;
             let text = displayable(physical.as_ref()).indent(true).to_string();
-            if text.contains("BalansPassExec") {
+            if text.contains("BalansPassExec") || text.contains("BalansGatherExec") {
+                // The one-machine chain never reaches a cluster: its steps share files.
                 assert!(
                     !text.contains("BalansIngestExec"),
                     "{at}: a step left in:\n{text}"
