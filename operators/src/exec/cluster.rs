@@ -30,6 +30,10 @@
 //! every product so far as one row: the state of the next stage. The apply tasks emit the
 //! corrected rows; [`BalansGatherExec`] emits them partition after partition.
 //!
+//! Passes chain without a stage that holds a pass's output: a task of pass `k` runs passes
+//! `1..k` too ([`BalansTaskExec::specs`]), spooling the input and applying each earlier pass to
+//! its rows with that pass's products, which travel in the state (one blob per pass).
+//!
 //! The kernels, their inputs and the merge order are the single-process ones, so the output is
 //! the same bytes. [`finish_cluster_plan`] completes the plan after DataFusion's optimizer (the
 //! shifted inputs; the boundaries above global steps, kept from the optimizer by a fetch), and
@@ -347,7 +351,7 @@ pub fn shifted_input(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionP
 }
 
 /// Completes a cluster plan after DataFusion's optimizer: each task that sums leaves gets its
-/// shifted input, each global step a stage boundary above it ([`stage_boundary`]: the
+/// shifted input, each global step a stage boundary above it (a coalesce with a fetch: the
 /// optimizer removes a plain coalesce over one partition), and a pass whose input is not a file scan
 /// under per-partition operators becomes a [`BalansPassExec`] (one task).
 pub fn finish_cluster_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
