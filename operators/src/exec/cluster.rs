@@ -67,7 +67,7 @@ use crate::config::Method;
 use crate::error::{OperatorError, Result};
 use crate::exec::apply::write_partition;
 use crate::exec::combat::{ComBatFitStep, MomentsStep};
-use crate::exec::common::{bounded_properties, plan_properties, single_child};
+use crate::exec::common::{below_coalesce, bounded_properties, plan_properties, single_child};
 use crate::exec::concat::OrderedConcatExec;
 use crate::exec::context::PassContext;
 use crate::exec::ingest::spool_partition;
@@ -248,7 +248,7 @@ pub fn cluster_next_pass(
     let Some(gather) = below.downcast_ref::<BalansGatherExec>() else {
         return Ok(None);
     };
-    let Some(apply) = skip_coalesce(&gather.input).downcast_ref::<BalansTaskExec>() else {
+    let Some(apply) = below_coalesce(&gather.input).downcast_ref::<BalansTaskExec>() else {
         return Ok(None);
     };
     if apply.spec().pass + 1 != spec.pass {
@@ -384,7 +384,7 @@ pub fn finish_cluster_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Execu
             return Ok(Transformed::yes(Arc::new(rebuilt) as Arc<dyn ExecutionPlan>));
         }
         if let Some(gather) = node.downcast_ref::<BalansGatherExec>()
-            && let Some(apply) = skip_coalesce(&gather.input).downcast_ref::<BalansTaskExec>()
+            && let Some(apply) = below_coalesce(&gather.input).downcast_ref::<BalansTaskExec>()
             && shifted_input(&apply.input).is_none()
         {
             let pass = BalansPassExec::try_new(coalesce(apply.input.clone()), apply.specs.clone())?;
@@ -393,13 +393,6 @@ pub fn finish_cluster_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Execu
         Ok(Transformed::no(node))
     })?;
     Ok(finished.data)
-}
-
-fn skip_coalesce(plan: &Arc<dyn ExecutionPlan>) -> &Arc<dyn ExecutionPlan> {
-    match plan.downcast_ref::<CoalescePartitionsExec>() {
-        Some(coalesce) => coalesce.input(),
-        None => plan,
-    }
 }
 
 /// Encodes a batch as an Arrow IPC stream.
@@ -422,32 +415,12 @@ fn batch_from_ipc(bytes: &[u8]) -> Result<RecordBatch> {
     })
 }
 
-/// The rows of a partial table: `(partition, state)`.
-fn partial_rows(batches: &[RecordBatch]) -> Result<Vec<(u32, Vec<u8>)>> {
-    let mut out = Vec::new();
-    for b in batches {
-        let (Some(parts), Some(states)) =
-            (b.column_by_name("partition"), b.column_by_name("state"))
-        else {
-            return Err(OperatorError::InvalidParameter(
-                "a partial table of a cluster pass lacks its columns".into(),
-            ));
-        };
-        let parts = parts.as_primitive::<UInt32Type>();
-        let states = states.as_binary::<i32>();
-        for r in 0..b.num_rows() {
-            out.push((parts.value(r), states.value(r).to_vec()));
-        }
-    }
-    Ok(out)
-}
-
 /// The products a state child carries.
 async fn read_products(state: &Arc<dyn ExecutionPlan>, task: Arc<TaskContext>) -> Result<Vec<u8>> {
     let batches: Vec<RecordBatch> = state.execute(0, task)?.try_collect().await?;
-    partial_rows(&batches)?
+    partial_states(&batches)?
         .into_iter()
-        .find(|(p, _)| *p == PRODUCTS_ROW)
+        .find(|(p, _)| *p == PRODUCTS_ROW as usize)
         .map(|(_, bytes)| bytes)
         .ok_or_else(|| {
             OperatorError::InvalidParameter(
@@ -1018,7 +991,7 @@ impl ExecutionPlan for BalansMergeExec {
 }
 
 /// Runs the single-process global step over the partials (in partition order).
-fn merge(ctx: &PassContext, step: MergeStep, partials: Vec<(u32, Vec<u8>)>) -> Result<()> {
+fn merge(ctx: &PassContext, step: MergeStep, partials: Vec<(usize, Vec<u8>)>) -> Result<()> {
     let cancel = ctx.abort.clone();
     let batches = partials
         .iter()
@@ -1135,7 +1108,7 @@ impl ExecutionPlan for BalansGatherExec {
                 "BalansGatherExec has one partition, got {partition}"
             )));
         }
-        OrderedConcatExec::new(skip_coalesce(&self.input).clone()).execute(0, context)
+        OrderedConcatExec::new(below_coalesce(&self.input).clone()).execute(0, context)
     }
 }
 
@@ -1147,23 +1120,15 @@ async fn merge_products(
     context: Arc<TaskContext>,
 ) -> DFResult<Vec<u8>> {
     let batches: Vec<RecordBatch> = input.execute(0, context.clone())?.try_collect().await?;
-    let mut products = None;
-    let mut partials = Vec::new();
-    for (p, bytes) in partial_rows(&batches)? {
-        if p == PRODUCTS_ROW {
-            products = Some(bytes);
-        } else {
-            partials.push((p, bytes));
-        }
-    }
+    // In partition order; the products row (partition `PRODUCTS_ROW`) sorts last.
+    let mut partials = partial_states(&batches)?;
     drop(batches);
-    partials.sort_by_key(|(p, _)| *p);
+    let products = match partials.last() {
+        Some((p, _)) if *p == PRODUCTS_ROW as usize => partials.pop().map(|(_, bytes)| bytes),
+        _ => None,
+    };
     let partitions = partials.len();
-    if partials
-        .iter()
-        .enumerate()
-        .any(|(k, (p, _))| *p as usize != k)
-    {
+    if partials.iter().enumerate().any(|(k, (p, _))| *p != k) {
         return Err(DataFusionError::Execution(format!(
             "the {} step of a cluster pass got partials of partitions {:?}",
             step.name(),

@@ -35,6 +35,17 @@ pub fn bounded_properties(
     ))
 }
 
+/// The input of `plan` when it is a `CoalescePartitionsExec`, else `plan`: the partitions an
+/// operator over a coalesce (a cluster's stage boundary) reads one by one, in order.
+pub fn below_coalesce(plan: &Arc<dyn ExecutionPlan>) -> &Arc<dyn ExecutionPlan> {
+    match plan
+        .downcast_ref::<datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec>()
+    {
+        Some(coalesce) => coalesce.input(),
+        None => plan,
+    }
+}
+
 /// The one child of an operator rebuilt by `with_new_children`.
 pub fn single_child(
     name: &str,

@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties,
@@ -25,7 +24,7 @@ use datafusion::physical_plan::{
 };
 
 use crate::error::{OperatorError, Result};
-use crate::exec::common::{plan_properties, single_child};
+use crate::exec::common::{below_coalesce, plan_properties, single_child};
 use crate::exec::concat::OrderedConcatExec;
 use crate::exec::plan::correction_node;
 use crate::exec::spec::{BalansSpec, balans_output_schema};
@@ -86,10 +85,7 @@ impl BalansPassExec {
 
     /// The partitions the passes read: the coalesced input's own input when there is one.
     fn source(&self) -> Arc<dyn ExecutionPlan> {
-        match self.input.downcast_ref::<CoalescePartitionsExec>() {
-            Some(coalesce) => coalesce.input().clone(),
-            None => self.input.clone(),
-        }
+        below_coalesce(&self.input).clone()
     }
 
     /// The single-process chain of every pass over `source`, as one partition.
@@ -188,6 +184,7 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::arrow::util::pretty::pretty_format_batches;
     use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
     use datafusion::physical_plan::collect;
     use datafusion::prelude::SessionContext;
 
